@@ -1,0 +1,363 @@
+"""Hugging Face checkpoint import/export (``config.json`` + safetensors), one tensor at a time.
+
+`load_hf` builds the model abstractly (``nnx.eval_shape``: no random init, no memory), checks
+every tensor's name and shape against the safetensors headers *before* reading any data, then
+reads, casts and places one tensor at a time, closing each file mapping straight after so
+mapped pages do not pile up in the resident set. Pickle checkpoints are refused unread.
+
+`save_hf` writes into a temporary sibling folder and renames it into place, so a failed save
+never destroys existing output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+try:  # safetensors is an optional dependency (extra "hf"); the model itself does not need it
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+except ImportError:  # pragma: no cover - exercised only without the extra
+    safe_open = save_file = None
+
+from .config import ModelConfig, ModelOptions
+from .llama import CausalLM
+from .partitioning import ShardingSpec, logical_axes, sharding_fn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some older exports carry; transformers ignores them too.
+_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder does not match the model its ``config.json`` describes."""
+
+
+# ----------------------------------------------------------------------------- name mapping
+def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a HF checkpoint of ``cfg`` holds, with its shape (HF ``[out, in]`` layout)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    NH, KH = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+                p + "self_attn.q_proj.weight": (NH, D), p + "self_attn.k_proj.weight": (KH, D),
+                p + "self_attn.v_proj.weight": (KH, D), p + "self_attn.o_proj.weight": (D, NH),
+                p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                p + "mlp.down_proj.weight": (D, F)}
+        if cfg.attention_bias:
+            out |= {p + "self_attn.q_proj.bias": (NH,), p + "self_attn.k_proj.bias": (KH,),
+                    p + "self_attn.v_proj.bias": (KH,), p + "self_attn.o_proj.bias": (D,)}
+        if cfg.mlp_bias:
+            out |= {p + "mlp.gate_proj.bias": (F,), p + "mlp.up_proj.bias": (F,), p + "mlp.down_proj.bias": (D,)}
+    return out
+
+
+def _suffix(parts: tuple) -> str:
+    *head, last = (str(p) for p in parts)
+    if last.endswith("_proj"):
+        last += ".weight"
+    elif last.endswith("_bias"):
+        last = last[: -len("_bias")] + "_proj.bias"
+    return ".".join([*head, last])
+
+
+def _param_table(state: nnx.State, cfg: ModelConfig, scanned: bool):
+    """Yield ``(path, variable, [hf names])``; a stacked parameter lists one name per layer."""
+    for path, var in nnx.to_flat_state(state):
+        if path[0] == "embed_tokens":
+            yield path, var, ["model.embed_tokens.weight"]
+        elif path[0] == "lm_head":
+            yield path, var, ["lm_head.weight"]
+        elif path[0] == "norm":
+            yield path, var, ["model.norm.weight"]
+        elif path[0] == "layers" and scanned:
+            names = [f"model.layers.{i}.{_suffix(path[1:])}" for i in range(cfg.num_hidden_layers)]
+            yield path, var, names
+        elif path[0] == "layers":
+            yield path, var, [f"model.layers.{path[1]}.{_suffix(path[2:])}"]
+        else:  # pragma: no cover - the model has no other parameters
+            raise AssertionError(f"unmapped parameter {path}")
+
+
+# ----------------------------------------------------------------------------- reading
+def _require_safetensors() -> None:
+    if safe_open is None:  # pragma: no cover
+        raise ImportError("reading and writing Hugging Face checkpoints needs the 'safetensors' "
+                          "package: pip install 'jax-unlearn[hf]'")
+
+
+def _checkpoint_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file; refuses pickle-only folders without opening them."""
+    _require_safetensors()
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    index, single = path / INDEX_FILE, path / SINGLE_FILE
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for fname in sorted(set(weight_map.values())):
+            if not (path / fname).is_file():
+                raise CheckpointError(f"{index} lists shard {fname!r}, which is missing from {path}")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle checkpoint files ({', '.join(pickles)}); these are refused "
+            "because unpickling can run arbitrary code and nothing was loaded. Convert the "
+            f"checkpoint to safetensors ({SINGLE_FILE} or {INDEX_FILE} with shards)."
+        )
+    raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _header_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+_CHUNK_BYTES = 16 * 2**20
+
+
+def _read_into(file: Path, name: str, out: np.ndarray) -> None:
+    """Copy tensor ``name`` of ``file`` into ``out`` (HF shape; cast on assignment).
+
+    Reads at most ``_CHUNK_BYTES`` of rows per opening and closes the file mapping after each
+    chunk: pages of a live ``mmap`` count toward the resident set, so reading a whole tensor
+    through one mapping would briefly hold it twice.
+    """
+    rows = out.shape[0] if out.ndim else 1
+    row_bytes = max(1, out[0].nbytes if out.ndim else out.nbytes)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        with safe_open(file, framework="numpy") as f:
+            sl = f.get_slice(name)
+            try:
+                chunk = sl[start:stop] if out.ndim else sl[:]
+            except TypeError:  # safetensors builds whose numpy backend lacks bfloat16
+                chunk = None
+        if chunk is None:
+            with safe_open(file, framework="flax") as f:
+                chunk = np.asarray(f.get_slice(name)[start:stop] if out.ndim else f.get_tensor(name))
+        dst = out[start:stop] if out.ndim else out[...]
+        if chunk.dtype == dst.dtype and chunk.dtype.itemsize in (1, 2, 4, 8):  # plain memcpy
+            bits = np.dtype(f"u{chunk.dtype.itemsize}")
+            dst.view(bits)[...] = chunk.view(bits)
+        else:  # cast (e.g. bfloat16 file -> float32 parameters)
+            dst[...] = chunk
+        del chunk
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """``np.empty`` whose data pointer is ``align``-byte aligned (XLA adopts such buffers as is)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(host: np.ndarray, sharding) -> jax.Array:
+    """Place a host array; on a single CPU device the buffer is adopted without a copy.
+
+    With a sharding each addressable shard is cut from ``host`` (``make_array_from_callback``
+    also works when the mesh spans several processes: each one fills its own devices).
+    """
+    if sharding is not None:
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    if jax.default_backend() == "cpu":
+        try:
+            return jnp.from_dlpack(host)
+        except Exception:  # pragma: no cover - alignment or dlpack limits: fall back to a copy
+            pass
+    return jax.device_put(host)
+
+
+def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+           files: dict[str, Path], folder: Path) -> None:
+    missing = [n for n in expected if n not in found]
+    if missing:
+        listed = ", ".join(f"{n} (expected shape {expected[n]})" for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{folder}: missing tensor(s) {listed}{more}")
+    # With tied embeddings a saved lm_head copy is ignored, as transformers does.
+    unexpected = [n for n in found if n not in expected and not _IGNORED.match(n)
+                  and n != "lm_head.weight"]
+    if unexpected:
+        listed = ", ".join(f"{n} (found shape {found[n]} in {files[n].name})" for n in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{folder}: unexpected tensor(s) {listed}{more}")
+    for n, shape in expected.items():
+        if found[n] != shape:
+            raise CheckpointError(
+                f"{folder}: tensor {n} in {files[n].name} has shape {found[n]}, expected {shape}")
+
+
+def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec | None = None,
+            **model_options: Any) -> CausalLM:
+    """Load a local Hugging Face LLaMA/Mistral folder into a `CausalLM`.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` or
+        ``model.safetensors.index.json`` plus shards. Pickle files are refused.
+      dtype: parameter dtype every tensor is cast to (e.g. ``jnp.bfloat16``).
+      shardings: where to place parameters: ``None`` (default device), a ``jax.sharding.Mesh``
+        (logical axes mapped by `partitioning.DEFAULT_RULES` onto mesh axes data/fsdp/tensor),
+        ``(mesh, rules)`` with a logical-name -> mesh-axes mapping, or a callable
+        ``(path, shape, logical_axes) -> jax.sharding.Sharding`` (``path`` like
+        ``"layers.3.self_attn.q_proj"``, shape of the full, possibly layer-stacked, array).
+      **model_options: fields of `ModelOptions` other than ``param_dtype``
+        (``compute_dtype``, ``attention_impl``, ``scan_layers``, ``remat_policy``).
+
+    Raises:
+      CheckpointError: pickle-only folder, or missing / unexpected / mis-shaped tensors
+        (the message names the tensor with expected and found shapes).
+      ValueError: unsupported ``model_type`` or RoPE type in ``config.json``.
+    """
+    path, dtype = Path(path), jnp.dtype(dtype)
+    config = ModelConfig.from_json_file(path / "config.json")
+    options = ModelOptions(param_dtype=dtype, **model_options)
+    files = _checkpoint_index(path)
+    _check(hf_tensor_shapes(config), _header_shapes(files), files, path)
+
+    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    place = sharding_fn(shardings)
+    loaded = []
+    hf_shapes = hf_tensor_shapes(config)
+    table = list(_param_table(state, config, options.scan_layers))
+    mapped = sorted(n for *_, names in table for n in names)
+    if mapped != sorted(hf_shapes):  # pragma: no cover - guards the name mapping itself
+        raise AssertionError(f"parameter/tensor mapping mismatch: {sorted(set(mapped) ^ set(hf_shapes))}")
+    for p, var, names in table:
+        full_shape = tuple(var.shape)
+        host = _aligned_empty(full_shape, dtype)
+        layers = host.reshape((len(names), -1)) if len(names) > 1 else host.reshape((1, -1))
+        for i, n in enumerate(names):  # one tensor, or one per layer of a stacked parameter
+            _read_into(files[n], n, layers[i].reshape(hf_shapes[n]))
+        sharding = None if place is None else place(
+            ".".join(map(str, p)), full_shape, logical_axes(var, len(full_shape)))
+        loaded.append((p, var.replace(_to_device(host, sharding))))
+        del host, layers
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+# ----------------------------------------------------------------------------- writing
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` -> 5e9 bytes, ``2GiB`` -> 2*2**30; ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE.match(size)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any, Any]]:
+    """``(hf_name, hf_shape, dtype, fetch)`` in checkpoint order; ``fetch()`` gives a host array."""
+    cfg = model.config
+    shapes = hf_tensor_shapes(cfg)
+    scanned = model.options.scan_layers
+    for p, var, names in _param_table(nnx.state(model, nnx.Param), cfg, scanned):
+        arr = var[...]
+        for i, n in enumerate(names):
+            def fetch(arr=arr, i=i, n=n, stacked=len(names) > 1):
+                a = arr[i] if stacked else arr
+                return np.asarray(jax.device_get(a)).reshape(shapes[n])
+            yield n, shapes[n], arr.dtype, fetch
+
+
+def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwrite: bool = False,
+            max_shard_size: int | str = "5GB") -> Path:
+    """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Writes ``config.json`` (``dtype`` = parameter dtype), safetensors weights (one
+    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json`` when larger than ``max_shard_size``) and, if given,
+    ``tokenizer.save_pretrained`` files. Only one shard is held on the host at a time.
+
+    Raises:
+      FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"export path {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"export folder {path} is not empty; pass overwrite=True to replace it")
+    _require_safetensors()
+    limit = parse_size(max_shard_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    backup = None
+    try:
+        tensors = list(_export_tensors(model))
+        shards: list[list] = [[]]
+        size = 0
+        for t in tensors:
+            nbytes = int(np.prod(t[1])) * jnp.dtype(t[2]).itemsize
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += nbytes
+        n = len(shards)
+        weight_map, total = {}, 0
+        for k, shard in enumerate(shards, 1):
+            fname = SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+            arrays = {name: fetch() for name, _, _, fetch in shard}
+            total += sum(a.nbytes for a in arrays.values())
+            save_file(arrays, str(tmp / fname), metadata={"format": "pt"})
+            del arrays
+            weight_map |= {name: fname for name, *_ in shard}
+        if n > 1:
+            with open(tmp / INDEX_FILE, "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        model.config.to_json_file(tmp / "config.json", dtype=model.embed_tokens[...].dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(backup)
+        tmp.rename(path)
+    except BaseException:
+        if backup is not None and not path.exists():
+            backup.rename(path)
+            backup = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return path

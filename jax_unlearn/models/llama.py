@@ -1,0 +1,303 @@
+"""One Flax NNX decoder for the LLaMA and Mistral families (float-exact with transformers).
+
+Maths per layer (pre-norm): ``x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))`` with
+
+* ``RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)`` (statistics in float32),
+* RoPE in HF ``rotate_half`` layout: ``q' = q*cos(p*f) + rotate_half(q)*sin(p*f)`` where
+  ``f = concat(inv_freq, inv_freq)``; checkpoints therefore load without any q/k permutation,
+* grouped-query attention ``softmax(q k^T / sqrt(head_dim) + mask) v`` with ``K`` key/value
+  heads shared by ``N/K`` query heads; the mask is causal, hides padding and, for Mistral,
+  limits key slot ``j`` to ``i - sliding_window < j <= i`` (transformers' semantics),
+* SwiGLU MLP ``down(silu(gate(x)) * up(x))``.
+
+Weights keep the Hugging Face ``[out, in]`` memory layout (only reshaped, e.g. ``q_proj``
+``[N*H, D]`` -> ``[N, H, D]``), so loading and saving never transposes. Every parameter
+carries logical axis names in its ``out_sharding`` metadata (``nnx.get_partition_spec``
+under ``flax.linen.logical_axis_rules`` maps them to mesh axes): ``vocab``, ``embed``,
+``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``norm`` and ``layers`` (stacked layers).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig, ModelOptions
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys/values of all layers: ``k``, ``v`` are ``[layers, batch, slots, kv_heads, head_dim]``."""
+
+    k: Array
+    v: Array
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """``weight * x / sqrt(mean(x^2, -1) + eps)``; statistics in float32, result in ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, opts: ModelOptions):
+        self.eps = eps
+        self.weight = _param(None, (dim,), ("norm",), opts.param_dtype, "ones")  # [dim]
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos/sin ``[batch, seq, 1, head_dim]`` (float32) for integer ``positions [batch, seq]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, s, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """``x*cos + rotate_half(x)*sin`` with ``rotate_half([a, b]) = [-b, a]``; ``x [b, s, heads, hd]``."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rot * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+        D, N, K, H, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, opts.param_dtype
+        self.cfg, self.opts = cfg, opts
+        self.q_proj = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), dt)
+        self.k_proj = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), dt)
+        self.v_proj = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), dt)
+        self.o_proj = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), dt)
+        bias = cfg.attention_bias
+        self.q_bias = _param(rngs, (N, H), ("heads", "head_dim"), dt, "zeros") if bias else None
+        self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dt, "zeros") if bias else None
+        self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dt, "zeros") if bias else None
+        self.o_bias = _param(rngs, (D,), ("embed",), dt, "zeros") if bias else None
+
+    def _proj(self, x, w, b):
+        y = jnp.einsum("btd,khd->btkh", x, w[...].astype(x.dtype))
+        return y if b is None else y + b[...].astype(x.dtype)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """``x [b, t, D]`` -> ``[b, t, D]`` and the updated ``(k, v)`` cache ``[b, slots, K, H]``.
+
+        Without a cache, attention is causal over ``t`` (plus ``mask [b, 1, t, t]`` for padding).
+        With a cache, the new keys/values are written at slot ``index`` and ``mask
+        [b, 1, t, slots]`` must encode causality, the window and padding.
+        """
+        q = apply_rope(self._proj(x, self.q_proj, self.q_bias), cos, sin)  # [b, t, N, H]
+        k = apply_rope(self._proj(x, self.k_proj, self.k_bias), cos, sin)  # [b, t, K, H]
+        v = self._proj(x, self.v_proj, self.v_bias)
+        window = self.cfg.sliding_window
+        if kv is None:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, implementation=self.opts.attention_impl,
+                local_window_size=(window - 1, 0) if window is not None else None)
+            new_kv = None
+        else:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.opts.attention_impl)
+            new_kv = (k, v)
+        y = jnp.einsum("btnh,dnh->btd", out, self.o_proj[...].astype(x.dtype))
+        return (y if self.o_bias is None else y + self.o_bias[...].astype(x.dtype)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+        D, F, dt = cfg.hidden_size, cfg.intermediate_size, opts.param_dtype
+        self.gate_proj = _param(rngs, (F, D), ("mlp", "embed"), dt)
+        self.up_proj = _param(rngs, (F, D), ("mlp", "embed"), dt)
+        self.down_proj = _param(rngs, (D, F), ("embed", "mlp"), dt)
+        b = cfg.mlp_bias
+        self.gate_bias = _param(rngs, (F,), ("mlp",), dt, "zeros") if b else None
+        self.up_bias = _param(rngs, (F,), ("mlp",), dt, "zeros") if b else None
+        self.down_bias = _param(rngs, (D,), ("embed",), dt, "zeros") if b else None
+
+    @staticmethod
+    def _lin(x, w, b):
+        y = jnp.einsum("...i,oi->...o", x, w[...].astype(x.dtype))
+        return y if b is None else y + b[...].astype(x.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """``down(silu(gate(x)) * up(x))``: ``[b, t, D] -> [b, t, D]``."""
+        h = jax.nn.silu(self._lin(x, self.gate_proj, self.gate_bias)) * self._lin(x, self.up_proj, self.up_bias)
+        return self._lin(h, self.down_proj, self.down_bias)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, opts: ModelOptions, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
+        self.self_attn = Attention(cfg, opts, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
+        self.mlp = MLP(cfg, opts, rngs)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _layer_apply(graphdef, policy: str | None, scanned: bool):
+    """Pure ``(layer_state, x, cos, sin, mask, kv, index) -> (x, kv)``, rematerialised if asked."""
+
+    def f(state, x, cos, sin, mask, kv, index):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
+
+    if policy is None:
+        return f
+    pol = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return jax.checkpoint(f, policy=pol, prevent_cse=not scanned)
+
+
+class CausalLM(nnx.Module):
+    """LLaMA/Mistral causal LM: ``model(input_ids [b, t], attention_mask [b, t]) -> logits [b, t, vocab]``.
+
+    Attributes mirror HF names: ``embed_tokens [vocab, D]``, ``layers`` (an ``nnx.List`` of
+    `DecoderLayer`, or with ``options.scan_layers`` one `DecoderLayer` whose parameters have a
+    leading ``layers`` axis), ``norm``, ``lm_head [vocab, D]`` (``None`` when tied).
+    """
+
+    def __init__(self, config: ModelConfig, options: ModelOptions | None = None, *, rngs: nnx.Rngs):
+        opts = options or ModelOptions()
+        self.config, self.options = config, opts
+        self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), opts.param_dtype)
+        if opts.scan_layers:
+            @nnx.split_rngs(splits=config.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return DecoderLayer(config, opts, r)
+
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, opts, rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, opts)
+        self.lm_head = None if config.tie_word_embeddings else _param(
+            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), opts.param_dtype)
+
+    # ------------------------------------------------------------------ public forward API
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
+                 return_hidden_at: int | None = None):
+        """Logits ``[b, t, vocab]`` (float32).
+
+        ``attention_mask [b, t]`` (1 = token, 0 = padding, left or right) hides padded keys, and
+        RoPE positions are ``max(cumsum(attention_mask) - 1, 0)``, so a padded row's real tokens
+        get exactly the logits they get unpadded. ``None`` means no padding.
+
+        With ``return_hidden_at=l`` returns ``(logits, hidden)`` where ``hidden [b, t, D]`` is the
+        residual stream after decoder layer ``l`` (0-based; HF ``hidden_states[l + 1]``).
+        """
+        x, hidden = self._trunk(input_ids, attention_mask, self.config.num_hidden_layers, return_hidden_at)
+        logits = self.logits(self.norm(x))
+        return logits if return_hidden_at is None else (logits, hidden)
+
+    def hidden_at(self, input_ids: Array, attention_mask: Array | None, layer: int) -> Array:
+        """Residual stream ``[b, t, D]`` after layer ``layer`` (0-based); runs layers ``0..layer`` only."""
+        self._check_layer(layer, "layer")
+        return self._trunk(input_ids, attention_mask, layer + 1, None)[0]
+
+    def _check_layer(self, layer: int, name: str) -> None:
+        if not 0 <= layer < self.config.num_hidden_layers:
+            raise ValueError(f"{name}={layer} outside [0, {self.config.num_hidden_layers})")
+
+    def logits(self, h: Array) -> Array:
+        """``h [b, t, D]`` (final-normed) -> float32 ``[b, t, vocab]``."""
+        w = self.embed_tokens if self.lm_head is None else self.lm_head
+        return jnp.einsum("btd,vd->btv", h, w[...].astype(h.dtype), preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ cached decoding
+    def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.num_hidden_layers, batch, slots, c.num_key_value_heads, c.head_dim)
+        z = jnp.zeros(shape, dtype or self.options.dtype)
+        return KVCache(z, z)
+
+    def decode(self, input_ids: Array, positions: Array, kv_valid: Array, cache: KVCache, index: Array,
+               last_only: bool = False):
+        """Run ``input_ids [b, t]`` written at cache slots ``index .. index+t-1``.
+
+        ``positions [b, t]`` are RoPE positions, ``kv_valid [b, slots]`` marks real tokens (the
+        new ones included). Returns ``(logits [b, t, vocab], cache)``; with ``last_only`` the
+        logits are ``[b, 1, vocab]`` for the last slot only (cheap prefill).
+        """
+        t, slots = input_ids.shape[1], cache.k.shape[2]
+        q_slot = index + jnp.arange(t)[:, None]
+        k_slot = jnp.arange(slots)[None, :]
+        allowed = k_slot <= q_slot
+        if self.config.sliding_window is not None:
+            allowed &= k_slot > q_slot - self.config.sliding_window
+        mask = allowed[None, None] & kv_valid.astype(bool)[:, None, None, :]  # [b, 1, t, slots]
+        x = self.embed_tokens[...][input_ids].astype(self.options.dtype)
+        x, _, cache = self._layers(x, positions, mask, self.config.num_hidden_layers, None, cache, index)
+        return self.logits(self.norm(x[:, -1:] if last_only else x)), cache
+
+    # ------------------------------------------------------------------ internals
+    def _trunk(self, input_ids, attention_mask, n_layers, hidden_at):
+        if attention_mask is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            mask = None
+        else:
+            am = attention_mask.astype(jnp.int32)
+            positions = jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
+            mask = jnp.broadcast_to(am.astype(bool)[:, None, None, :],
+                                    (am.shape[0], 1, am.shape[1], am.shape[1]))
+        if hidden_at is not None:
+            self._check_layer(hidden_at, "return_hidden_at")
+        x = self.embed_tokens[...][input_ids].astype(self.options.dtype)
+        x, hidden, _ = self._layers(x, positions, mask, n_layers, hidden_at, None, None)
+        return x, hidden
+
+    def _layers(self, x, positions, mask, n, hidden_at, cache, index):
+        """Apply the first ``n`` layers; returns ``(x, hidden after layer hidden_at, cache)``."""
+        cos, sin = rope_tables(positions, self.config.inv_freq())
+        policy = self.options.remat_policy
+        if self.options.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            if n < self.config.num_hidden_layers:
+                state = jax.tree.map(lambda a: a[:n], state)
+            f = _layer_apply(graphdef, policy, scanned=True)
+
+            def body(carry, xs):
+                h, saved = carry
+                st, i, kv = xs
+                h, kv = f(st, h, cos, sin, mask, kv, index)
+                if hidden_at is not None:
+                    saved = jnp.where(i == hidden_at, h, saved)
+                return (h, saved), kv
+
+            kvs = None if cache is None else (cache.k, cache.v)
+            (x, hidden), new = jax.lax.scan(body, (x, jnp.zeros_like(x)), (state, jnp.arange(n), kvs))
+            return x, (hidden if hidden_at is not None else None), (None if cache is None else KVCache(*new))
+        hidden, ks, vs = None, [], []
+        for i in range(n):
+            layer = self.layers[i]
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            if policy is None:
+                x, kv = layer(x, cos, sin, mask, kv, index)
+            else:
+                graphdef, state = nnx.split(layer)
+                x, kv = _layer_apply(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index)
+            if i == hidden_at:
+                hidden = x
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        return x, hidden, (KVCache(jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
