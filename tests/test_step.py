@@ -1,0 +1,151 @@
+"""The jitted two-gradient step: objectives x combiners, accumulation, naive mode, meshes."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax_unlearn as ju
+from jax_unlearn import objectives as obj
+from jax_unlearn import sharding as sh
+from jax_unlearn import step as st
+from step_fixtures import COMBINERS, OBJECTIVES, chain, make_batch, tiny_model
+
+FORGET, RETAIN = make_batch(1), make_batch(2)
+
+
+def run_steps(objective, tx, n, config=st.StepConfig(), model=None, fb=FORGET, rb=RETAIN):
+    model = model or tiny_model()
+    defs, state = st.init_state(model, tx, objective)
+    step = st.make_two_grad_step(defs, objective, tx, config)
+    history = []
+    for _ in range(n):
+        state, metrics = step(state, fb, rb)
+        history.append(jax.device_get(metrics))
+    return defs, state, history
+
+
+@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_objective_and_combiner_unlearn_forget_and_keep_retain(objective, combiner):
+    o = OBJECTIVES[objective]()
+    lr = 5e-2 if objective == "rmu" else 1e-2
+    model = tiny_model()
+    f0, r0 = float(obj.nll(model, FORGET)[0]), float(obj.nll(model, RETAIN)[0])
+    defs, state, hist = run_steps(o, chain(COMBINERS[combiner](), lr), 6, model=model)
+    trained = st.merge_model(defs, state)
+    f1, r1 = float(obj.nll(trained, FORGET)[0]), float(obj.nll(trained, RETAIN)[0])
+    assert f1 > f0, "forget NLL must rise"
+    if objective in ("grad_diff", "npo", "simnpo"):  # retain loss is the retain NLL
+        assert hist[-1]["retain_loss"] < hist[0]["retain_loss"] and r1 < r0
+    elif objective == "grad_diff_kl":  # KL to the start model starts at 0 and must stay small
+        assert hist[-1]["retain_loss"] < 0.05 and r1 - r0 < f1 - f0
+    elif objective == "rmu":  # forget activations move to c; retain activations stay put
+        assert hist[-1]["forget_loss"] < hist[0]["forget_loss"]
+        assert hist[-1]["retain_loss"] < hist[0]["forget_loss"] - hist[-1]["forget_loss"]
+    for m in hist:
+        assert 0.0 <= m["conflict_fraction"] <= 1.0
+        assert np.isfinite(m["forget_loss"]) and np.isfinite(m["retain_loss"])
+
+
+@pytest.mark.parametrize("objective", ["grad_diff", "npo", "rmu"])
+def test_k_micro_batches_equal_one_batch_token_weighted(objective):
+    o = OBJECTIVES[objective]()
+    # plain SGD: parameters move linearly in the gradient (Adam would magnify float noise
+    # in near-zero gradient coordinates)
+    tx = optax.chain(ju.pcgrad(scope="global"), optax.sgd(0.5))
+    _, one, h1 = run_steps(o, tx, 2, st.StepConfig(micro_batches=1))
+    _, four, h4 = run_steps(o, tx, 2, st.StepConfig(micro_batches=4))
+    # rows carry different numbers of label tokens, so an unweighted mean would differ
+    chex.assert_trees_all_close(four.params, one.params, rtol=1e-5, atol=1e-6)
+    for a, b in zip(h1, h4):
+        for key in ("forget_loss", "retain_loss", "forget_weight", "retain_weight", "conflict_fraction"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_unweighted_micro_batch_mean_would_differ():
+    """Guards the test above: the ragged batches do weigh micro-batches unequally."""
+    weights = [float(obj.nll(tiny_model(), jax.tree.map(lambda x: x[j::4], FORGET))[1]["weight"]) for j in range(4)]
+    assert len(set(weights)) > 1
+
+
+def test_naive_mode_equals_weighted_sum_combiner():
+    o = OBJECTIVES["grad_diff"]()
+    alpha, gamma = 0.7, 1.3
+    opt = optax.adamw(1e-2, weight_decay=0.0)
+    _, combined, hc = run_steps(o, optax.chain(ju.weighted_sum(alpha, gamma), opt), 3)
+    _, naive, hn = run_steps(o, opt, 3, st.StepConfig(mode="naive", alpha=alpha, gamma=gamma))
+    chex.assert_trees_all_close(naive.params, combined.params, rtol=1e-5, atol=1e-6)
+    assert "grad_norm" in hn[0] and "conflict_fraction" not in hn[0]
+    np.testing.assert_allclose(hn[-1]["retain_loss"], hc[-1]["retain_loss"], rtol=1e-5)
+
+
+def test_only_trainable_parameters_train_and_carry_optimizer_state():
+    o = OBJECTIVES["rmu"]()  # trains layers 0-1 mlp.down_proj only
+    tx = chain(ju.sago(), 5e-2)
+    model = tiny_model()
+    defs, state, _ = run_steps(o, tx, 2, model=model)
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    assert paths == {"['layers'][0]['mlp']['down_proj'].value", "['layers'][1]['mlp']['down_proj'].value"}
+    n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    assert n_opt == 2 * n_train  # adam mu and nu for the trainable parameters only
+    trained = st.merge_model(defs, state)
+    np.testing.assert_array_equal(trained.layers[2].mlp.down_proj[...], model.layers[2].mlp.down_proj[...])
+    np.testing.assert_array_equal(trained.embed_tokens[...], model.embed_tokens[...])
+    assert not np.array_equal(trained.layers[1].mlp.down_proj[...], model.layers[1].mlp.down_proj[...])
+
+
+def test_step_donates_state_and_keeps_the_model_usable():
+    model = tiny_model()
+    o, tx = OBJECTIVES["grad_diff"](), chain(ju.sago())
+    defs, state = st.init_state(model, tx, o)
+    step = st.make_two_grad_step(defs, o, tx)
+    old = state
+    state, _ = step(state, FORGET, RETAIN)
+    assert jax.tree.leaves(old.params)[0].is_deleted()
+    assert np.isfinite(float(obj.nll(model, FORGET)[0]))  # the model kept its own buffers
+
+
+def test_bad_configurations_are_rejected():
+    with pytest.raises(ValueError, match="micro_batches=1 only"):
+        st.StepConfig(mode="naive", micro_batches=2)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        st.StepConfig(mode="fast")
+    bad = obj.rmu(16, trainable=r"layers\.99\.mlp\.down_proj")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        st.init_state(tiny_model(), chain(ju.sago()), bad)
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        st.init_state(tiny_model(scan_layers=True), chain(ju.sago()), OBJECTIVES["rmu"]())
+    o, tx = OBJECTIVES["grad_diff"](), chain(ju.sago())
+    defs, state = st.init_state(tiny_model(), tx, o)
+    step = st.make_two_grad_step(defs, o, tx, st.StepConfig(micro_batches=3))
+    with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+        step(state, FORGET, RETAIN)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2), (2, 2, 2)])
+def test_sharded_step_equals_single_device_step(mesh_shape):
+    o, tx = OBJECTIVES["npo"](), optax.chain(ju.pcgrad(), optax.sgd(0.5))
+    _, want, want_hist = run_steps(o, tx, 2, st.StepConfig(micro_batches=2))
+
+    mesh = sh.make_mesh(sh.MeshConfig(*mesh_shape))
+    defs, state = st.init_state(tiny_model(), tx, o)
+    shardings = sh.train_state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    bs = sh.batch_sharding(mesh)
+    step = st.make_two_grad_step(defs, o, tx, st.StepConfig(micro_batches=2), shardings, bs)
+    fb, rb = jax.device_put(FORGET, bs), jax.device_put(RETAIN, bs)
+    for expected in want_hist:
+        state, metrics = step(state, fb, rb)
+        np.testing.assert_allclose(float(metrics["retain_loss"]), expected["retain_loss"], rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(want.params), rtol=1e-5, atol=1e-6)
+    # parameters really are spread over the mesh
+    emb = state.params["embed_tokens"][...]
+    assert len(emb.sharding.device_set) == 8
+    if mesh_shape[1] * mesh_shape[2] > 1:
+        assert emb.addressable_shards[0].data.size < emb.size
