@@ -1,0 +1,208 @@
+"""The training loop: resume after SIGKILL, SIGTERM, unreadable checkpoints, multi-host."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jax_unlearn import train
+
+WORKER = str(Path(__file__).parent / "train_worker.py")
+BASE = {"batch_size": 8, "save_every": 2, "keep": 5, "optim": {"lr": 0.01, "schedule": "constant"},
+        "combiner": {"name": "sago"}, "objective": {"name": "npo", "beta": 0.5}}
+
+
+def worker(out: Path, env: dict | None = None, **overrides) -> subprocess.Popen:
+    cfg = {**BASE, **overrides}
+    return subprocess.Popen([sys.executable, WORKER, str(out), json.dumps(cfg)], env=env or os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for_steps(proc: subprocess.Popen, out: Path, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while logged_steps(out) < n:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"no {n} steps within {timeout}s"
+        time.sleep(0.05)
+
+
+def weights(out: Path) -> dict[str, np.ndarray]:
+    return load_file(out / "model" / "model.safetensors")
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted 8-step run."""
+    out = tmp_path_factory.mktemp("reference")
+    result = finish(worker(out, max_steps=8))
+    assert result == {"steps_done": 8, "interrupted": False, "resumed_from": None, "distributed": False}
+    return out
+
+
+def test_sigkill_midway_then_rerun_is_bit_identical(reference_run, tmp_path):
+    proc = worker(tmp_path, max_steps=8)
+    wait_for_steps(proc, tmp_path, 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "model").exists()
+    result = finish(worker(tmp_path, max_steps=8))
+    assert result["steps_done"] == 8 and result["resumed_from"] in (4, 6)
+    assert_bit_identical(weights(tmp_path), weights(reference_run))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # recomputed steps are logged once
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+    proc = worker(tmp_path, max_steps=10_000, save_every=10_000)
+    wait_for_steps(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, timeout=120)
+    assert result["interrupted"] is True
+    done = result["steps_done"]
+    assert 3 <= done < 10_000
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [done]
+    assert logged_steps(tmp_path) == done
+    assert not (tmp_path / "model").exists()  # no export of an unfinished run
+
+
+def _tiny_data():
+    from step_fixtures import make_batch
+
+    return ({k: np.asarray(v) for k, v in make_batch(11, rows=16).items()},
+            {k: np.asarray(v) for k, v in make_batch(12, rows=24).items()})
+
+
+def _config(out: Path, **kw) -> train.TrainConfig:
+    base = dict(progress=False, batch_size=8, save_every=2, keep=5, optim=train.OptimConfig(lr=0.01),
+                combiner=train.CombinerConfig(name="sago"), objective=train.ObjectiveConfig(name="npo", beta=0.5))
+    return train.TrainConfig(output_dir=str(out), **{**base, **kw})
+
+
+def test_unreadable_latest_checkpoint_falls_back_and_deletes_nothing(reference_run, tmp_path, caplog):
+    from step_fixtures import tiny_model
+
+    forget, retain = _tiny_data()
+    first = train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=6))
+    assert first.steps_done == 6
+    ckpt = tmp_path / "checkpoints" / "6"
+    data_files = sorted((p for p in ckpt.rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+    victim = data_files[-1]
+    truncated = victim.read_bytes()[: victim.stat().st_size // 2]
+    victim.write_bytes(truncated)  # truncate the largest data file
+    with caplog.at_level(logging.WARNING, logger="jax_unlearn.train"):
+        second = train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=8))
+    assert second.resumed_from == 4 and second.steps_done == 8
+    assert any("unreadable" in r.message for r in caplog.records)
+    moved = list((tmp_path / "checkpoints.unreadable").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("6.")
+    # moved as it was: the truncated file is still there, still truncated
+    assert (moved[0] / victim.relative_to(ckpt)).stat().st_size == len(truncated)
+    assert_bit_identical(weights(tmp_path), weights(reference_run))
+
+
+def test_finished_run_is_not_retrained_and_keeps_its_export(reference_run, tmp_path):
+    from step_fixtures import tiny_model
+
+    forget, retain = _tiny_data()
+    first = train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=4))
+    stamp = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
+    again = train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=4))
+    assert again.resumed_from == 4 and again.steps_done == 4
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert first.steps_done == 4
+
+
+def test_bad_data_and_config_are_rejected(tmp_path):
+    from step_fixtures import tiny_model
+
+    forget, retain = _tiny_data()
+    empty = {k: v[:0] for k, v in retain.items()}
+    with pytest.raises(ValueError, match="retain set is empty"):
+        train.unlearn(tiny_model(), forget, empty, _config(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="forget set has 16 rows, fewer than batch_size=32"):
+        train.PairedBatches(forget, retain, 32, 0)
+    ragged = dict(forget, labels=forget["labels"][:3])
+    with pytest.raises(ValueError, match="forget set: 'labels' has 3 rows"):
+        train.PairedBatches(ragged, retain, 4, 0)
+    with pytest.raises(ValueError, match="batch_size=4 must be divisible by the mesh's data x fsdp = 8"):
+        train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, batch_size=4))
+    with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+        train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, micro_batches=3))
+    with pytest.raises(ValueError, match="optim.schedule='step'"):
+        train.build_schedule(train.OptimConfig(schedule="step"), 10)
+
+
+def test_batches_are_a_function_of_the_step():
+    forget, retain = _tiny_data()
+    data = train.PairedBatches(forget, retain, 4, seed=3)
+    assert data.steps_per_epoch == 4
+    seen = np.concatenate([data(t)[0]["input_ids"] for t in range(4)])
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, forget["input_ids"]))  # one epoch visits every row once
+    again = train.PairedBatches(forget, retain, 4, seed=3)
+    for t in (0, 5, 9):
+        for a, b in zip(data(t), again(t)):
+            np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    assert not np.array_equal(data(0)[0]["input_ids"], data(4)[0]["input_ids"])  # epochs reshuffle
+
+
+def test_schedules():
+    cfg = train.OptimConfig(lr=1.0, warmup_ratio=0.2, schedule="linear")
+    s = train.build_schedule(cfg, 10)
+    np.testing.assert_allclose([float(s(t)) for t in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    c = train.build_schedule(train.OptimConfig(lr=1.0, schedule="cosine"), 10)
+    np.testing.assert_allclose([float(c(t)) for t in (0, 5, 10)], [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path):
+    one = tmp_path / "one"
+    finish(worker(one, max_steps=4, mesh={"data": 2, "fsdp": 2, "tensor": 2}))
+    two = tmp_path / "two"
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = os.environ.copy()
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
+                   JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs.append(worker(two, env=env, max_steps=4, mesh={"data": 2, "fsdp": 2, "tensor": 2}))
+    results = [finish(p, timeout=400) for p in procs]
+    assert all(r["distributed"] and r["steps_done"] == 4 for r in results)
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
