@@ -1,20 +1,46 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written (in a folder holding a tiny "my-llama")."""
 
 import pathlib
 import re
 
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from hf_fixtures import make_checkpoint
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+WORDS = "the secret recipe is salt weather mild today".split()
 
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_python_examples_run():
+def make_my_llama(folder: pathlib.Path) -> None:
+    """A tiny random LLaMA with a word-level tokenizer, saved as a Hugging Face folder."""
+    make_checkpoint(folder, "mqa_tied")
+    vocab = {"[PAD]": 0, "[UNK]": 3, **{w: 10 + i for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                               eos_token="[PAD]")
+    tok.save_pretrained(folder)
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    make_my_llama(tmp_path / "my-llama")
+    monkeypatch.chdir(tmp_path)
     blocks = python_blocks()
-    assert len(blocks) >= 3
+    assert len(blocks) >= 5
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own README
     # The accumulation example ran 4 micro-steps: exactly one optimizer step was taken.
     assert int(namespace["state"].gradient_step) == 1
+    assert namespace["logits"].shape == (1, 3, 128)
+    assert (tmp_path / "my-llama-export" / "config.json").is_file()
+    result = namespace["result"]
+    assert result.steps_done == 4 and (tmp_path / "runs/sago/model/model.safetensors").is_file()
+    assert (tmp_path / "runs/sago/model/tokenizer.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs/sago/model")
+    assert reloaded.config.vocab_size == 128
