@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jax_unlearn import train
+from jax_unlearn.data import PairedBatches
 
 WORKER = str(Path(__file__).parent / "train_worker.py")
 BASE = {"batch_size": 8, "save_every": 2, "keep": 5, "optim": {"lr": 0.01, "schedule": "constant"},
@@ -149,10 +150,10 @@ def test_bad_data_and_config_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="retain set is empty"):
         train.unlearn(tiny_model(), forget, empty, _config(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="forget set has 16 rows, fewer than batch_size=32"):
-        train.PairedBatches(forget, retain, 32, 0)
+        PairedBatches(forget, retain, 32, 0)
     ragged = dict(forget, labels=forget["labels"][:3])
     with pytest.raises(ValueError, match="forget set: 'labels' has 3 rows"):
-        train.PairedBatches(ragged, retain, 4, 0)
+        PairedBatches(ragged, retain, 4, 0)
     with pytest.raises(ValueError, match="batch_size=4 must be divisible by the mesh's data x fsdp = 8"):
         train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, batch_size=4))
     with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
@@ -163,11 +164,11 @@ def test_bad_data_and_config_are_rejected(tmp_path):
 
 def test_batches_are_a_function_of_the_step():
     forget, retain = _tiny_data()
-    data = train.PairedBatches(forget, retain, 4, seed=3)
+    data = PairedBatches(forget, retain, 4, seed=3)
     assert data.steps_per_epoch == 4
     seen = np.concatenate([data(t)[0]["input_ids"] for t in range(4)])
     assert sorted(map(tuple, seen)) == sorted(map(tuple, forget["input_ids"]))  # one epoch visits every row once
-    again = train.PairedBatches(forget, retain, 4, seed=3)
+    again = PairedBatches(forget, retain, 4, seed=3)
     for t in (0, 5, 9):
         for a, b in zip(data(t), again(t)):
             np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
