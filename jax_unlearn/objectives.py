@@ -50,6 +50,39 @@ def label_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
     return logp * mask, mask
 
 
+def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`label_logprobs` of ``logits = h @ w^T`` without materialising ``[b, s, vocab]``.
+
+    Args:
+      h: final-normed hidden states ``[b, s, D]``.
+      w: output projection ``[vocab, D]``.
+      labels: ``[b, s]`` int, ``-100`` where no loss is taken.
+      chunk: positions per chunk; each chunk's float32 logits ``[b, chunk, vocab]`` exist only
+        inside one ``lax.map`` iteration and are recomputed in the backward pass.
+
+    Returns:
+      ``(logp [b, s-1], mask [b, s-1])`` equal to ``label_logprobs(h @ w^T, labels)``.
+    """
+    b, s, d = h.shape
+    n = s - 1
+    pad = (-n) % chunk
+    target = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE)
+    hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    hs = hs.reshape(b, -1, chunk, d).swapaxes(0, 1)  # [chunks, b, chunk, D]
+    ts = target.reshape(b, -1, chunk).swapaxes(0, 1)  # [chunks, b, chunk]
+
+    @jax.checkpoint
+    def one(h_c, t_c):
+        logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        safe = jnp.where(t_c == IGNORE, 0, t_c)
+        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
+
+    logp = jax.lax.map(lambda xs: one(*xs), (hs, ts)).swapaxes(0, 1).reshape(b, -1)[:, :n]
+    mask = (labels[:, 1:] != IGNORE).astype(jnp.float32)
+    return logp * mask, mask
+
+
 def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sum(values*mask)/max(sum(mask), 1), sum(mask))``."""
     weight = jnp.sum(mask)
@@ -57,7 +90,13 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def _model_logprobs(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    return label_logprobs(model(batch["input_ids"], batch.get("attention_mask")), batch["labels"])
+    """Label log-probs of ``model`` on ``batch``, chunked over positions when the model's
+    options set ``logit_chunk`` (see `chunked_label_logprobs`)."""
+    ids, am, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    chunk = getattr(getattr(model, "options", None), "logit_chunk", None)
+    if chunk:
+        return chunked_label_logprobs(model.final_hidden(ids, am), model.head_weight(), labels, chunk)
+    return label_logprobs(model(ids, am), labels)
 
 
 def nll(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:

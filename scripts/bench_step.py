@@ -13,7 +13,7 @@ script prints the median step time, tokens/s (forget + retain tokens), model TFL
 
     python scripts/bench_step.py                       # ~20M parameters on CPU
     python scripts/bench_step.py --size 1b --batch 8 --seq 512 --dtype bfloat16 \\
-        --attention cudnn --scan --remat dots_with_no_batch_dims_saveable   # LLaMA-3.2-1B shape
+        --attention cudnn --scan --remat dots_with_no_batch_dims_saveable --logit-chunk 128  # LLaMA-3.2-1B shape
 """
 
 from __future__ import annotations
@@ -63,12 +63,15 @@ def main() -> None:
     ap.add_argument("--attention", default=None, choices=[None, "xla", "cudnn"])
     ap.add_argument("--scan", action="store_true", help="scan over layers")
     ap.add_argument("--remat", default=None, help="remat policy (e.g. full, dots_with_no_batch_dims_saveable)")
+    ap.add_argument("--logit-chunk", type=int, default=None,
+                    help="label log-probs over this many positions at a time (no [b, s, vocab] float32 logits)")
     ap.add_argument("--kinds", default="naive,pcgrad,sago")
     a = ap.parse_args()
 
     dtype = jnp.dtype(a.dtype)
     cfg = ModelConfig(model_type="llama", max_position_embeddings=max(a.seq, 128), **SIZES[a.size])
-    options = ModelOptions(param_dtype=dtype, attention_impl=a.attention, scan_layers=a.scan, remat_policy=a.remat)
+    options = ModelOptions(param_dtype=dtype, attention_impl=a.attention, scan_layers=a.scan, remat_policy=a.remat,
+                           logit_chunk=a.logit_chunk)
     rng = np.random.default_rng(1)
     batch = lambda: {"input_ids": jnp.asarray(rng.integers(0, cfg.vocab_size, (a.batch, a.seq)), jnp.int32),
                      "attention_mask": jnp.ones((a.batch, a.seq), jnp.int32)}

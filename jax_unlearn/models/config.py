@@ -307,6 +307,10 @@ class ModelOptions:
       remat_policy: ``None`` (no rematerialisation), ``"full"`` (recompute everything in the
         backward pass) or the name of a ``jax.checkpoint_policies`` member, e.g.
         ``"dots_with_no_batch_dims_saveable"``; applied per decoder layer.
+      logit_chunk: when set, training losses compute label log-probabilities over this many
+        positions at a time (rematerialised in the backward pass) instead of materialising
+        float32 logits ``[batch, seq, vocab]`` at once: peak memory of the loss drops from
+        ``O(seq * vocab)`` to ``O(logit_chunk * vocab)`` per row.
     """
 
     param_dtype: Any = jnp.float32
@@ -314,8 +318,11 @@ class ModelOptions:
     attention_impl: Literal["xla", "cudnn"] | None = None
     scan_layers: bool = False
     remat_policy: str | None = None
+    logit_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        if self.logit_chunk is not None and (not isinstance(self.logit_chunk, int) or self.logit_chunk <= 0):
+            raise ValueError(f"option 'logit_chunk' must be a positive integer or None, got {self.logit_chunk!r}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"option 'attention_impl' is {self.attention_impl!r}; supported values: "
                              f"{ATTENTION_IMPLEMENTATIONS}")

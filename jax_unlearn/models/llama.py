@@ -218,10 +218,17 @@ class CausalLM(nnx.Module):
         if not 0 <= layer < self.config.num_hidden_layers:
             raise ValueError(f"{name}={layer} outside [0, {self.config.num_hidden_layers})")
 
+    def final_hidden(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Final-normed hidden states ``[b, t, D]``: ``model(ids, mask) == model.logits(final_hidden(ids, mask))``."""
+        return self.norm(self._trunk(input_ids, attention_mask, self.config.num_hidden_layers, None)[0])
+
+    def head_weight(self) -> Array:
+        """Output projection ``[vocab, D]`` (the input embedding when tied)."""
+        return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+
     def logits(self, h: Array) -> Array:
         """``h [b, t, D]`` (final-normed) -> float32 ``[b, t, vocab]``."""
-        w = self.embed_tokens if self.lm_head is None else self.lm_head
-        return jnp.einsum("btd,vd->btv", h, w[...].astype(h.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,vd->btv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
 
     # ------------------------------------------------------------------ cached decoding
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
