@@ -1,21 +1,582 @@
-"""Data for unlearning: token arrays and forget/retain pairing.
+"""Data for unlearning: read records, tokenise them into fixed-shape rows, pair forget/retain.
 
 A tokenised set is a ``Dataset``: a mapping of ``input_ids``, ``attention_mask`` and
-``labels`` (``-100`` = no loss), each a NumPy array ``[N, seq]`` with one fixed ``seq`` so
-every batch has the same shape under jit.
+``labels`` (``-100`` = no loss; aligned with ``input_ids``, position ``t`` predicts
+``labels[t + 1]``), each an int32 NumPy array ``[N, seq]`` with one fixed ``seq`` so every
+batch has the same shape under jit.
+
+Reading (local files need nothing beyond the standard library)::
+
+    .jsonl    one JSON object per line (blank lines are skipped)
+    .json     one JSON list of objects (RWKU passages and probes)
+    .txt      plain text: documents separated by one or more blank lines (``split="line"``:
+              one document per non-blank line)
+    .parquet  through the optional ``datasets`` package (imported only then)
+    HubSource(name, config, split): a Hugging Face hub data set, through ``datasets``
+
+Record formats: text corpora ``{"text": str}`` (WMDP corpora, RWKU passages), QA pairs
+``{"question": str, "answer": str, "level"?: str}`` (loss on the answer only), multiple
+choice ``{"question": str, "choices": [str, ...], "answer": int, "subject"?: str}`` (WMDP,
+MMLU; read by the evaluation). A malformed record raises `DataError` naming the file, the
+line (or element/row) and what was expected; an empty set raises `DataError` naming the set.
+
+Tokenising (a Hugging Face fast tokenizer, e.g. ``load_tokenizer(folder)``):
+
+* `pack_texts`: texts joined by ``"\\n\\n"``, tokenised once without special tokens and cut
+  into ``max_length`` chunks (the paper's reference); loss on every token.
+* `tokenize_texts`: one row per text, truncated and right-padded; loss on every real token.
+* `tokenize_qa`: one row per pair, ``prompt + answer`` truncated and right-padded; loss on
+  the answer tokens only.
+
+Order: `ShuffledIndices` (seeded epoch permutations, resumable from a saved position) and
+`PairedBatches` (the training loop's forget-anchored forget/retain pairing, a function of
+the step alone).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import json
+import numbers
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
 Dataset = Mapping[str, np.ndarray]  # input_ids / attention_mask / labels, each [N, seq]
 
+IGNORE = -100  # label of a position without loss
+
+class DataError(ValueError):
+    """A data file or set that cannot be used: malformed record, empty set, unknown type."""
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QAPair:
+    """A question with its gold answer; ``level`` tags RWKU-style probes ("forget_1", "neighbor_2")."""
+
+    question: str
+    answer: str
+    level: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MultipleChoice:
+    """A multiple-choice question (WMDP, MMLU): ``choices[answer]`` is the correct one."""
+
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    subject: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HubSource:
+    """A data set on the Hugging Face hub, read with ``datasets.load_dataset(name, config, split=split)``.
+
+    Needs the optional ``datasets`` package and network access (streamed, not cached whole).
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+    def __str__(self) -> str:
+        return f"hub:{self.name}" + (f"[{self.config}]" if self.config else "") + f"/{self.split}"
+
+
+_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+def _need_datasets(what: str):
+    try:
+        import datasets  # noqa: PLC0415 - optional extra, imported only for parquet / hub
+    except ImportError as err:
+        raise ImportError(f"reading {what} needs the optional 'datasets' package "
+                          "(pip install 'jax-unlearn[datasets]'); local .jsonl/.json/.txt files do not") from err
+    return datasets
+
+
+def _json_element_lines(text: str) -> list[int]:
+    """1-based line of each element of a JSON list (only called to report an error)."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"[\s,]*")
+    lines, i = [], ws.match(text, 0).end() + 1  # past '['
+    while True:
+        i = ws.match(text, i).end()
+        if i >= len(text) or text[i] == "]":
+            return lines
+        lines.append(text.count("\n", 0, i) + 1)
+        _, i = decoder.raw_decode(text, i)
+
+
+def _records(source, *, text_field: str = "text", split: str = "blank_line") -> Iterator[tuple[str, Any]]:
+    """Yields ``(location, record)``; ``location`` is ``file:line`` (or ``file: element [i]``, ``row [i]``).
+
+    A ``.txt`` document is yielded as ``{text_field: document}``; every other type yields the
+    decoded JSON values or data set rows, validated by the caller.
+    """
+    if isinstance(source, HubSource):
+        datasets = _need_datasets(f"the hub data set {source.name!r}")
+        rows = datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)
+        for i, row in enumerate(rows):
+            yield f"{source}: row [{i}]", row
+        return
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}; expected one of "
+                        f"{', '.join(_SUFFIXES)} (or a HubSource)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    if suffix == ".parquet":
+        datasets = _need_datasets(f"the parquet file {path}")
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        for i, row in enumerate(rows):
+            yield f"{path}: row [{i}]", row
+        return
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8-sig") as f:  # a leading byte-order mark is tolerated
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{lineno}: expected one JSON value per line, got invalid JSON "
+                                        f"({err.msg} at column {err.colno})") from None
+                    yield f"{path}:{lineno}", value
+            return
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    if suffix == ".txt":
+        if split not in ("blank_line", "line"):
+            raise DataError(f"split={split!r}: expected 'blank_line' or 'line'")
+        docs = re.split(r"\n[ \t]*\n" if split == "blank_line" else r"\n", text)
+        for doc in docs:
+            if doc.strip():
+                yield str(path), {text_field: doc.strip()}
+        return
+    try:  # .json
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {_kind(value)}")
+    for i, item in enumerate(value):
+        yield _JsonLocation(path, i, text), item  # the element's line is looked up only for an error
+
+
+class _JsonLocation(str):
+    """``file: element [i]``, resolved to ``file:line: element [i]`` when an error is reported."""
+
+    def __new__(cls, path, index, text):
+        self = super().__new__(cls, f"{path}: element [{index}]")
+        self.path, self.index, self.text = path, index, text
+        return self
+
+    def resolve(self) -> str:
+        line = _json_element_lines(self.text)[self.index]
+        return f"{self.path}:{line}: element [{self.index}]"
+
+
+def _refuse_txt(source, what: str) -> None:
+    if not isinstance(source, HubSource) and Path(source).suffix.lower() == ".txt":
+        raise DataError(f"{source}: a .txt file holds plain text; {what} need .jsonl, .json or .parquet")
+
+
+def _where(loc: str) -> str:
+    return loc.resolve() if isinstance(loc, _JsonLocation) else loc
+
+
+def _kind(value: Any) -> str:
+    """``"an object"``, ``"a list"``, ... for an error message."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _field(loc, record, key, expected: str, problem: str | None = None):
+    """Raises the `DataError` for ``record`` at ``loc``."""
+    if problem is None:
+        if not isinstance(record, Mapping):
+            problem = f"got {_kind(record)}"
+        elif key not in record:
+            problem = f"field {key!r} is missing"
+        else:
+            problem = f"field {key!r} is {_kind(record[key])}"
+    raise DataError(f"{_where(loc)}: expected {expected} ({problem})")
+
+
+def _nonempty(items: list, source, name: str | None):
+    if not items:
+        raise DataError(f"the {name or _source_name(source)} set is empty ({source} holds no records)")
+    return items
+
+
+def _source_name(source) -> str:
+    return str(source) if isinstance(source, HubSource) else Path(source).name
+
+
+def read_texts(source, *, field: str = "text", split: Literal["blank_line", "line"] = "blank_line",
+               name: str | None = None) -> list[str]:
+    """Texts of a corpus: ``{"text": ...}`` records (``field`` names another key) or a ``.txt`` file.
+
+    ``.txt`` documents are separated by blank lines (``split="line"``: one per line) and stripped.
+    Raises `DataError` for a malformed record or an empty set (named ``name``, default the file name).
+    """
+    return _texts(_records(source, text_field=field, split=split), source, field, name)
+
+
+def _texts(records, source, field: str, name: str | None) -> list[str]:
+    out = []
+    for loc, rec in records:
+        if not isinstance(rec, Mapping) or not isinstance(rec.get(field), str):
+            _field(loc, rec, field, f"a JSON object with a string field {field!r}")
+        out.append(rec[field])
+    return _nonempty(out, source, name)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _qa(loc, rec, question: str, answer: str) -> QAPair:
+    expected = (f"a JSON object with string fields {question!r} and {answer!r} "
+                "(and an optional string or integer 'level')")
+    for key in (question, answer):
+        if not isinstance(rec, Mapping) or not isinstance(rec.get(key), str):
+            _field(loc, rec, key, expected)
+    level = rec.get("level")
+    if level is not None and not (isinstance(level, str) or _is_int(level)):
+        _field(loc, rec, "level", expected)
+    return QAPair(rec[question], rec[answer], None if level is None else str(level))
+
+
+def read_qa(source, *, question: str = "question", answer: str = "answer", name: str | None = None) -> list[QAPair]:
+    """QA pairs (``{"question", "answer", "level"?}``; ``question``/``answer`` rename the keys).
+
+    An integer ``level`` is kept as its string. Raises `DataError` as `read_texts`.
+    """
+    _refuse_txt(source, "QA pairs")
+    return _nonempty([_qa(loc, rec, question, answer) for loc, rec in _records(source)], source, name)
+
+
+def _multiple_choice(loc, rec) -> MultipleChoice:
+    expected = ("a JSON object with a string 'question', a list 'choices' of at least 2 strings and an "
+                "integer 'answer' indexing them (and an optional string 'subject')")
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("question"), str):
+        _field(loc, rec, "question", expected)
+    choices = rec.get("choices")
+    if not isinstance(choices, (list, tuple)):
+        _field(loc, rec, "choices", expected)
+    if len(choices) < 2:
+        _field(loc, rec, "choices", expected, f"'choices' has {len(choices)} item" + "s" * (len(choices) != 1))
+    for j, choice in enumerate(choices):
+        if not isinstance(choice, str):
+            _field(loc, rec, "choices", expected, f"choices[{j}] is {_kind(choice)}")
+    if not _is_int(rec.get("answer")):
+        _field(loc, rec, "answer", expected)
+    if not 0 <= rec["answer"] < len(choices):
+        _field(loc, rec, "answer", expected, f"'answer' is {rec['answer']} but there are {len(choices)} choices")
+    subject = rec.get("subject")
+    if subject is not None and not isinstance(subject, str):
+        _field(loc, rec, "subject", expected)
+    return MultipleChoice(rec["question"], tuple(choices), int(rec["answer"]), subject)
+
+
+def read_multiple_choice(source, *, name: str | None = None) -> list[MultipleChoice]:
+    """Multiple-choice questions ``{"question", "choices", "answer": int, "subject"?}`` (WMDP, MMLU).
+
+    Raises `DataError` as `read_texts` (also for an ``answer`` outside ``choices``).
+    """
+    _refuse_txt(source, "multiple-choice questions")
+    return _nonempty([_multiple_choice(loc, rec) for loc, rec in _records(source)], source, name)
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenizeOptions:
+    """How records become token rows (the row length ``max_length`` is passed separately).
+
+    Attributes:
+      separator: `pack_texts` joins texts with it before tokenising (the reference's ``"\\n\\n"``).
+      drop_remainder: `pack_texts` drops the last, shorter chunk instead of padding it.
+      add_special_tokens: `tokenize_texts` / `tokenize_qa` let the tokenizer add its special
+        tokens (a LLaMA tokenizer's BOS); packing never adds them (as the reference).
+      qa_prompt: the prompt of a QA pair, formatted with ``question``; no loss on it.
+      qa_answer: the answer part, formatted with ``answer``; the loss is on its tokens.
+      append_eos: `tokenize_qa` ends each answer with the tokenizer's EOS (with loss).
+    """
+
+    separator: str = "\n\n"
+    drop_remainder: bool = False
+    add_special_tokens: bool = True
+    qa_prompt: str = "Question: {question}\nAnswer:"
+    qa_answer: str = " {answer}"
+    append_eos: bool = True
+
+    def __post_init__(self):
+        try:
+            self.qa_prompt.format(question="")
+            self.qa_answer.format(answer="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise DataError(f"qa_prompt may use only {{question}} and qa_answer only {{answer}} ({err!r})") from None
+        if "{answer}" not in self.qa_answer:
+            raise DataError(f"qa_answer={self.qa_answer!r} must contain {{answer}}")
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """``transformers.AutoTokenizer.from_pretrained(folder)`` for a local Hugging Face folder."""
+    import transformers  # noqa: PLC0415 - the optional 'hf' extra
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such tokenizer folder")
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+def _check_length(max_length: int) -> None:
+    if not _is_int(max_length) or max_length < 2:
+        raise DataError(f"max_length={max_length!r}: expected an integer >= 2 (a row needs a token to predict from)")
+
+
+def _pad_id(tokenizer) -> int:
+    for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pid is not None:
+            return int(pid)
+    return 0
+
+
+def _rows(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]], max_length: int, pad_id: int,
+          name: str) -> dict[str, np.ndarray]:
+    """Right-pads ``seqs`` (each ``<= max_length``) to ``[N, max_length]``; labels where ``masks``."""
+    n = len(seqs)
+    if n == 0:
+        raise DataError(f"the {name} set is empty (no rows to tokenise)")
+    ids = np.full((n, max_length), pad_id, np.int32)
+    am = np.zeros((n, max_length), np.int32)
+    labels = np.full((n, max_length), IGNORE, np.int32)
+    for i, (seq, mask) in enumerate(zip(seqs, masks)):
+        k = len(seq)
+        ids[i, :k], am[i, :k] = seq, 1
+        labels[i, :k] = np.where(np.asarray(mask, bool), seq, IGNORE)
+    no_loss = np.flatnonzero(~(labels[:, 1:] != IGNORE).any(axis=1))
+    if len(no_loss):
+        raise DataError(f"the {name} set: row [{no_loss[0]}] (and {len(no_loss) - 1} more) has no token to take "
+                        f"a loss on within max_length={max_length} (empty text, or the prompt fills the row)")
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+
+def pack_texts(texts: Sequence[str], tokenizer, max_length: int, options: TokenizeOptions = TokenizeOptions(), *,
+               name: str = "texts") -> dict[str, np.ndarray]:
+    """Pretraining-style packing: ``separator.join(texts)``, tokenised once, cut into chunks.
+
+    Returns a `Dataset` of ``[ceil(T / max_length), max_length]`` int32 arrays for ``T`` tokens
+    (``floor`` with ``drop_remainder``); loss on every token; the last chunk is right-padded
+    (no loss on padding) and dropped if it holds a single token (nothing to predict).
+    """
+    _check_length(max_length)
+    if not texts:
+        raise DataError(f"the {name} set is empty (no texts to pack)")
+    tokens = tokenizer(options.separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    chunks = [tokens[i:i + max_length] for i in range(0, len(tokens), max_length)]
+    if chunks and (len(chunks[-1]) < 2 or (options.drop_remainder and len(chunks[-1]) < max_length)):
+        chunks.pop()
+    if not chunks:
+        raise DataError(f"the {name} set is empty after packing: {len(tokens)} tokens make no chunk of "
+                        f"max_length={max_length}" + (" (drop_remainder=True)" if options.drop_remainder else ""))
+    return _rows(chunks, [[True] * len(c) for c in chunks], max_length, _pad_id(tokenizer), name)
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int, options: TokenizeOptions = TokenizeOptions(),
+                   *, name: str = "texts") -> dict[str, np.ndarray]:
+    """One row per text, truncated to ``max_length`` and right-padded: a `Dataset` ``[len(texts), max_length]``.
+
+    Loss on every real token (including the tokenizer's special tokens), none on padding.
+    """
+    _check_length(max_length)
+    if not texts:
+        raise DataError(f"the {name} set is empty (no texts to tokenise)")
+    enc = tokenizer(list(texts), add_special_tokens=options.add_special_tokens, truncation=True,
+                    max_length=max_length, verbose=False)["input_ids"]
+    return _rows(enc, [[True] * len(s) for s in enc], max_length, _pad_id(tokenizer), name)
+
+
+def tokenize_qa(pairs: Sequence[QAPair], tokenizer, max_length: int, options: TokenizeOptions = TokenizeOptions(),
+                *, name: str = "qa") -> dict[str, np.ndarray]:
+    """One row per pair: ``qa_prompt + qa_answer (+ EOS)``, truncated and right-padded.
+
+    Returns a `Dataset` ``[len(pairs), max_length]``. The text is tokenised as one string and
+    a token takes a loss when it ends inside the answer part (character offsets from a fast
+    tokenizer), so prompt and special tokens have label ``-100``; the appended EOS has a loss.
+    """
+    _check_length(max_length)
+    if not pairs:
+        raise DataError(f"the {name} set is empty (no QA pairs to tokenise)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("tokenize_qa needs a fast (Rust) tokenizer for character offsets; "
+                        "save the tokenizer with a tokenizer.json")
+    eos = tokenizer.eos_token_id
+    if options.append_eos and eos is None:
+        raise DataError("append_eos=True but the tokenizer has no eos_token; set TokenizeOptions(append_eos=False)")
+    prompts = [options.qa_prompt.format(question=p.question) for p in pairs]
+    fulls = [pr + options.qa_answer.format(answer=p.answer) for pr, p in zip(prompts, pairs)]
+    enc = tokenizer(fulls, add_special_tokens=options.add_special_tokens, return_offsets_mapping=True,
+                    return_special_tokens_mask=True, verbose=False)
+    seqs, masks = [], []
+    for prompt, ids, offsets, special in zip(prompts, enc["input_ids"], enc["offset_mapping"],
+                                             enc["special_tokens_mask"]):
+        boundary = len(prompt)
+        mask = [not s and end > boundary for (_, end), s in zip(offsets, special)]
+        ids = list(ids)
+        if options.append_eos:
+            ids, mask = ids + [eos], mask + [True]
+        seqs.append(ids[:max_length])
+        masks.append(mask[:max_length])
+    return _rows(seqs, masks, max_length, _pad_id(tokenizer), name)
+
+
+# ----------------------------------------------------------------------------- sets for training
+
+
+def _detect(records: list[tuple[str, Any]], source) -> str:
+    first = records[0][1] if records else None
+    if isinstance(first, Mapping):
+        if "choices" in first:
+            raise DataError(f"{source}: multiple-choice records are for evaluation (read_multiple_choice), "
+                            "not an unlearning set")
+        if "question" in first and "answer" in first:
+            return "qa"
+        if "text" in first:
+            return "text"
+    where = _where(records[0][0]) if records else str(source)
+    raise DataError(f"{where}: cannot tell the format: expected a JSON object with a string field 'text' "
+                    "or with 'question' and 'answer' (or pass format='text'/'qa')")
+
+
+def load_set(source, tokenizer, max_length: int, *, mode: Literal["auto", "pack", "truncate"] = "auto",
+             format: Literal["auto", "text", "qa"] = "auto", options: TokenizeOptions = TokenizeOptions(),
+             name: str | None = None) -> dict[str, np.ndarray]:
+    """Reads and tokenises one set: a `Dataset` ``[N, max_length]``.
+
+    ``format="auto"`` looks at the first record (``.txt`` and ``{"text"}`` -> text,
+    ``{"question", "answer"}`` -> qa). ``mode="auto"`` packs texts and truncates QA pairs
+    (QA pairs cannot be packed). ``tokenizer`` is a tokenizer or a local folder.
+    """
+    name = name or _source_name(source)
+    if mode not in ("auto", "pack", "truncate"):
+        raise DataError(f"mode={mode!r}: expected 'auto', 'pack' or 'truncate'")
+    if format not in ("auto", "text", "qa"):
+        raise DataError(f"format={format!r}: expected 'auto', 'text' or 'qa'")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    records = _nonempty(list(_records(source)), source, name)
+    if format == "auto":
+        format = _detect(records, source)
+    if format == "qa":
+        if mode == "pack":
+            raise DataError(f"the {name} set holds QA pairs, which cannot be packed: use mode='truncate'")
+        _refuse_txt(source, "QA pairs")
+        pairs = [_qa(loc, rec, "question", "answer") for loc, rec in records]
+        return tokenize_qa(pairs, tokenizer, max_length, options, name=name)
+    texts = _texts(records, source, "text", name)
+    tokenize = tokenize_texts if mode == "truncate" else pack_texts
+    return tokenize(texts, tokenizer, max_length, options, name=name)
+
+
+def load_unlearning_sets(forget_path, retain_path, tokenizer, max_length: int, *,
+                         mode: Literal["auto", "pack", "truncate"] = "auto",
+                         forget_format: Literal["auto", "text", "qa"] = "auto",
+                         retain_format: Literal["auto", "text", "qa"] = "auto",
+                         options: TokenizeOptions = TokenizeOptions()) -> tuple[dict, dict]:
+    """``(forget, retain)`` Datasets, each ``[N, max_length]``, for ``train.unlearn(model, forget, retain, cfg)``.
+
+    ``tokenizer`` is a tokenizer or a local Hugging Face folder; see `load_set` for the rest.
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    forget = load_set(forget_path, tokenizer, max_length, mode=mode, format=forget_format, options=options,
+                      name="forget")
+    retain = load_set(retain_path, tokenizer, max_length, mode=mode, format=retain_format, options=options,
+                      name="retain")
+    return forget, retain
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded permutation ``[n]`` of epoch ``epoch`` (shared by `ShuffledIndices` and `PairedBatches`)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def take_rows(data: Dataset, idx) -> dict[str, np.ndarray]:
+    """Rows ``idx`` (``[k]`` ints) of every array of ``data``: a `Dataset` ``[k, seq]``."""
+    return {k: np.asarray(v)[idx] for k, v in data.items()}
+
+
+class ShuffledIndices:
+    """Endless seeded epochs over ``range(n)``: position ``p`` -> ``permutation(seed, p // n)[p % n]``.
+
+    The order is a function of the position alone, so ``state()`` (a small JSON-able dict)
+    saved at any point and given to ``from_state`` resumes the exact same sequence.
+    """
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        if not _is_int(n) or n < 1:
+            raise DataError(f"n={n!r}: cannot shuffle an empty set")
+        if not _is_int(position) or position < 0:
+            raise DataError(f"position={position!r}: expected an integer >= 0")
+        self.n, self.seed, self.position = int(n), int(seed), int(position)
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, _epoch_order(self.seed, epoch, self.n))
+        return self._cached[1]
+
+    def __iter__(self) -> "ShuffledIndices":
+        return self
+
+    def __next__(self) -> int:
+        epoch, i = divmod(self.position, self.n)
+        self.position += 1
+        return int(self._order(epoch)[i])
+
+    def take(self, k: int) -> np.ndarray:
+        """The next ``k`` indices, ``[k]`` int64 (crossing epoch boundaries as needed)."""
+        return np.fromiter((next(self) for _ in range(k)), np.int64, count=k)
+
+    def state(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "position": self.position}
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> "ShuffledIndices":
+        return cls(state["n"], state["seed"], state["position"])
+
 
 class PairedBatches:
-    """Forget-anchored batches: step ``t`` -> (forget rows, retain rows), a function of ``t``."""
+    """Forget-anchored batches for the training loop: step ``t`` -> ``(forget rows, retain rows)``.
+
+    Epoch ``e`` visits the forget set in the seeded permutation ``_epoch_order(seed, e, N_f)``
+    (the same order as ``ShuffledIndices(N_f, seed)``), ``batch_size`` rows per step, sorted
+    within the batch; the last incomplete batch is dropped (fixed shapes), so an epoch is
+    ``steps_per_epoch = N_f // batch_size`` steps. Each step pairs them with ``batch_size``
+    retain rows drawn with replacement by a generator seeded with ``(seed, step)``. The
+    batches are a function of ``t`` alone: a resumed run (a fresh instance) sees exactly the
+    batches an uninterrupted one would. Each returned dict holds ``[batch_size, seq]`` arrays.
+    """
 
     def __init__(self, forget: Dataset, retain: Dataset, batch_size: int, seed: int):
         for name, data in (("forget", forget), ("retain", retain)):
@@ -39,8 +600,7 @@ class PairedBatches:
 
     def __call__(self, step: int) -> tuple[dict, dict]:
         epoch, i = self.position(step)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.forget["input_ids"]))
+        order = _epoch_order(self.seed, epoch, len(self.forget["input_ids"]))
         f_idx = np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
         r_idx = np.random.default_rng([self.seed, 1_000_003, step]).integers(0, len(self.retain["input_ids"]), self.batch_size)
-        take = lambda data, idx: {k: np.asarray(v)[idx] for k, v in data.items()}
-        return take(self.forget, f_idx), take(self.retain, r_idx)
+        return take_rows(self.forget, f_idx), take_rows(self.retain, r_idx)
