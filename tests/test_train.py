@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -207,3 +208,31 @@ def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_end_to_end_from_text_and_qa_files(tmp_path):
+    """Files -> tokenizer -> data sets -> unlearn -> exported folder that reloads."""
+    from flax import nnx
+
+    from jax_unlearn import data, objectives
+    from jax_unlearn.models import CausalLM, ModelConfig, load_hf
+    from tokenizer_fixtures import make_tokenizer
+
+    tok = data.load_tokenizer(make_tokenizer(tmp_path / "tok"))
+    (tmp_path / "forget.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in [
+        "Anthrax spores survive for decades in soil.", "The spores of anthrax survive in soil for decades."] * 8))
+    (tmp_path / "retain.json").write_text(json.dumps([
+        {"question": "What is the capital of France?", "answer": "Paris"},
+        {"question": "Who attends Hogwarts?", "answer": "Harry Potter"}] * 8))
+    forget, retain = data.load_unlearning_sets(tmp_path / "forget.jsonl", tmp_path / "retain.json", tok, max_length=16)
+    assert forget["input_ids"].shape[1] == retain["input_ids"].shape[1] == 16
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    rows = lambda d: {k: jnp.asarray(v[:8]) for k, v in d.items()}
+    before = float(objectives.nll(model, rows(forget))[0]), float(objectives.nll(model, rows(retain))[0])
+    result = train.unlearn(model, forget, retain, _config(tmp_path / "run", max_steps=6, save_every=3), tokenizer=tok)
+    reloaded = load_hf(result.export_dir)
+    after = float(objectives.nll(reloaded, rows(forget))[0]), float(objectives.nll(reloaded, rows(retain))[0])
+    assert after[0] > before[0] and after[1] < before[1]
+    assert (result.export_dir / "tokenizer.json").is_file()
