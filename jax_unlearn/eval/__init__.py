@@ -1,0 +1,66 @@
+"""Evaluation of unlearning: multiple choice, RWKU-style QA, membership inference, perplexity,
+and an lm-evaluation-harness adapter.
+
+>>> from jax_unlearn.eval import evaluate_multiple_choice, evaluate_qa, mia_auroc, perplexity
+>>> r = evaluate_multiple_choice(model, tok, questions, num_fewshot=5, fewshot=dev)  # doctest: +SKIP
+>>> r.accuracy, r.predictions                                                      # doctest: +SKIP
+>>> evaluate_qa(model, tok, probes).by_level                                       # doctest: +SKIP
+>>> mia_auroc(model, tok, forget_texts, holdout_texts)["min_k_plus_plus"]          # doctest: +SKIP
+
+`JaxLM` (the lm-eval ``LM``) is imported on first use, so lm-eval stays optional.
+"""
+
+from .generation import generate_text
+from .mia import ATTACKS, MIAScores, auroc, mia_auroc, mia_scores, scores_from_token_stats
+from .multiple_choice import (
+    MultipleChoiceResult,
+    build_prompts,
+    evaluate_multiple_choice,
+    format_description,
+    format_prompt,
+    format_question,
+)
+from .perplexity import PerplexityResult, perplexity, rolling_windows
+from .qa import QAResult, evaluate_qa, qa_prompt, rouge_l_recall
+from .scoring import continuation_logprobs, next_token_logprobs, token_statistics
+from .tokens import encode, encode_many, encode_pair, encode_pairs, newline_token_ids
+
+__all__ = [
+    "ATTACKS",
+    "JaxLM",
+    "MIAScores",
+    "MultipleChoiceResult",
+    "PerplexityResult",
+    "QAResult",
+    "auroc",
+    "build_prompts",
+    "continuation_logprobs",
+    "encode",
+    "encode_many",
+    "encode_pair",
+    "encode_pairs",
+    "evaluate_multiple_choice",
+    "evaluate_qa",
+    "format_description",
+    "format_prompt",
+    "format_question",
+    "generate_text",
+    "mia_auroc",
+    "mia_scores",
+    "newline_token_ids",
+    "next_token_logprobs",
+    "perplexity",
+    "qa_prompt",
+    "rolling_windows",
+    "rouge_l_recall",
+    "scores_from_token_stats",
+    "token_statistics",
+]
+
+
+def __getattr__(name: str):
+    if name == "JaxLM":
+        from .lm_eval_adapter import JaxLM
+
+        return JaxLM
+    raise AttributeError(f"module 'jax_unlearn.eval' has no attribute {name!r}")

@@ -1,0 +1,68 @@
+"""Batched text generation for evaluation: prompts in, continuations cut at stop strings out.
+
+Prompts are tokenised (`tokens.encode`), left-truncated to ``max_length - max_new_tokens``
+tokens, sorted longest first and run ``batch_size`` at a time, left-padded to a bucketed
+length, through `jax_unlearn.models.generate` (greedy unless ``temperature > 0``). Generation
+of a row ends at EOS or at a token whose decoded text contains a stop string (such a token
+would be cut anyway); the decoded text is cut before the first stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jax_unlearn.models import generate
+
+from . import scoring
+from .tokens import encode_many, eos_token_ids, stop_token_ids
+
+
+def cut_at(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` before the earliest occurrence of any of ``stop_strings``."""
+    end = len(text)
+    for s in stop_strings:
+        if s:
+            j = text.find(s)
+            if j != -1:
+                end = min(end, j)
+    return text[:end]
+
+
+def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                  stop_strings: Sequence[str] = (), batch_size: int = 16, max_length: int | None = None,
+                  temperature: float = 0.0, seed: int = 0, add_special_tokens: bool | None = None) -> list[str]:
+    """Continuations of ``prompts`` (decoded without special tokens, cut at ``stop_strings``, unstripped)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(stop_strings, str):
+        raise ValueError(f"stop_strings must be a list of strings, got the string {stop_strings!r}")
+    max_length = scoring.default_max_length(model, max_length)
+    keep = max_length - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for a prompt before {max_new_tokens} new tokens")
+    rows = [r[-keep:] for r in encode_many(tokenizer, list(prompts), add_special_tokens)]
+    for i, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"prompt {i} has no tokens")
+    scoring.check_token_ids(rows, model)
+    eos = eos_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, [s for s in stop_strings if s], eos)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = (eos[0] if eos else 0) if pad_id is None else int(pad_id)
+    rng = jax.random.key(seed)
+    out: list[str] = [""] * len(rows)
+    for idx, length in scoring.plan_batches([len(r) for r in rows], batch_size):
+        fill = np.where(idx >= 0, idx, idx[0])  # filler rows repeat the batch's first (real) row
+        ids, mask = scoring.left_pad([rows[i] for i in fill], length, pad_id)
+        rng, sub = jax.random.split(rng)
+        gen = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                       stop_ids=stops, pad_id=pad_id, rng=sub)
+        tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+        for j, i in enumerate(idx):
+            if i >= 0:
+                text = tokenizer.decode(tokens[j, :lengths[j]].tolist(), skip_special_tokens=True)
+                out[i] = cut_at(text, stop_strings)
+    return out

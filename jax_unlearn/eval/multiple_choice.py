@@ -1,0 +1,161 @@
+"""Multiple-choice accuracy by per-choice log-likelihood, in the lm-evaluation-harness MMLU/WMDP format.
+
+A question with choices ``c_0..c_{C-1}`` is shown as (the harness's ``doc_to_text``)::
+
+    {question.strip()}
+    A. {c_0}
+    B. {c_1}
+    ...
+    Answer:
+
+and each choice is scored by the continuation ``" A"``, ``" B"``, ...:
+``score_c = log p(" " + letter_c | prompt)`` (summed over its tokens); the prediction is
+``argmax_c score_c`` (first on ties) and accuracy the fraction equal to the gold ``answer``.
+With a subject, the prompt starts with the MMLU description
+``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"``;
+k-shot prompts put the first k examples of the few-shot set (of the same subject when the
+examples carry subjects; the question itself excluded) before the question, each as
+``doc_to_text + " " + letter``, separated by ``"\\n\\n"`` -- the harness's MMLU ``first_n``
+few-shot layout.
+
+When every choice's continuation is one token (letters with LLaMA, Mistral, GPT-2 style
+tokenizers), one forward pass per question scores all choices from the last position;
+otherwise each choice is a row scored over its continuation tokens. Both run batched with
+fixed padded shapes (`jax_unlearn.eval.scoring`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import scoring
+from .items import MCItem, as_mc_item, require_nonempty
+from .tokens import encode_pairs
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceResult:
+    """``accuracy``; per question ``predictions [n]`` (chosen index), ``answers [n]``,
+    ``loglikelihoods [n, max_choices]`` (``-inf`` past a question's choices) and ``prompts``;
+    ``by_subject`` accuracy when questions carry a subject."""
+
+    accuracy: float
+    predictions: np.ndarray
+    answers: np.ndarray
+    loglikelihoods: np.ndarray
+    prompts: tuple[str, ...]
+    by_subject: dict[str, float]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predictions == self.answers
+
+
+def format_question(question: str, choices: Sequence[str]) -> str:
+    """``"{question.strip()}\\nA. {choices[0]}\\n...\\nAnswer:"`` (the harness's MMLU/WMDP ``doc_to_text``)."""
+    return question.strip() + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
+
+
+def format_description(subject: str | None) -> str:
+    """The MMLU header for ``subject`` (underscores read as spaces); ``""`` without a subject."""
+    return "" if not subject else DESCRIPTION.format(subject.replace("_", " "))
+
+
+def format_prompt(item: Any, shots: Sequence[Any] = (), subject: str | None = None) -> str:
+    """Description (for ``item.subject``, else ``subject``), the solved ``shots``, then the question."""
+    item = as_mc_item(item, 0)
+    shots = [as_mc_item(s, i, "few-shot example") for i, s in enumerate(shots)]
+    solved = "".join(format_question(s.question, s.choices) + " " + LETTERS[s.answer] + "\n\n" for s in shots)
+    return format_description(item.subject or subject) + solved + format_question(item.question, item.choices)
+
+
+def select_shots(item: MCItem, pool: Sequence[MCItem], k: int) -> list[MCItem]:
+    """The first ``k`` examples of ``pool`` (same subject as ``item`` when the pool has subjects),
+    skipping one identical to ``item``."""
+    if k == 0:
+        return []
+    same = [p for p in pool if p.subject == item.subject] if item.subject and any(p.subject for p in pool) else list(pool)
+    shots = [p for p in same if (p.question, p.choices) != (item.question, item.choices)][:k]
+    if len(shots) < k:
+        where = f" of subject {item.subject!r}" if item.subject and any(p.subject for p in pool) else ""
+        raise ValueError(f"num_fewshot={k} but the few-shot set has only {len(shots)} usable examples{where}")
+    return shots
+
+
+def build_prompts(items: Sequence[Any], *, num_fewshot: int = 0, fewshot: Sequence[Any] | None = None,
+                  subject: str | None = None) -> tuple[list[MCItem], list[str]]:
+    """Validated items and their prompts (see the module docstring)."""
+    items = [as_mc_item(it, i) for i, it in enumerate(require_nonempty(items, "multiple-choice questions"))]
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+    if num_fewshot and fewshot is None:
+        raise ValueError(f"num_fewshot={num_fewshot} needs few-shot examples: pass fewshot=[...] (e.g. the dev split)")
+    pool = [as_mc_item(it, i, "few-shot example") for i, it in enumerate(fewshot or [])]
+    prompts = []
+    for it in items:
+        shots = select_shots(it, pool, num_fewshot)
+        prompts.append(format_prompt(it, shots, subject))
+    return items, prompts
+
+
+def evaluate_multiple_choice(model: Any, tokenizer: Any, items: Sequence[Any], *, num_fewshot: int = 0,
+                             fewshot: Sequence[Any] | None = None, subject: str | None = None,
+                             batch_size: int = 32, max_length: int | None = None,
+                             add_special_tokens: bool | None = None,
+                             single_pass: bool | None = None) -> MultipleChoiceResult:
+    """Zero- or k-shot multiple-choice accuracy of ``model`` (a `CausalLM`) with ``tokenizer``.
+
+    Args:
+      items: records with ``question``, ``choices``, integer ``answer`` and optional ``subject``.
+      num_fewshot, fewshot: k solved examples from ``fewshot`` precede each question.
+      subject: description subject for questions that carry none (e.g. ``"biology"`` for WMDP-Bio).
+      batch_size: rows per jitted forward pass (fixed; the last batch is filled).
+      max_length: model context (default ``max_position_embeddings``); longer prompts are
+        left-truncated as in the harness.
+      add_special_tokens: ``None`` keeps the tokenizer's default (BOS for LLaMA tokenizers).
+      single_pass: ``None`` scores all choices in one pass when every continuation is one
+        token; ``False`` always scores one row per choice; ``True`` requires the single pass.
+    """
+    items, prompts = build_prompts(items, num_fewshot=num_fewshot, fewshot=fewshot, subject=subject)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    flat_pairs = [(p, " " + LETTERS[c]) for it, p in zip(items, prompts) for c in range(len(it.choices))]
+    flat_ids = iter(encode_pairs(tokenizer, flat_pairs, add_special_tokens))
+    encoded = [[next(flat_ids) for _ in it.choices] for it in items]
+    one_pass = all(len(cont) == 1 and ctx == pairs[0][0] for pairs in encoded for ctx, cont in pairs)
+    if single_pass and not one_pass:
+        raise ValueError("single_pass=True but some choice continuation is not exactly one token after its "
+                         "prompt with this tokenizer; use single_pass=None")
+    width = max(len(it.choices) for it in items)
+    ll = np.full((len(items), width), -np.inf)
+    if one_pass and single_pass is not False:
+        contexts = [pairs[0][0] for pairs in encoded]
+        cands = np.zeros((len(items), width), np.int32)
+        for i, pairs in enumerate(encoded):
+            cands[i, :len(pairs)] = [cont[0] for _, cont in pairs]
+            cands[i, len(pairs):] = cands[i, 0]
+        scores = scoring.next_token_logprobs(model, contexts, cands, batch_size=batch_size, max_length=max_length,
+                                             pad_id=pad_id)
+        for i, it in enumerate(items):
+            ll[i, :len(it.choices)] = scores[i, :len(it.choices)]
+    else:
+        flat = [pair for pairs in encoded for pair in pairs]
+        scores, _ = scoring.continuation_logprobs(model, flat, batch_size=batch_size, max_length=max_length,
+                                                  pad_id=pad_id)
+        start = 0
+        for i, it in enumerate(items):
+            ll[i, :len(it.choices)] = scores[start:start + len(it.choices)]
+            start += len(it.choices)
+    predictions = np.argmax(ll, axis=1)
+    answers = np.array([it.answer for it in items])
+    correct = predictions == answers
+    by_subject: dict[str, float] = {}
+    for s in sorted({it.subject for it in items if it.subject}):
+        sel = np.array([it.subject == s for it in items])
+        by_subject[s] = float(correct[sel].mean())
+    return MultipleChoiceResult(float(correct.mean()), predictions, answers, ll, tuple(prompts), by_subject)
