@@ -44,3 +44,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "runs/sago/model/tokenizer.json").is_file()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs/sago/model")
     assert reloaded.config.vocab_size == 128
+    assert 0.0 <= namespace["mc"].accuracy <= 1.0 and len(namespace["mc"].predictions) == 4
+    assert set(namespace["qa"].by_level) == {"forget_1", "neighbor_1"}
