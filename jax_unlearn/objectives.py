@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE = -100
+from jax_unlearn.data import IGNORE  # label of a position without loss (-100)
+
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, Metrics]]

@@ -128,6 +128,7 @@ def _weighted_grads(value_and_grad, params, batch: Batch, k: int):
     if k == 1:
         (loss, metrics), g = value_and_grad(params, batch)
         return loss, metrics, g
+
     def body(carry, mb):
         g_sum, w_sum, l_sum, m_sum = carry
         (loss, metrics), g = value_and_grad(params, mb)
