@@ -234,6 +234,10 @@ def _restore_latest(directory: Path, keep: int, target: dict, shardings: dict | 
             if jax.process_index() == 0:
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(directory / str(step)), str(aside))
+            if jax.process_count() > 1:  # every host sees the move before listing again
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"jax_unlearn: checkpoint {step} moved aside")
             mngr.close()
             mngr = _manager(directory, keep)
     return mngr, None, None
