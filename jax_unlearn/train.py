@@ -349,8 +349,26 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     trained = st.merge_model(defs, state)
     exported = None
     if cfg.export and not interrupted:  # re-export only when this call trained further
-        exported = _export(trained, export_dir, tokenizer, overwrite=start < total)
+        exported = export_model(trained, export_dir, tokenizer, overwrite=start < total)
     return RunResult(trained, int(state.step), total, interrupted, resumed_from, exported)
+
+
+def restore_latest(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.Module, int] | None:
+    """The model of the newest readable checkpoint in ``cfg.output_dir`` and its step (None if none).
+
+    ``model`` is the run's starting model: checkpoints hold only what training changes.
+    """
+    # The schedule's length does not change the optimizer state's layout.
+    tx = build_tx(cfg, build_schedule(cfg.optim, max(cfg.max_steps or 1, 1)))
+    defs, state = st.init_state(model, tx, build_objective(cfg.objective, model.config.hidden_size), copy=False)
+    shardings = sh.train_state_shardings(state, sh.make_mesh(cfg.mesh))
+    state = jax.device_put(state, shardings)
+    mngr, restored, _ = _restore_latest(Path(cfg.output_dir) / "checkpoints", cfg.keep, _saved(state), _saved(shardings))
+    mngr.close()
+    if restored is None:
+        return None
+    state = state._replace(**restored)
+    return st.merge_model(defs, state), int(state.step)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -363,7 +381,7 @@ def _truncate_log(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def _export(model: nnx.Module, path: Path, tokenizer: Any, overwrite: bool) -> Path | None:
+def export_model(model: nnx.Module, path: Path, tokenizer: Any, overwrite: bool) -> Path | None:
     """``save_hf`` on process 0 after gathering every parameter to it. An existing export is
     replaced (atomically, by ``save_hf``) only with ``overwrite``."""
     from jax_unlearn.models import save_hf

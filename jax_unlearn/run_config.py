@@ -1,0 +1,281 @@
+"""Typed run configs for ``jax-unlearn unlearn``: YAML files plus ``key=value`` overrides.
+
+A run config is a `TrainConfig` (the training sections ``optim``, ``combiner``, ``objective``,
+``mesh`` and the loop's top-level keys) plus three more sections:
+
+- ``model``: the Hugging Face folder to start from and how to run it (`ModelSection`);
+- ``data``: the forget and retain files and how to tokenise them (`DataSection`);
+- ``eval``: optional evaluation files, run on the exported model (`EvalSection`).
+
+>>> cfg = load_config("configs/wmdp/graddiff_sago_bio.yaml",
+...                   ["model.path=/ckpt/zephyr", "data.forget=bio.jsonl", "data.retain=wiki.jsonl",
+...                    "optim.lr=5e-6"])                                   # doctest: +SKIP
+>>> cfg.train_config()                                                     # doctest: +SKIP
+
+The YAML is merged into an omegaconf structured config of these dataclasses, then each
+override in order. An unknown key, a section given a value (or the reverse), a value of the
+wrong type, a value outside a ``Literal`` or a missing required value (``???`` in a file)
+raises `ConfigError` naming the key and what it allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf import errors as oc_errors
+
+from jax_unlearn.train import TrainConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The starting model: a local Hugging Face folder and `load_hf` options."""
+
+    path: str = MISSING
+    tokenizer: str | None = None  # a Hugging Face tokenizer folder; default: ``path``
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    attention_impl: Literal["xla", "cudnn"] | None = None
+    scan_layers: bool = False
+    remat_policy: str | None = None
+    logit_chunk: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The ``**model_options`` of `jax_unlearn.models.load_hf`."""
+        return dict(compute_dtype=self.compute_dtype, attention_impl=self.attention_impl,
+                    scan_layers=self.scan_layers, remat_policy=self.remat_policy, logit_chunk=self.logit_chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Forget and retain files (``.jsonl``/``.json`` text or QA records, ``.txt``), see `data.load_set`."""
+
+    forget: str = MISSING
+    retain: str = MISSING
+    max_length: int = 512
+    mode: Literal["auto", "pack", "truncate"] = "auto"
+    forget_format: Literal["auto", "text", "qa"] = "auto"
+    retain_format: Literal["auto", "text", "qa"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Evaluation of the exported model after the run (all optional)."""
+
+    mc: list[str] = dataclasses.field(default_factory=list)  # multiple-choice files
+    qa: list[str] = dataclasses.field(default_factory=list)  # QA probe files (ROUGE-L recall)
+    mia_forget: str | None = None  # texts the model was asked to forget ...
+    mia_holdout: str | None = None  # ... and texts it never saw: MIA AUROC between them
+    num_fewshot: int = 0
+    subject: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 32
+
+    def enabled(self) -> bool:
+        return bool(self.mc or self.qa or self.mia_forget or self.mia_holdout)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(TrainConfig):
+    """One ``jax-unlearn unlearn`` run: the `TrainConfig` keys plus ``model``, ``data`` and ``eval``."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    def train_config(self) -> TrainConfig:
+        """The `TrainConfig` that `train.unlearn` takes."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+# ----------------------------------------------------------------------------- schema helpers
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def _strip_optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def describe(tp) -> str:
+    """What a field accepts, in words: ``one of 'a', 'b'``, ``an integer or null``, ..."""
+    inner, optional = _strip_optional(tp)
+    if typing.get_origin(inner) is Literal:
+        text = "one of " + ", ".join(repr(v) for v in typing.get_args(inner))
+    elif _is_section(inner):
+        text = "a section with keys " + ", ".join(f.name for f in dataclasses.fields(inner))
+    elif typing.get_origin(inner) in (list, Sequence):
+        text = "a list of " + describe(typing.get_args(inner)[0]).removeprefix("a ").removeprefix("an ") + "s"
+    else:
+        text = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(
+            inner, str(inner))
+    return text + (" or null" if optional else "")
+
+
+def _field_type(path: str):
+    """Type of the field at dotted ``path`` in `RunConfig` (None when unknown)."""
+    tp: Any = RunConfig
+    for part in path.split("."):
+        tp, _ = _strip_optional(tp)
+        if not _is_section(tp):
+            return None
+        hints = _hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _check_keys(tree: Any, cls, prefix: str, source: str) -> None:
+    """Unknown keys and section/value mix-ups, with the allowed keys in the message."""
+    hints = _hints(cls)
+    where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{name}'; allowed keys at {where}: {', '.join(hints)}")
+        tp, _ = _strip_optional(hints[key])
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{name}' is a section, got {value!r}; set its keys "
+                                  f"({', '.join(f.name for f in dataclasses.fields(tp))}) as '{name}.KEY=VALUE'")
+            _check_keys(value, tp, name + ".", source)
+        elif isinstance(value, dict):
+            raise ConfigError(f"{source}: '{name}' takes a value ({describe(hints[key])}), not a section")
+
+
+def _check_literals(obj: Any, prefix: str = "") -> None:
+    """omegaconf checks Literal fields already; this keeps the guarantee whatever its version does."""
+    for f in dataclasses.fields(obj):
+        tp = _hints(type(obj))[f.name]
+        value = getattr(obj, f.name)
+        inner, optional = _strip_optional(tp)
+        if dataclasses.is_dataclass(value):
+            _check_literals(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(inner) is Literal and not (optional and value is None):
+            if value not in typing.get_args(inner):
+                raise ConfigError(f"'{prefix}{f.name}' is {value!r}; expected {describe(tp)}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> dict:
+    """``"optim.lr=1e-5"`` -> ``{"optim": {"lr": 1e-05}}`` (values parsed as YAML)."""
+    key, sep, _ = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form KEY=VALUE (e.g. optim.lr=1e-5)")
+    return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists() else f"config {path} is not a file")
+    try:
+        conf = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - YAML syntax errors come in several types
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if conf is None or not OmegaConf.is_dict(conf):
+        raise ConfigError(f"config file {path} must hold a mapping of keys (got {type(conf).__name__})")
+    return OmegaConf.to_container(conf)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads ``path`` (YAML; ``None`` starts from the defaults), applies ``overrides`` in order,
+    validates and returns a frozen `RunConfig`. Raises `ConfigError` naming the offending key."""
+    layers: list[tuple[str, dict]] = []
+    if path is not None:
+        layers.append((str(path), _read_yaml(Path(path))))
+    for item in overrides:
+        layers.append((f"override {item!r}", parse_override(item)))
+    merged = OmegaConf.structured(RunConfig)
+    for source, tree in layers:
+        _check_keys(tree, RunConfig, "", source)
+        try:
+            merged = OmegaConf.merge(merged, tree)
+        except (oc_errors.ValidationError, oc_errors.ConfigKeyError, oc_errors.ConfigTypeError) as err:
+            key = getattr(err, "full_key", None) or "?"
+            tp = _field_type(key)
+            msg = getattr(err, "msg", str(err)).splitlines()[0]
+            expected = f"; expected {describe(tp)}" if tp is not None and "expected" not in msg else ""
+            raise ConfigError(f"{source}: '{key}': {msg}{expected}") from None
+    missing = sorted(k for k in _missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{path or 'config'}: required value(s) not set: {', '.join(missing)}; "
+                          f"pass them as overrides, e.g. {missing[0]}=...")
+    cfg = OmegaConf.to_object(merged)
+    _check_literals(cfg)
+    _check_semantics(cfg)
+    return _freeze(cfg)
+
+
+def _missing_keys(conf, prefix: str = "") -> list[str]:
+    out = []
+    for key in conf:
+        name = f"{prefix}{key}"
+        if OmegaConf.is_missing(conf, key):
+            out.append(name)
+        elif OmegaConf.is_dict(conf[key]):
+            out.extend(_missing_keys(conf[key], name + "."))
+    return out
+
+
+def _freeze(obj: Any) -> Any:
+    """Lists -> tuples, so the frozen config is hashable and cannot be changed in place."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _freeze(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    if isinstance(obj, list):
+        return tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def _check_semantics(cfg: RunConfig) -> None:
+    """Checks the library would otherwise make only at run time."""
+    from jax_unlearn.models import ModelOptions
+
+    try:
+        ModelOptions(**cfg.model.options())
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    positive = {"batch_size": cfg.batch_size, "micro_batches": cfg.micro_batches, "epochs": cfg.epochs,
+                "save_every": cfg.save_every, "keep": cfg.keep, "log_every": cfg.log_every,
+                "data.max_length": cfg.data.max_length, "eval.batch_size": cfg.eval.batch_size}
+    if cfg.max_steps is not None:
+        positive["max_steps"] = cfg.max_steps
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be a positive integer, got {value}")
+    if cfg.batch_size % cfg.micro_batches:
+        raise ConfigError(f"'batch_size'={cfg.batch_size} is not divisible by 'micro_batches'={cfg.micro_batches}")
+    if not 0.0 <= cfg.optim.warmup_ratio <= 1.0:
+        raise ConfigError(f"'optim.warmup_ratio' must lie in [0, 1], got {cfg.optim.warmup_ratio}")
+    if (cfg.eval.mia_forget is None) != (cfg.eval.mia_holdout is None):
+        raise ConfigError("'eval.mia_forget' and 'eval.mia_holdout' go together: set both or neither")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written beside a run; `load_config` reads it back)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,161 @@
+"""`jax-unlearn` end to end on a tiny local model: unlearn -> eval -> export, plus config errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jax_unlearn import cli
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Hugging Face model folder (with tokenizer), data files and a run config."""
+    from flax import nnx
+
+    from jax_unlearn import data
+    from jax_unlearn.models import CausalLM, ModelConfig, save_hf
+    from tokenizer_fixtures import make_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = data.load_tokenizer(make_tokenizer(root / "tok"))
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+    save_hf(CausalLM(cfg, rngs=nnx.Rngs(0)), root / "base", tok)
+    write = lambda name, rows: (root / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write("forget.jsonl", [{"text": t} for t in ["Anthrax spores survive for decades in soil.",
+                                                 "The spores of anthrax survive in soil for decades."] * 8])
+    write("retain.jsonl", [{"question": "What is the capital of France?", "answer": "Paris"},
+                           {"question": "Who attends Hogwarts?", "answer": "Harry Potter"}] * 8)
+    write("mc.jsonl", [{"question": "Where do spores survive?", "choices": ["soil", "air", "water", "fire"],
+                        "answer": 0, "subject": "biology"},
+                       {"question": "Capital of France?", "choices": ["Rome", "Paris"], "answer": 1}])
+    write("qa.jsonl", [{"question": "Who attends Hogwarts?", "answer": "Harry Potter", "level": "1"},
+                       {"question": "What is the capital of France?", "answer": "Paris", "level": "2"}])
+    write("holdout.jsonl", [{"text": t} for t in ["Bananas ripen faster in paper bags.", "Rivers carve valleys."]])
+    (root / "run.yaml").write_text(f"""\
+output_dir: {root / 'run'}
+batch_size: 8
+max_steps: 3
+save_every: 2
+keep: 3
+progress: false
+model:
+  path: {root / 'base'}
+data:
+  forget: {root / 'forget.jsonl'}
+  retain: {root / 'retain.jsonl'}
+  max_length: 16
+optim:
+  lr: 0.01
+  warmup_ratio: 0.1
+combiner:
+  name: weighted_sum
+objective:
+  name: grad_diff
+""")
+    return root
+
+
+def test_unlearn_eval_export_end_to_end(workspace, capsys):
+    from jax_unlearn.models import load_hf
+
+    root = workspace
+    run = root / "run"
+    assert cli.main(["unlearn", str(root / "run.yaml"), "combiner.name=sago", "objective.name=npo",
+                     "objective.beta=0.5", f"eval.mc=[{root / 'mc.jsonl'}]"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: {run / 'model'}" in out and "3/3 steps" in out
+    assert (run / "model" / "config.json").is_file() and (run / "model" / "tokenizer.json").is_file()
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    saved = (run / "config.yaml").read_text()
+    assert "name: sago" in saved and "name: npo" in saved and "beta: 0.5" in saved
+    assert json.loads((run / "eval.json").read_text())["multiple_choice"][str(root / "mc.jsonl")]["n"] == 2
+
+    # eval: table on stdout, JSON file
+    res_path = root / "results.json"
+    assert cli.main(["eval", "--model", str(run / "model"), "--mc", str(root / "mc.jsonl"), "--qa", str(root / "qa.jsonl"),
+                     "--mia-forget", str(root / "forget.jsonl"), "--mia-holdout", str(root / "holdout.jsonl"),
+                     "--out", str(res_path)]) == 0
+    out = capsys.readouterr().out
+    assert "MC accuracy" in out and "QA ROUGE-L recall" in out and "MIA AUROC" in out
+    res = json.loads(res_path.read_text())
+    mc = res["multiple_choice"][str(root / "mc.jsonl")]
+    assert mc["n"] == 2 and 0.0 <= mc["accuracy"] <= 1.0 and mc["by_subject"].keys() == {"biology"}
+    qa = res["qa"][str(root / "qa.jsonl")]
+    assert qa["n"] == 2 and set(qa["by_level"]) == {"1", "2"}
+    assert res["mia_auroc"] and all(0.0 <= v <= 1.0 for v in res["mia_auroc"].values())
+
+    # export: the newest checkpoint (step 3) equals the model the run exported
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(root / "exported")]) == 0
+    assert "exported step 3" in capsys.readouterr().out
+    exported, final = load_hf(root / "exported"), load_hf(run / "model")
+    assert (root / "exported" / "tokenizer.json").is_file()
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(final(ids)), rtol=1e-6, atol=1e-6)
+    base = load_hf(root / "base")
+    assert not np.allclose(np.asarray(base(ids)), np.asarray(final(ids)))
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(root / "exported")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, names", [
+    ("optim.lrr=1e-5", ["optim.lrr", "allowed keys", "lr, schedule"]),
+    ("bogus=1", ["bogus", "allowed keys", "output_dir"]),
+    ("batch_size=eight", ["batch_size", "an integer"]),
+    ("optim.lr=fast", ["optim.lr", "a number"]),
+    ("combiner.name=adam", ["combiner.name", "weighted_sum", "pcgrad", "sago"]),
+    ("objective.retain=mse", ["objective.retain", "nll", "kl"]),
+    ("model.dtype=int8", ["model.dtype", "bfloat16"]),
+    ("optim=3", ["optim", "is a section"]),
+    ("optim.lr", ["optim.lr", "KEY=VALUE"]),
+])
+def test_unlearn_rejects_bad_overrides_naming_the_key(workspace, capsys, override, names):
+    assert cli.main(["unlearn", str(workspace / "run.yaml"), override]) == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert name in err, (name, err)
+
+
+def test_unlearn_rejects_missing_config_file_and_unknown_key_in_file(tmp_path, capsys):
+    assert cli.main(["unlearn", str(tmp_path / "nope.yaml")]) == 2
+    assert f"config file {tmp_path / 'nope.yaml'} does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("optim:\n  learning_rate: 1e-5\n")
+    assert cli.main(["unlearn", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "bad.yaml") in err and "optim.learning_rate" in err
+
+
+def test_literal_check_does_not_rely_on_omegaconf():
+    import dataclasses
+
+    from jax_unlearn import run_config as rc
+
+    cfg = rc.load_config(None, ["output_dir=o", "model.path=m", "data.forget=f", "data.retain=r"])
+    bad = dataclasses.replace(cfg, combiner=dataclasses.replace(cfg.combiner, name="adam"))
+    with pytest.raises(rc.ConfigError, match=r"'combiner.name' is 'adam'; expected one of 'weighted_sum'"):
+        rc._check_literals(bad)
+
+
+def test_eval_and_export_usage_errors(tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tmp_path)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(tmp_path), "--mc", str(tmp_path / "mc.jsonl")]) == 2
+    assert "mc.jsonl does not exist" in capsys.readouterr().err
+    assert cli.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "config.yaml does not exist" in capsys.readouterr().err
+
+
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("unlearn", "eval", "export"):
+        assert command in out
+    assert "demo" not in out and "sweep" not in out
+    for command in ("unlearn", "eval", "export"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "usage: jax-unlearn " + command in capsys.readouterr().out
