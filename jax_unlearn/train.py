@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -166,8 +165,6 @@ def build_tx(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransf
 
 def _global_batch(batch: dict, sharding) -> dict:
     """Host batch -> global arrays; every process holds the full batch and supplies its shards."""
-    if sharding is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
 
 
