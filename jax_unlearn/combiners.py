@@ -276,7 +276,7 @@ def pcgrad(
         us = [(g * _f32(f) + b * _f32(r)).astype(f.dtype) for f, r, b in zip(fs, rs, betas)]
         return us, [_linear_stats(p, g, b) for p, b in zip(pairs, betas)]
 
-    return _combiner(f"pcgrad(scope={{scope!r}})", combine, alpha, gamma, diagnostics)
+    return _combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics)
 
 
 def sago(
@@ -317,7 +317,7 @@ def sago(
             us.append(jnp.where(_conflict(f, r), a * r32, keep).astype(f.dtype))
         return us, [leaf_stats(f, r, u) for f, r, u in zip(fs, rs, us)]
 
-    return _combiner(f"sago(agree={{agree!r}})", combine, alpha, gamma, diagnostics)
+    return _combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics)
 
 
 for _fn in (weighted_sum, pcgrad, sago):

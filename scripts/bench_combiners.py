@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import jax_unlearn as ju
 

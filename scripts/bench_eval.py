@@ -120,8 +120,8 @@ def main() -> None:
     print(f"{a.questions} four-choice questions, {a.num_fewshot}-shot, {record['scoring']}, {a.size} model "
           f"({record['params_m']}M parameters), batch {a.batch_size}, prompts {record['prompt_tokens_mean']} tokens "
           f"on average (max {record['prompt_tokens_max']}), padded length buckets {buckets}")
-    print(f"measured: wall time of evaluate_multiple_choice (prompts + tokenisation + jitted scoring), "
-          f"time.perf_counter, first call (with JIT compilation) and second call")
+    print("measured: wall time of evaluate_multiple_choice (prompts + tokenisation + jitted scoring), "
+          "time.perf_counter, first call (with JIT compilation) and second call")
     print(f"cold: {cold:.2f} s = {a.questions / cold:.1f} questions/s;  "
           f"warm: {warm:.2f} s = {a.questions / warm:.1f} questions/s;  accuracy {result.accuracy:.3f} (random model)")
     print(json.dumps(record))

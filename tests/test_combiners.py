@@ -310,12 +310,14 @@ def test_plain_tree_instead_of_two_task_grads_is_rejected():
         tx.update({"w": jnp.ones(2)}, tx.init(params), params)
     with pytest.raises(TypeError, match="TwoTaskGrads"):
         jax.jit(tx.update)((params, params), tx.init(params), params)
+    with pytest.raises(TypeError, match=r"^sago\(agree='sum'\): update expects"):  # names the combiner
+        ju.sago(agree="sum").update(params, ju.sago().init(params))
 
 
 def test_mismatched_structures_are_rejected():
     tx = ju.pcgrad()
     g = ju.TwoTaskGrads({"w": jnp.ones(2)}, {"v": jnp.ones(2)})
-    with pytest.raises(ValueError, match="different tree structures"):
+    with pytest.raises(ValueError, match=r"^pcgrad\(scope='module'\): forget and retain gradients have different tree structures"):
         jax.jit(tx.update)(g, tx.init(g.forget))
 
 
