@@ -47,10 +47,10 @@ def _load_model(path: str, dtype: str = "float32", **options):
 
 
 def _load_tokenizer(path: str):
+    """``data.load_tokenizer``; a missing folder raises FileNotFoundError naming it, which
+    `main` prints as a one-line error."""
     from jax_unlearn.data import load_tokenizer
 
-    if not Path(path).is_dir():
-        raise CLIError(f"tokenizer folder {path} does not exist")
     return load_tokenizer(path)
 
 
