@@ -1,5 +1,7 @@
-"""The ``jax-unlearn`` command line: ``unlearn``, ``eval`` and ``export``.
+"""The ``jax-unlearn`` command line: ``demo``, ``sweep``, ``unlearn``, ``eval`` and ``export``.
 
+    jax-unlearn demo --out demo_out
+    jax-unlearn sweep configs/demo.yaml worlds=[0,1,2,3] --out sweep_out
     jax-unlearn unlearn configs/wmdp/graddiff_sago_bio.yaml model.path=/ckpt/zephyr-7b-beta \\
         data.forget=bio_forget.jsonl data.retain=wikitext.jsonl output_dir=runs/gd_sago_bio
     jax-unlearn eval --model runs/gd_sago_bio/model --mc wmdp_bio.jsonl --mc mmlu.jsonl --out eval.json
@@ -218,6 +220,59 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
+    """Runs a benchmark sweep, prints its table and writes results.json and pareto.png into ``out``
+    (both written complete or not at all: a failed run leaves earlier results in place)."""
+    from jax_unlearn.bench.report import format_table as bench_table, plot_pareto
+    from jax_unlearn.bench.sweep import run_sweep
+
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder")
+    results = run_sweep(cfg, Path(cache) if cache else None, progress=progress)
+    for w in results["worlds"]:
+        p = w["pretrain"]
+        print(f"world {w['seed']}: model {'reused from' if w['cached'] else 'pretrained into'} {w['path']} "
+              f"({p['steps']} steps; forget {p['forget_acc']:.2f}, retain {p['retain_acc']:.2f}, "
+              f"held-out {p['heldout_acc']:.2f}, general {p['general_acc']:.2f}, unseen {p['unseen_acc']:.2f})")
+    print(bench_table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".pareto.png.tmp.png"
+    plot_pareto(results, tmp)
+    _write_json(out / "results.json", results)
+    tmp.replace(out / "pareto.png")
+    print(f"{len(results['runs'])} runs in {results['seconds']:.0f} s; results: {out / 'results.json'}, "
+          f"plot: {out / 'pareto.png'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jax_unlearn.bench.sweep import BenchConfig
+    from jax_unlearn.run_config import load_config
+
+    cfg = load_config(args.config, args.overrides, schema=BenchConfig)
+    return _bench(cfg, Path(args.out), args.cache, not args.no_progress)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jax_unlearn.bench.sweep import BenchConfig
+    from jax_unlearn.run_config import load_config
+
+    cfg = load_config(args.config, args.overrides, schema=BenchConfig)
+    return _bench(cfg, Path(args.out), args.cache, not args.no_progress)
+
+
+def _bench_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
+                   help="overrides, e.g. worlds=[0,1,2] grid.values=[2e-3,1e-3] objectives=[grad_diff]")
+    if out_default is None:
+        p.add_argument("--out", required=True, metavar="DIR", help="folder for results.json and pareto.png")
+    else:
+        p.add_argument("--out", default=out_default, metavar="DIR",
+                       help=f"folder for results.json and pareto.png (default {out_default})")
+    p.add_argument("--cache", metavar="DIR", help="model cache (default $JAX_UNLEARN_CACHE or ~/.cache/jax_unlearn)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -230,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
             weighted_sum, pcgrad or sago (SAGO) so that updates do not work against retention.
 
             commands:
+              demo     see the method work in minutes on a CPU: pretrain (or reuse) a tiny LLaMA on
+                       a world of invented people, unlearn 10% of them with GradDiff and SimNPO,
+                       each combined by weighted_sum, pcgrad and sago over a learning-rate grid;
+                       prints a table, writes results.json and pareto.png
+              sweep    the same benchmark over a grid of one hyperparameter (lr, alpha, gamma, beta,
+                       delta), optionally replicated over several worlds with paired differences
               unlearn  run a YAML config (configs/) with key=value overrides; writes checkpoints,
                        metrics.jsonl and the unlearned Hugging Face model into output_dir/model
               eval     multiple-choice accuracy, QA ROUGE-L recall and MIA AUROC of a model folder
@@ -238,6 +299,41 @@ def build_parser() -> argparse.ArgumentParser:
             Run 'jax-unlearn COMMAND --help' for the options of a command."""))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser(
+        "demo", formatter_class=_formatter, help="the embedded benchmark, end to end (minutes on a CPU)",
+        description=textwrap.dedent("""\
+            Build (first run, ~2 min on 2 CPU cores) or reuse the cached benchmark model: a
+            0.2M-parameter LLaMA pretrained on a seeded world of invented people (names,
+            birth cities, occupations, pets, ...) and general facts about the same places and
+            animals. Then unlearn the forget people with GradDiff and SimNPO, each combined by
+            weighted_sum, pcgrad and sago at three learning rates (lower rates run
+            proportionally more steps), evaluate forget / retain / held-out / general accuracy
+            and MIA AUROC along every run, print the best run of each method with forget
+            accuracy <= 0.10 and write OUT/results.json and OUT/pareto.png.
+
+            The settings are those of configs/demo.yaml; change any with KEY=VALUE overrides
+            or --config FILE (same keys as 'sweep')."""))
+    p.add_argument("--config", metavar="FILE", help="benchmark config (default: the built-in demo config)")
+    _bench_args(p, "demo_out")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "sweep", formatter_class=_formatter, help="benchmark grid over combiners and one hyperparameter",
+        description=textwrap.dedent("""\
+            Run the embedded benchmark over every objective x combiner x value of grid.param
+            (lr, alpha, gamma, beta or delta) on each world seed in 'worlds' (each world's
+            model is pretrained once and cached). Prints the Pareto table (best held-out
+            retain accuracy with forget accuracy <= forget_threshold, means over worlds) and,
+            with several worlds, the paired per-world differences between combiners with a
+            Wilcoxon signed-rank test; writes OUT/results.json and OUT/pareto.png.
+
+            Keys (see configs/demo.yaml): world.*, model.*, pretrain.*, grid.param,
+            grid.values, grid.steps, grid.evals, objectives, combiners, worlds, lr, alpha,
+            gamma, beta, delta, batch_size, forget_threshold, seed."""))
+    p.add_argument("config", metavar="CONFIG", help="benchmark YAML config, e.g. configs/demo.yaml")
+    _bench_args(p, None)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "unlearn", formatter_class=_formatter, help="run an unlearning config",
@@ -299,7 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jax_unlearn.models import CheckpointError
     from jax_unlearn.run_config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides after an option (argparse stops a positional list at options)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

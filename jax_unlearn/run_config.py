@@ -134,9 +134,9 @@ def describe(tp) -> str:
     return text + (" or null" if optional else "")
 
 
-def _field_type(path: str):
-    """Type of the field at dotted ``path`` in `RunConfig` (None when unknown)."""
-    tp: Any = RunConfig
+def _field_type(path: str, schema: type):
+    """Type of the field at dotted ``path`` in ``schema`` (None when unknown)."""
+    tp: Any = schema
     for part in path.split("."):
         tp, _ = _strip_optional(tp)
         if not _is_section(tp):
@@ -203,22 +203,24 @@ def _read_yaml(path: Path) -> dict:
     return OmegaConf.to_container(conf)
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), schema: type = None) -> Any:
     """Reads ``path`` (YAML; ``None`` starts from the defaults), applies ``overrides`` in order,
-    validates and returns a frozen `RunConfig`. Raises `ConfigError` naming the offending key."""
+    validates and returns a frozen ``schema`` (default `RunConfig`; another frozen dataclass
+    may define ``check()`` raising ValueError). Raises `ConfigError` naming the offending key."""
+    schema = RunConfig if schema is None else schema
     layers: list[tuple[str, dict]] = []
     if path is not None:
         layers.append((str(path), _read_yaml(Path(path))))
     for item in overrides:
         layers.append((f"override {item!r}", parse_override(item)))
-    merged = OmegaConf.structured(RunConfig)
+    merged = OmegaConf.structured(schema)
     for source, tree in layers:
-        _check_keys(tree, RunConfig, "", source)
+        _check_keys(tree, schema, "", source)
         try:
             merged = OmegaConf.merge(merged, tree)
         except (oc_errors.ValidationError, oc_errors.ConfigKeyError, oc_errors.ConfigTypeError) as err:
             key = getattr(err, "full_key", None) or "?"
-            tp = _field_type(key)
+            tp = _field_type(key, schema)
             msg = getattr(err, "msg", str(err)).splitlines()[0]
             expected = f"; expected {describe(tp)}" if tp is not None and "expected" not in msg else ""
             raise ConfigError(f"{source}: '{key}': {msg}{expected}") from None
@@ -226,10 +228,20 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     if missing:
         raise ConfigError(f"{path or 'config'}: required value(s) not set: {', '.join(missing)}; "
                           f"pass them as overrides, e.g. {missing[0]}=...")
-    cfg = OmegaConf.to_object(merged)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except ValueError as err:  # a section's own __post_init__ check
+        raise ConfigError(f"{path or 'config'}: {err}") from None
     _check_literals(cfg)
-    _check_semantics(cfg)
-    return _freeze(cfg)
+    if isinstance(cfg, RunConfig):
+        _check_semantics(cfg)
+    cfg = _freeze(cfg)
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except ValueError as err:
+            raise ConfigError(f"{path or 'config'}: {err}") from None
+    return cfg
 
 
 def _missing_keys(conf, prefix: str = "") -> list[str]:

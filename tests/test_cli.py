@@ -152,10 +152,9 @@ def test_help_explains_every_command(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("unlearn", "eval", "export"):
+    for command in ("demo", "sweep", "unlearn", "eval", "export"):
         assert command in out
-    assert "demo" not in out and "sweep" not in out
-    for command in ("unlearn", "eval", "export"):
+    for command in ("demo", "sweep", "unlearn", "eval", "export"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "usage: jax-unlearn " + command in capsys.readouterr().out

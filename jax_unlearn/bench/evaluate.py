@@ -1,0 +1,56 @@
+"""Accuracy of the benchmark's probes and a membership-inference AUROC, in one forward pass.
+
+A probe is correct when the greedy next token over the whole vocabulary is its answer.
+``mia_auroc`` is the LOSS attack between forget and unseen people: ``P(NLL_unseen > NLL_forget)``
+over (unseen, forget) person pairs, each person scored by the mean answer NLL of its probes
+(1.0 before unlearning: the model knows the forget people; 0.5: indistinguishable from people
+it never saw; below 0.5: forget people now look *less* familiar than strangers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_unlearn.bench.tokens import ProbeRows
+from jax_unlearn.eval.mia import auroc
+
+GROUPS = ("forget", "retain", "heldout", "heldout_neighbour", "heldout_other", "general", "unseen")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kernel(graphdef, state, ids, mask, position, answer):
+    logits = nnx.merge(graphdef, state)(ids, mask)  # [n, s, vocab]
+    at = jnp.take_along_axis(logits, position[:, None, None], axis=1)[:, 0]  # [n, vocab]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(at), answer[:, None], axis=1)[:, 0]  # [n]
+    return jnp.argmax(at, axis=-1) == answer, nll
+
+
+def probe_predictions(model, rows: ProbeRows) -> tuple[np.ndarray, np.ndarray]:
+    """``(correct [n] bool, answer_nll [n])`` of every probe."""
+    graphdef, state = nnx.split(model)
+    correct, nll = _kernel(graphdef, state, rows.input_ids, rows.attention_mask, rows.position, rows.answer)
+    return np.asarray(correct), np.asarray(nll, np.float64)
+
+
+def _person_nll(rows: ProbeRows, nll: np.ndarray, group: str) -> np.ndarray:
+    sel = rows.group == group
+    subjects, inverse = np.unique(rows.subject[sel], return_inverse=True)
+    return np.bincount(inverse, weights=nll[sel]) / np.bincount(inverse)
+
+
+def evaluate(model, rows: ProbeRows) -> dict[str, float]:
+    """``{GROUP_acc: accuracy}`` for every group in `GROUPS` (``heldout`` = both held-out kinds)
+    plus ``mia_auroc`` (forget vs unseen people)."""
+    correct, nll = probe_predictions(model, rows)
+    out = {}
+    for g in GROUPS:
+        sel = np.char.startswith(rows.group.astype(str), g) if g == "heldout" else rows.group == g
+        if sel.any():
+            out[f"{g}_acc"] = float(correct[sel].mean())
+    out["mia_auroc"] = auroc(_person_nll(rows, nll, "forget"), _person_nll(rows, nll, "unseen"))
+    return out

@@ -1,0 +1,222 @@
+"""Sweeps on the embedded benchmark: every objective x combiner x value of one hyperparameter,
+on one or several pretrained worlds, summarised at a forget-accuracy threshold.
+
+``summary[objective][combiner]`` is the run (one evaluation point of a trajectory: a run with
+``max_steps`` = its step) with the best held-out retain accuracy among those whose forget
+accuracy is at most ``forget_threshold``, or ``None`` where no run forgot that much. With
+several worlds the summary is the mean over the worlds where the combiner got there, and
+``paired`` holds per-world differences of that held-out accuracy between combiners.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from jax_unlearn.bench.pretrain import SEQ, ModelSize, PretrainConfig, pretrained
+from jax_unlearn.bench.world import WorldConfig
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("grad_diff", "simnpo", "npo", "grad_ascent")
+COMBINERS = ("weighted_sum", "pcgrad", "sago")
+PARAMS = ("lr", "alpha", "gamma", "beta", "delta")
+SUMMARY_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neighbour_acc", "heldout_other_acc",
+                "general_acc", "mia_auroc")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSection:
+    """The hyperparameter swept and the trajectory of each value.
+
+    With ``param: lr`` the value ``v`` runs ``steps * max(values) / v`` steps (a lower rate
+    gets proportionally more steps); any other param runs ``steps`` steps at the top-level
+    ``lr``. Each trajectory is evaluated ``evals`` times (plus its start).
+    """
+
+    param: Literal["lr", "alpha", "gamma", "beta", "delta"] = "lr"
+    values: list[float] = dataclasses.field(default_factory=lambda: [4e-3, 2e-3, 1e-3])
+    steps: int = 40
+    evals: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """``jax-unlearn demo`` / ``sweep`` (``configs/demo.yaml`` holds these defaults)."""
+
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    model: ModelSize = dataclasses.field(default_factory=ModelSize)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    grid: GridSection = dataclasses.field(default_factory=GridSection)
+    objectives: list[str] = dataclasses.field(default_factory=lambda: ["grad_diff", "simnpo"])
+    combiners: list[str] = dataclasses.field(default_factory=lambda: list(COMBINERS))
+    worlds: list[int] = dataclasses.field(default_factory=lambda: [0])  # world seeds (replicates)
+    lr: float = 1e-3  # used when grid.param is not lr
+    alpha: float = 1.0  # retain weight of every combiner
+    gamma: float = 1.0  # forget weight of every combiner
+    beta: float = 1.0  # SimNPO / NPO beta
+    delta: float = 2.0  # SimNPO delta
+    batch_size: int = 32
+    forget_threshold: float = 0.10
+    seed: int = 0  # data order
+
+    def check(self) -> None:
+        """Raises ValueError naming the key when a value cannot run."""
+        for key, allowed in (("objectives", OBJECTIVES), ("combiners", COMBINERS)):
+            values = getattr(self, key)
+            if not values:
+                raise ValueError(f"'{key}' is empty; choose from {', '.join(allowed)}")
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise ValueError(f"'{key}' has {bad[0]!r}; allowed values: {', '.join(allowed)}")
+        if not self.worlds:
+            raise ValueError("'worlds' is empty; give at least one world seed, e.g. worlds=[0]")
+        if not self.grid.values or any(v <= 0 for v in self.grid.values) and self.grid.param != "delta":
+            raise ValueError(f"'grid.values' must be a non-empty list of positive numbers, got {self.grid.values}")
+        for key in ("grid.steps", "grid.evals", "batch_size"):
+            value = self.grid.steps if key == "grid.steps" else self.grid.evals if key == "grid.evals" else self.batch_size
+            if value < 1:
+                raise ValueError(f"'{key}' must be a positive integer, got {value}")
+        if not 0.0 <= self.forget_threshold <= 1.0:
+            raise ValueError(f"'forget_threshold' must lie in [0, 1], got {self.forget_threshold}")
+        if self.batch_size > self.world.forget * 15:
+            raise ValueError(f"'batch_size'={self.batch_size} exceeds the {self.world.forget * 15} forget rows "
+                             f"of world.forget={self.world.forget} people")
+        dataclasses.replace(self.world)  # re-runs WorldConfig's checks
+
+    def schedule(self, value: float) -> tuple[float, int, int]:
+        """``(lr, steps, eval_every)`` of the trajectory at grid value ``value``."""
+        if self.grid.param == "lr":
+            lr, steps = value, int(round(self.grid.steps * max(self.grid.values) / value))
+        else:
+            lr, steps = self.lr, self.grid.steps
+        return lr, steps, max(1, steps // self.grid.evals)
+
+
+def _run_settings(cfg: BenchConfig, objective: str, combiner: str, value: float):
+    from jax_unlearn.train import CombinerConfig, ObjectiveConfig
+
+    p = {k: getattr(cfg, k) for k in ("alpha", "gamma", "beta", "delta")}
+    if cfg.grid.param != "lr":
+        p[cfg.grid.param] = value
+    obj = ObjectiveConfig(name=objective, beta=p["beta"], delta=p["delta"])
+    comb = CombinerConfig(name=combiner, alpha=p["alpha"], gamma=p["gamma"])
+    return obj, comb, p
+
+
+def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Runs the whole grid and returns the results dict written to ``results.json``."""
+    from tqdm import tqdm
+
+    from jax_unlearn.bench.evaluate import evaluate
+    from jax_unlearn.bench.runs import Runner
+    from jax_unlearn.bench.tokens import probe_rows, text_rows
+
+    cfg.check()
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    worlds = []
+    # with lr as the grid param, one compiled step serves every value
+    groups = [(o, c, v) for o, c in itertools.product(cfg.objectives, cfg.combiners) for v in cfg.grid.values]
+    total = len(cfg.worlds) * len(groups)
+    bar = tqdm(total=total, desc="unlearning runs", disable=not progress, unit="run")
+    for seed in cfg.worlds:
+        pre = pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache)
+        worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info})
+        tok, w = pre.tokenizer, pre.world
+        forget, retain = text_rows(tok, w.texts("forget"), SEQ), text_rows(tok, w.texts("retain"), SEQ)
+        probes = probe_rows(tok, w.probes(), SEQ)
+        start = evaluate(pre.model, probes)
+        runner, runner_key = None, None
+        for objective, combiner, value in groups:
+            obj_cfg, comb_cfg, p = _run_settings(cfg, objective, combiner, value)
+            if runner_key != (obj_cfg, comb_cfg):
+                runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg), (obj_cfg, comb_cfg)
+            lr, steps, every = cfg.schedule(value)
+            traj = runner.run(forget, retain, probes, lr=lr, steps=steps, eval_every=every,
+                              batch_size=cfg.batch_size, seed=cfg.seed, start=start)
+            for point in traj.points:
+                runs.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,
+                             "steps": point.pop("step"), **_renamed(point)})
+            bar.update()
+            bar.set_postfix_str(f"{objective}/{combiner} {cfg.grid.param}={value:g}")
+    bar.close()
+    out = {"config": dataclasses.asdict(cfg), "worlds": worlds, "runs": runs,
+           "summary_by_world": {s: summarize([r for r in runs if r["world"] == s], cfg) for s in cfg.worlds}}
+    out["summary"] = mean_summary(out["summary_by_world"], cfg)
+    out["paired"] = paired_differences(out["summary_by_world"], cfg)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _renamed(point: dict) -> dict:
+    point = dict(point)
+    point["retain_heldout_acc"] = point.pop("heldout_acc")
+    return point
+
+
+def best_run(runs: list[dict], threshold: float) -> dict | None:
+    """The run with the highest ``retain_heldout_acc`` among those with ``forget_acc <= threshold``
+    (ties: higher general accuracy, then fewer steps)."""
+    ok = [r for r in runs if r["forget_acc"] <= threshold + 1e-9]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["retain_heldout_acc"], r["general_acc"], -r["steps"]))
+
+
+def summarize(runs: list[dict], cfg: BenchConfig) -> dict:
+    """``{objective: {combiner: best run's metrics and hyperparameters, or None}}`` of one world."""
+    out: dict = {}
+    for o in cfg.objectives:
+        out[o] = {}
+        for c in cfg.combiners:
+            best = best_run([r for r in runs if r["objective"] == o and r["combiner"] == c], cfg.forget_threshold)
+            out[o][c] = None if best is None else {k: best[k] for k in (*SUMMARY_KEYS, "lr", cfg.grid.param, "steps")}
+    return out
+
+
+def mean_summary(by_world: dict, cfg: BenchConfig) -> dict:
+    """Per objective and combiner: the mean of each metric over the worlds where a run forgot
+    enough, and ``worlds`` = how many did (``None`` when none)."""
+    out: dict = {}
+    for o in cfg.objectives:
+        out[o] = {}
+        for c in cfg.combiners:
+            found = [s[o][c] for s in by_world.values() if s[o][c] is not None]
+            if not found:
+                out[o][c] = None
+                continue
+            out[o][c] = {k: float(np.mean([f[k] for f in found])) for k in SUMMARY_KEYS}
+            if len(by_world) == 1:
+                out[o][c].update({k: found[0][k] for k in ("lr", cfg.grid.param, "steps")})
+            out[o][c]["worlds"] = len(found)
+    return out
+
+
+def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_heldout_acc") -> dict:
+    """For each objective and ordered pair ``a - b`` of combiners: the per-world differences of
+    ``key`` over the worlds where both forgot enough, their mean, how many are positive and,
+    with at least 2 worlds, a two-sided Wilcoxon signed-rank p-value (scipy)."""
+    from scipy.stats import wilcoxon
+
+    out: dict = {}
+    for o in cfg.objectives:
+        out[o] = {}
+        for a, b in itertools.combinations(cfg.combiners, 2):
+            a, b = (b, a) if COMBINERS.index(b) > COMBINERS.index(a) else (a, b)
+            diffs = [s[o][a][key] - s[o][b][key] for s in by_world.values()
+                     if s[o][a] is not None and s[o][b] is not None]
+            entry: dict = {"differences": diffs, "n": len(diffs)}
+            if diffs:
+                entry["mean"] = float(np.mean(diffs))
+                entry["positive"] = int(sum(d > 0 for d in diffs))
+            if len(diffs) >= 2 and any(d != 0 for d in diffs):
+                entry["wilcoxon_p"] = float(wilcoxon(diffs).pvalue)
+            out[o][f"{a} - {b}"] = entry
+    return out

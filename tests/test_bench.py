@@ -1,0 +1,313 @@
+"""The embedded benchmark: world generator, tokenizer, probes, pretraining cache, runs, sweep
+summaries, the report, and `jax-unlearn demo` / `sweep` end to end at tiny size."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jax_unlearn import cli
+from jax_unlearn.bench import evaluate as bench_eval
+from jax_unlearn.bench import pretrain as pt
+from jax_unlearn.bench import report, sweep
+from jax_unlearn.bench.runs import Runner
+from jax_unlearn.bench.tokens import IGNORE, PAD, probe_rows, text_rows
+from jax_unlearn.bench.world import ATTRIBUTES, GENERAL, VALUES, WorldConfig, make_world
+from jax_unlearn.run_config import ConfigError, load_config
+from jax_unlearn.train import CombinerConfig, ObjectiveConfig
+
+TINY_WORLD = WorldConfig(people=24, forget=4, retain=10, unseen=4, first_names=6, last_names=6)
+TINY_MODEL = pt.ModelSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
+TINY_PRE = pt.PretrainConfig(max_steps=400, batch_size=32, lr=1e-2, warmup=20, eval_every=100)
+TINY = ["world.people=24", "world.forget=4", "world.retain=10", "world.unseen=4", "world.first_names=6",
+        "world.last_names=6", "model.hidden=32", "model.layers=2", "model.heads=2", "model.kv_heads=1",
+        "model.intermediate=64", "pretrain.max_steps=400", "pretrain.batch_size=32", "pretrain.lr=1e-2",
+        "pretrain.warmup=20", "pretrain.eval_every=100", "grid.values=[4e-3,2e-3]", "grid.steps=6",
+        "grid.evals=3", "batch_size=8"]
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+@pytest.fixture(scope="module")
+def tiny(cache):
+    return pt.pretrained(TINY_WORLD, TINY_MODEL, TINY_PRE, cache)
+
+
+# ----------------------------------------------------------------------------- world
+
+
+def test_world_is_deterministic_and_splits_as_configured():
+    a, b = make_world(WorldConfig(seed=3)), make_world(WorldConfig(seed=3))
+    assert a == b
+    assert make_world(WorldConfig(seed=4)).people != a.people
+    cfg = a.config
+    sizes = {s: len(a.persons(s)) for s in ("forget", "retain", "heldout", "unseen")}
+    assert sizes == {"forget": cfg.forget, "retain": cfg.retain, "heldout": cfg.people - cfg.forget - cfg.retain,
+                     "unseen": cfg.unseen}
+    assert len({p.name for p in a.people}) == len(a.people)  # distinct names
+    forget_tokens = {t for p in a.persons("forget") for t in (p.first, p.last)}
+    for p in a.people:
+        assert p.neighbour == (p.split == "heldout" and bool({p.first, p.last} & forget_tokens))
+    kinds = {p.neighbour for p in a.persons("heldout")}
+    assert kinds == {True, False}  # the default world has both kinds of held-out people
+
+
+def test_families_share_birth_city_and_occupation():
+    w = make_world(WorldConfig(family_share=1.0))
+    by_family = {}
+    for p in w.people:
+        by_family.setdefault(p.last, set()).add((p.facts["city"], p.facts["occupation"]))
+    assert all(len(v) == 1 for v in by_family.values())
+
+
+def test_texts_and_probes_cover_every_fact_and_keep_unseen_people_out_of_pretraining():
+    w = make_world(TINY_WORLD)
+    pre = w.pretraining_texts()
+    unseen = w.persons("unseen")
+    assert not any(p.name in t for p in unseen for t in pre)
+    for p in w.persons("forget"):
+        texts = w.person_texts(p)
+        assert len(texts) == 3 * len(ATTRIBUTES) and all(t in pre for t in texts)
+        assert all(any(t.endswith(" " + p.facts[a]) for t in texts) for a in ATTRIBUTES)
+    probes = w.probes()
+    assert len(probes) == len(w.people) * len(ATTRIBUTES) + len(w.general_facts)
+    assert {pr.group for pr in probes} >= {"forget", "retain", "unseen", "general"}
+    assert {rel for rel, _, _ in w.general_facts} == set(GENERAL)
+    # general facts are about the same cities and animals the people's facts name
+    assert {s for rel, s, _ in w.general_facts if rel in ("country", "food", "sound")} == (
+        set(VALUES["city"]) | set(VALUES["pet"]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(forget=100, retain=100), "no held-out people"),
+    (dict(unseen=0), "world.unseen"),
+    (dict(first_names=3, last_names=3), "cannot name"),
+    (dict(family_share=1.5), "family_share"),
+])
+def test_world_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WorldConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- tokens and probes
+
+
+def test_tokenizer_rows_and_probe_positions(tiny):
+    tok, w = tiny.tokenizer, tiny.world
+    rows = text_rows(tok, w.texts("forget"), pt.SEQ)
+    assert rows["input_ids"].shape == (len(w.texts("forget")), pt.SEQ)
+    pad = rows["attention_mask"] == 0
+    assert np.all(rows["labels"][pad] == IGNORE) and np.all(rows["input_ids"][pad] == PAD)
+    probes = w.probes()
+    pr = probe_rows(tok, probes, pt.SEQ)
+    n = np.arange(len(probes))
+    assert np.all(pr.input_ids[n, pr.position + 1] == pr.answer)  # the answer follows the prompt
+    assert [tok.id_to_token(int(a)) for a in pr.answer] == [p.answer for p in probes]
+    with pytest.raises(ValueError, match="more than 4 tokens"):
+        text_rows(tok, w.texts("forget")[:1], 4)
+
+
+def test_evaluate_matches_unpadded_forward_and_pairwise_auroc(tiny):
+    model, w = tiny.model, tiny.world
+    pr = probe_rows(tiny.tokenizer, w.probes(), pt.SEQ)
+    correct, nll = bench_eval.probe_predictions(model, pr)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(pr.answer), size=10, replace=False):
+        ids = pr.input_ids[i, : pr.position[i] + 1][None]
+        logits = np.asarray(model(ids))[0, -1]
+        logp = logits - np.logaddexp.reduce(logits)
+        assert correct[i] == (np.argmax(logits) == pr.answer[i])
+        np.testing.assert_allclose(nll[i], -logp[pr.answer[i]], rtol=1e-4, atol=1e-5)
+    out = bench_eval.evaluate(model, pr)
+    for g in ("forget", "retain", "general", "heldout_neighbour", "heldout_other"):
+        sel = pr.group == g
+        if sel.any():
+            assert out[f"{g}_acc"] == pytest.approx(correct[sel].mean())
+    person = lambda g: [nll[pr.subject == s].mean() for s in dict.fromkeys(pr.subject[pr.group == g])]
+    f, u = person("forget"), person("unseen")
+    pairs = [(x > y) + 0.5 * (x == y) for x in u for y in f]
+    assert out["mia_auroc"] == pytest.approx(np.mean(pairs))
+
+
+# ----------------------------------------------------------------------------- pretraining cache
+
+
+def test_pretraining_learns_the_world_and_is_cached(tiny, cache):
+    info = tiny.info
+    assert not tiny.cached and tiny.path.parent == cache / "bench"
+    # facts are learnt (far above the unseen people's accuracy, which only priors explain)
+    assert min(info["forget_acc"], info["retain_acc"], info["heldout_acc"]) >= 0.8 > info["unseen_acc"] + 0.3
+    again = pt.pretrained(TINY_WORLD, TINY_MODEL, TINY_PRE, cache)
+    assert again.cached and again.path == tiny.path and again.info["steps"] == info["steps"]
+    from flax import nnx
+
+    for a, b in zip(jax.tree.leaves(nnx.state(tiny.model)), jax.tree.leaves(nnx.state(again.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the folder is a Hugging Face checkpoint whose tokenizer encodes exactly like ours
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny.path))
+    text = tiny.world.texts("retain")[0]
+    assert hf(text)["input_ids"] == tiny.tokenizer.encode(text).ids
+    other = pt.cache_key(dataclasses.replace(TINY_WORLD, seed=1), TINY_MODEL, TINY_PRE)
+    assert other != pt.cache_key(TINY_WORLD, TINY_MODEL, TINY_PRE)
+
+
+def test_a_failed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pt, "save_hf", boom)
+    small = dataclasses.replace(TINY_PRE, max_steps=2, warmup=1, eval_every=1)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pt.pretrained(TINY_WORLD, TINY_MODEL, small, tmp_path)
+    assert list((tmp_path / "bench").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_runner_trajectory_points_equal_shorter_runs_and_reuse_one_compiled_step(tiny):
+    w, tok = tiny.world, tiny.tokenizer
+    forget, retain = text_rows(tok, w.texts("forget"), pt.SEQ), text_rows(tok, w.texts("retain"), pt.SEQ)
+    probes = probe_rows(tok, w.probes(), pt.SEQ)
+    r = Runner(tiny.model, ObjectiveConfig(name="grad_diff"), CombinerConfig(name="sago"))
+    long = r.run(forget, retain, probes, lr=4e-3, steps=8, eval_every=4, batch_size=8, seed=0)
+    short = r.run(forget, retain, probes, lr=4e-3, steps=4, eval_every=4, batch_size=8, seed=0)
+    slow = r.run(forget, retain, probes, lr=1e-4, steps=4, eval_every=4, batch_size=8, seed=0)
+    assert [p["step"] for p in long.points] == [0, 4, 8]
+    assert long.points[1] == short.points[1]  # constant lr: stopping at step 4 is the 4-step run
+    assert slow.points[1] != short.points[1]  # ... and the learning rate does reach the optimizer
+    assert r.step._cache_size() == 1  # every learning rate ran the same compiled step
+    assert long.points[2]["forget_acc"] < long.points[0]["forget_acc"]  # gradient ascent forgets
+    assert 0.0 <= long.points[1]["conflict_fraction"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- sweep logic
+
+
+def _run(o, c, steps, f, h, g=0.5, world=0):
+    return {"world": world, "objective": o, "combiner": c, "lr": 1e-3, "steps": steps, "forget_acc": f,
+            "retain_acc": 0.9, "retain_heldout_acc": h, "heldout_neighbour_acc": h, "heldout_other_acc": h,
+            "general_acc": g, "mia_auroc": 0.5}
+
+
+def test_best_run_respects_the_threshold_and_breaks_ties():
+    runs = [_run("grad_diff", "sago", 10, 0.30, 0.99), _run("grad_diff", "sago", 20, 0.10, 0.70),
+            _run("grad_diff", "sago", 30, 0.05, 0.70, g=0.9), _run("grad_diff", "sago", 40, 0.00, 0.60)]
+    assert sweep.best_run(runs, 0.10)["steps"] == 30  # 0.99 forgot too little; tie on held-out -> general
+    assert sweep.best_run(runs, 0.0)["steps"] == 40
+    assert sweep.best_run(runs[:1], 0.10) is None
+
+
+def test_summary_means_and_paired_differences_over_worlds():
+    cfg = sweep.BenchConfig(objectives=["grad_diff"], combiners=["weighted_sum", "sago"], worlds=[0, 1, 2])
+    held = {0: (0.5, 0.6), 1: (0.4, 0.7), 2: (0.6, 0.65)}
+    runs = [_run("grad_diff", c, 10, 0.05, held[w][i], world=w)
+            for w in held for i, c in enumerate(["weighted_sum", "sago"])]
+    by_world = {w: sweep.summarize([r for r in runs if r["world"] == w], cfg) for w in held}
+    mean = sweep.mean_summary(by_world, cfg)
+    assert mean["grad_diff"]["sago"]["retain_heldout_acc"] == pytest.approx(np.mean([0.6, 0.7, 0.65]))
+    assert mean["grad_diff"]["sago"]["worlds"] == 3
+    paired = sweep.paired_differences(by_world, cfg)["grad_diff"]["sago - weighted_sum"]
+    np.testing.assert_allclose(paired["differences"], [0.1, 0.3, 0.05])
+    assert paired["positive"] == 3 and paired["mean"] == pytest.approx(0.15)
+    from scipy.stats import wilcoxon
+
+    assert paired["wilcoxon_p"] == pytest.approx(wilcoxon([0.1, 0.3, 0.05]).pvalue)
+    # a world where one combiner never forgot enough drops out of the pair
+    by_world[1]["grad_diff"]["sago"] = None
+    assert sweep.paired_differences(by_world, cfg)["grad_diff"]["sago - weighted_sum"]["n"] == 2
+    assert sweep.mean_summary(by_world, cfg)["grad_diff"]["sago"]["worlds"] == 2
+
+
+def test_lower_learning_rates_get_proportionally_more_steps():
+    cfg = sweep.BenchConfig()
+    assert [cfg.schedule(v)[:2] for v in (4e-3, 2e-3, 1e-3)] == [(4e-3, 40), (2e-3, 80), (1e-3, 160)]
+    assert cfg.schedule(1e-3)[2] == 20
+    beta = load_config(None, ["grid.param=beta", "grid.values=[0.5,1.0]", "lr=5e-4"], schema=sweep.BenchConfig)
+    assert beta.schedule(0.5) == (5e-4, 40, 5)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(0.0, 0.2), (0.1, 0.5), (0.2, 0.4), (0.3, 0.9), (0.3, 0.1)]
+    assert report.pareto_front(pts) == [(0.0, 0.2), (0.1, 0.5), (0.3, 0.9)]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_demo_yaml_is_the_built_in_demo_config():
+    assert load_config(CONFIGS / "demo.yaml", schema=sweep.BenchConfig) == load_config(None, schema=sweep.BenchConfig)
+
+
+@pytest.mark.parametrize("override, names", [
+    ("grid.parm=lr", "unknown key 'grid.parm'"),
+    ("combiners=[sago,adam]", "'combiners' has 'adam'; allowed values: weighted_sum, pcgrad, sago"),
+    ("grid.param=momentum", "grid.param"),
+    ("batch_size=many", "batch_size"),
+    ("world.forget=150", "no held-out people"),
+    ("worlds=[]", "'worlds' is empty"),
+    ("pretrain.warmup=7000", "pretrain.warmup=7000 must lie in"),
+    ("model.heads=3", "model.hidden=64 must divide by model.heads=3"),
+])
+def test_bench_config_errors_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override], schema=sweep.BenchConfig)
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, cache, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--cache", str(cache), "--no-progress", *TINY]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = load_config(None, TINY, schema=sweep.BenchConfig)
+    n_points = sum(cfg.grid.evals + 1 + (cfg.schedule(v)[1] % cfg.schedule(v)[2] != 0) for v in cfg.grid.values)
+    assert len(results["runs"]) == 2 * 3 * n_points
+    assert {(r["objective"], r["combiner"]) for r in results["runs"]} == {
+        (o, c) for o in ("grad_diff", "simnpo") for c in ("weighted_sum", "pcgrad", "sago")}
+    for o in ("grad_diff", "simnpo"):
+        for c in ("weighted_sum", "pcgrad", "sago"):
+            s = results["summary"][o][c]
+            mine = [r for r in results["runs"] if r["objective"] == o and r["combiner"] == c]
+            best = sweep.best_run(mine, 0.10)
+            if s is None:
+                assert best is None
+                assert f"{o}  " in printed
+            else:
+                for k in ("forget_acc", "retain_acc", "retain_heldout_acc", "general_acc"):
+                    assert s[k] == best[k]
+                assert s["forget_acc"] <= 0.10
+    assert "Best held-out retain accuracy" in printed and "results.json" in printed
+    assert results["worlds"][0]["cached"]  # the tiny model came from the cache fixture
+
+
+@pytest.mark.slow
+def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old_results(tmp_path, cache, capsys):
+    out = tmp_path / "sweep"
+    cfg_file = tmp_path / "bench.yaml"
+    cfg_file.write_text("objectives: [grad_diff]\ncombiners: [weighted_sum, sago]\nworlds: [0, 1]\n")
+    args = ["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "--no-progress", *TINY]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert [w["seed"] for w in results["worlds"]] == [0, 1]
+    assert set(results["summary_by_world"]) == {"0", "1"}
+    assert "sago - weighted_sum" in results["paired"]["grad_diff"]
+    assert "Paired differences" in printed
+    before = (out / "results.json").read_bytes()
+    assert cli.main(["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "combiners=[nope]"]) == 2
+    assert "allowed values" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
