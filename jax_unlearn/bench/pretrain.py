@@ -108,7 +108,9 @@ def model_config(size: ModelSize, vocab: int) -> ModelConfig:
                        bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
 
 
-def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig) -> tuple[CausalLM, dict]:
+def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bool) -> tuple[CausalLM, dict]:
+    from tqdm import tqdm
+
     rows = text_rows(tok, world.pretraining_texts(), SEQ)
     probes = probe_rows(tok, world.probes(), SEQ)
     model = CausalLM(model_config(size, tok.get_vocab_size()), rngs=nnx.Rngs(cfg.seed))
@@ -127,24 +129,28 @@ def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig) -> tuple[Cau
     n = len(rows["input_ids"])
     order, cursor = rng.permutation(n), 0
     start, acc, done = time.perf_counter(), {}, 0
+    bar = tqdm(total=cfg.max_steps, desc=f"pretraining world {world.config.seed}", unit="step", disable=not progress)
     for done in range(1, cfg.max_steps + 1):
         if cursor + cfg.batch_size > n:
             order, cursor = rng.permutation(n), 0
         idx = order[cursor: cursor + cfg.batch_size]
         cursor += cfg.batch_size
         params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in rows.items()})
+        bar.update()
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             acc = evaluate(nnx.merge(graphdef, params), probes)
             log.info("pretrain step %d: loss %.4f, %s", done, float(loss),
                      ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
             if all(acc[f"{g}_acc"] >= cfg.target for g in ("forget", "retain", "heldout", "general")):
                 break
+    bar.close()
     info = {"steps": done, "seconds": round(time.perf_counter() - start, 1), "final_loss": float(loss), **acc}
     return nnx.merge(graphdef, params), info
 
 
 def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSize(),
-               pre: PretrainConfig = PretrainConfig(), cache: Path | None = None) -> Pretrained:
+               pre: PretrainConfig = PretrainConfig(), cache: Path | None = None,
+               progress: bool = False) -> Pretrained:
     """The pretrained benchmark model of these configs: loaded from the cache, or trained and
     saved there (``save_hf`` with the tokenizer, plus ``world.json`` and ``pretrain.json``)."""
     from tokenizers import Tokenizer
@@ -156,7 +162,7 @@ def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSi
         info = json.loads((folder / "pretrain.json").read_text())
         return Pretrained(load_hf(folder), tok, world, folder, info, cached=True)
     tok = train_tokenizer(world.all_texts())
-    model, info = _train(world, tok, size, pre)
+    model, info = _train(world, tok, size, pre, progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:

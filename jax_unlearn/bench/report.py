@@ -36,6 +36,13 @@ def format_table(results: dict) -> str:
     lines = [f"Best held-out retain accuracy among runs with forget accuracy <= {threshold:g} "
              f"(world{'s' if multi else ''} {seeds}{'; means over worlds' if multi else ''}):", fmt(head)]
     lines += [fmt(r) for r in rows]
+    start = [r for r in results["runs"] if r["steps"] == 0]
+    if start:
+        mean = lambda k: float(np.mean([r[k] for r in start]))
+        lines.append(fmt(["(start)", "", *(f"{mean(k):.3f}" for _, k in COLUMNS)]
+                         + ([""] if multi else ["", "0"])))
+        lines.append(f"unseen people (never trained on; what a model that never saw the forget people would "
+                     f"score on them): accuracy {mean('unseen_acc'):.3f}")
     if multi:
         lines.append("")
         lines.append("Paired differences of held-out retain accuracy over worlds (a - b):")

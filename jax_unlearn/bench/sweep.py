@@ -77,8 +77,12 @@ class BenchConfig:
                 raise ValueError(f"'{key}' has {bad[0]!r}; allowed values: {', '.join(allowed)}")
         if not self.worlds:
             raise ValueError("'worlds' is empty; give at least one world seed, e.g. worlds=[0]")
-        if not self.grid.values or any(v <= 0 for v in self.grid.values) and self.grid.param != "delta":
-            raise ValueError(f"'grid.values' must be a non-empty list of positive numbers, got {self.grid.values}")
+        if not self.grid.values:
+            raise ValueError("'grid.values' is empty; give the values of grid.param to sweep, e.g. [4e-3, 2e-3]")
+        low = {"lr": 0.0, "beta": 0.0, "alpha": -1e-300, "gamma": -1e-300}.get(self.grid.param)
+        if low is not None and any(v <= low for v in self.grid.values):
+            raise ValueError(f"'grid.values' for grid.param={self.grid.param} must be "
+                             f"{'positive' if low == 0 else 'non-negative'}, got {list(self.grid.values)}")
         for key in ("grid.steps", "grid.evals", "batch_size"):
             value = self.grid.steps if key == "grid.steps" else self.grid.evals if key == "grid.evals" else self.batch_size
             if value < 1:
@@ -88,7 +92,6 @@ class BenchConfig:
         if self.batch_size > self.world.forget * 15:
             raise ValueError(f"'batch_size'={self.batch_size} exceeds the {self.world.forget * 15} forget rows "
                              f"of world.forget={self.world.forget} people")
-        dataclasses.replace(self.world)  # re-runs WorldConfig's checks
 
     def schedule(self, value: float) -> tuple[float, int, int]:
         """``(lr, steps, eval_every)`` of the trajectory at grid value ``value``."""
@@ -125,9 +128,10 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     # with lr as the grid param, one compiled step serves every value
     groups = [(o, c, v) for o, c in itertools.product(cfg.objectives, cfg.combiners) for v in cfg.grid.values]
     total = len(cfg.worlds) * len(groups)
+    models = [pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress)
+              for seed in cfg.worlds]  # first, so that their progress bars come before the runs'
     bar = tqdm(total=total, desc="unlearning runs", disable=not progress, unit="run")
-    for seed in cfg.worlds:
-        pre = pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache)
+    for seed, pre in zip(cfg.worlds, models):
         worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info})
         tok, w = pre.tokenizer, pre.world
         forget, retain = text_rows(tok, w.texts("forget"), SEQ), text_rows(tok, w.texts("retain"), SEQ)
