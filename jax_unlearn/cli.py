@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", formatter_class=_formatter, help="the embedded benchmark, end to end (minutes on a CPU)",
         description=textwrap.dedent("""\
-            Build (first run, ~2 min on 2 CPU cores) or reuse the cached benchmark model: a
-            0.2M-parameter LLaMA pretrained on a seeded world of invented people (names,
+            Build (first run: about 1.5 min of the ~3.5 on 2 CPU cores) or reuse the cached model: a
+            0.27M-parameter LLaMA pretrained on a seeded world of invented people (names,
             birth cities, occupations, pets, ...) and general facts about the same places and
             animals. Then unlearn the forget people with GradDiff and SimNPO, each combined by
             weighted_sum, pcgrad and sago at three learning rates (lower rates run

@@ -46,3 +46,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert reloaded.config.vocab_size == 128
     assert 0.0 <= namespace["mc"].accuracy <= 1.0 and len(namespace["mc"].predictions) == 4
     assert set(namespace["qa"].by_level) == {"forget_1", "neighbor_1"}
+
+
+def test_readme_main_command_is_the_demo_with_its_extra():
+    import tomllib
+
+    first = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)[0]
+    assert 'pip install -e ".[demo]"' in first and first.strip().endswith("jax-unlearn demo")
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    demo = " ".join(project["optional-dependencies"]["demo"])
+    for package in ("tokenizers", "transformers", "safetensors", "matplotlib"):
+        assert package in demo
+    assert project["scripts"]["jax-unlearn"] == "jax_unlearn.cli:main"
