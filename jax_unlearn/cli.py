@@ -237,9 +237,12 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
     print(bench_table(results))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".pareto.png.tmp.png"
-    plot_pareto(results, tmp)
-    _write_json(out / "results.json", results)
-    tmp.replace(out / "pareto.png")
+    try:
+        plot_pareto(results, tmp)
+        _write_json(out / "results.json", results)
+        tmp.replace(out / "pareto.png")
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"{len(results['runs'])} runs in {results['seconds']:.0f} s; results: {out / 'results.json'}, "
           f"plot: {out / 'pareto.png'}")
     return 0

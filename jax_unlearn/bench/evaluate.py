@@ -43,14 +43,16 @@ def _person_nll(rows: ProbeRows, nll: np.ndarray, group: str) -> np.ndarray:
     return np.bincount(inverse, weights=nll[sel]) / np.bincount(inverse)
 
 
-def evaluate(model, rows: ProbeRows) -> dict[str, float]:
-    """``{GROUP_acc: accuracy}`` for every group in `GROUPS` (``heldout`` = both held-out kinds)
-    plus ``mia_auroc`` (forget vs unseen people)."""
+def evaluate(model, rows: ProbeRows) -> dict[str, float | None]:
+    """``{GROUP_acc: accuracy}`` for every group in `GROUPS` (``heldout`` = both held-out kinds;
+    ``None`` for a group without probes) plus ``mia_auroc`` (forget vs unseen people; ``None``
+    when a diverged model gives non-finite losses)."""
     correct, nll = probe_predictions(model, rows)
-    out = {}
+    out: dict[str, float | None] = {}
     for g in GROUPS:
         sel = np.char.startswith(rows.group.astype(str), g) if g == "heldout" else rows.group == g
-        if sel.any():
-            out[f"{g}_acc"] = float(correct[sel].mean())
-    out["mia_auroc"] = auroc(_person_nll(rows, nll, "forget"), _person_nll(rows, nll, "unseen"))
+        out[f"{g}_acc"] = float(correct[sel].mean()) if sel.any() else None
+    f, u = _person_nll(rows, nll, "forget"), _person_nll(rows, nll, "unseen")
+    finite = f.size and u.size and np.isfinite(f).all() and np.isfinite(u).all()
+    out["mia_auroc"] = auroc(f, u) if finite else None
     return out

@@ -175,8 +175,10 @@ def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSi
                                                        "pretrain": dataclasses.asdict(pre), **info}, indent=1))
         try:
             tmp.rename(folder)
-        except OSError:  # another process finished the same key first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            if not (folder / "pretrain.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same key first: keep theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

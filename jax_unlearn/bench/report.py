@@ -12,6 +12,10 @@ COLUMNS = (("forget", "forget_acc"), ("retain", "retain_acc"), ("held-out", "ret
            ("MIA AUROC", "mia_auroc"))
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_table(results: dict) -> str:
     """One row per objective x combiner of ``results["summary"]``, then the paired differences."""
     cfg = results["config"]
@@ -25,7 +29,7 @@ def format_table(results: dict) -> str:
             if s is None:
                 rows.append([o, c, f"no run reached forget <= {threshold:g}"])
                 continue
-            cells = [f"{s[k]:.3f}" for _, k in COLUMNS]
+            cells = [_cell(s[k]) for _, k in COLUMNS]
             extra = [f"{s['worlds']}/{len(results['worlds'])}"] if multi else [f"{s[param]:g}", str(s["steps"])]
             rows.append([o, c, *cells, *extra])
     widths = [max(len(str(r[i])) for r in [head, *rows] if i < len(r) and not (len(r) == 3 and i == 2))
@@ -39,7 +43,7 @@ def format_table(results: dict) -> str:
     start = [r for r in results["runs"] if r["steps"] == 0]
     if start:
         mean = lambda k: float(np.mean([r[k] for r in start]))
-        lines.append(fmt(["(start)", "", *(f"{mean(k):.3f}" for _, k in COLUMNS)]
+        lines.append(fmt(["(start)", "", *(_cell(mean(k)) for _, k in COLUMNS)]
                          + ([""] if multi else ["", "0"])))
         lines.append(f"unseen people (never trained on; what a model that never saw the forget people would "
                      f"score on them): accuracy {mean('unseen_acc'):.3f}")

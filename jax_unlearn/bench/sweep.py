@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jax_unlearn.bench.pretrain import SEQ, ModelSize, PretrainConfig, pretrained
-from jax_unlearn.bench.world import WorldConfig
+from jax_unlearn.bench.world import ATTRIBUTES, WorldConfig, make_world
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class GridSection:
 
     With ``param: lr`` the value ``v`` runs ``steps * max(values) / v`` steps (a lower rate
     gets proportionally more steps); any other param runs ``steps`` steps at the top-level
-    ``lr``. Each trajectory is evaluated ``evals`` times (plus its start).
+    ``lr``. Each trajectory is evaluated every ``ceil(steps / evals)`` steps and at its end
+    (at most ``evals`` times, plus its start).
     """
 
     param: Literal["lr", "alpha", "gamma", "beta", "delta"] = "lr"
@@ -77,6 +78,11 @@ class BenchConfig:
                 raise ValueError(f"'{key}' has {bad[0]!r}; allowed values: {', '.join(allowed)}")
         if not self.worlds:
             raise ValueError("'worlds' is empty; give at least one world seed, e.g. worlds=[0]")
+        if len(set(self.worlds)) != len(self.worlds) or min(self.worlds) < 0:
+            raise ValueError(f"'worlds' must be distinct non-negative seeds, got {list(self.worlds)}")
+        for key in ("lr", "beta"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"'{key}' must be > 0, got {getattr(self, key)}")
         if not self.grid.values:
             raise ValueError("'grid.values' is empty; give the values of grid.param to sweep, e.g. [4e-3, 2e-3]")
         low = {"lr": 0.0, "beta": 0.0, "alpha": -1e-300, "gamma": -1e-300}.get(self.grid.param)
@@ -89,9 +95,16 @@ class BenchConfig:
                 raise ValueError(f"'{key}' must be a positive integer, got {value}")
         if not 0.0 <= self.forget_threshold <= 1.0:
             raise ValueError(f"'forget_threshold' must lie in [0, 1], got {self.forget_threshold}")
-        if self.batch_size > self.world.forget * 15:
-            raise ValueError(f"'batch_size'={self.batch_size} exceeds the {self.world.forget * 15} forget rows "
-                             f"of world.forget={self.world.forget} people")
+        rows = 3 * len(ATTRIBUTES)  # texts per person
+        for split in ("forget", "retain"):
+            n = getattr(self.world, split)
+            if self.batch_size > n * rows:
+                raise ValueError(f"'batch_size'={self.batch_size} exceeds the {n * rows} {split} rows "
+                                 f"of world.{split}={n} people")
+        heldout = make_world(self.world).persons("heldout")
+        if not any(p.neighbour for p in heldout) or all(p.neighbour for p in heldout):
+            raise ValueError(f"world {self.world.seed} needs held-out people both sharing and not sharing a name "
+                             "with a forget person; change world.first_names, world.last_names or world.forget")
 
     def schedule(self, value: float) -> tuple[float, int, int]:
         """``(lr, steps, eval_every)`` of the trajectory at grid value ``value``."""
@@ -99,7 +112,7 @@ class BenchConfig:
             lr, steps = value, int(round(self.grid.steps * max(self.grid.values) / value))
         else:
             lr, steps = self.lr, self.grid.steps
-        return lr, steps, max(1, steps // self.grid.evals)
+        return lr, steps, max(1, -(-steps // self.grid.evals))
 
 
 def _run_settings(cfg: BenchConfig, objective: str, combiner: str, value: float):
@@ -125,7 +138,6 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     t0 = time.perf_counter()
     runs: list[dict] = []
     worlds = []
-    # with lr as the grid param, one compiled step serves every value
     groups = [(o, c, v) for o, c in itertools.product(cfg.objectives, cfg.combiners) for v in cfg.grid.values]
     total = len(cfg.worlds) * len(groups)
     models = [pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress)
@@ -137,7 +149,7 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
         forget, retain = text_rows(tok, w.texts("forget"), SEQ), text_rows(tok, w.texts("retain"), SEQ)
         probes = probe_rows(tok, w.probes(), SEQ)
         start = evaluate(pre.model, probes)
-        runner, runner_key = None, None
+        runner, runner_key = None, None  # a Runner's compiled step serves every learning rate
         for objective, combiner, value in groups:
             obj_cfg, comb_cfg, p = _run_settings(cfg, objective, combiner, value)
             if runner_key != (obj_cfg, comb_cfg):
@@ -196,11 +208,16 @@ def mean_summary(by_world: dict, cfg: BenchConfig) -> dict:
             if not found:
                 out[o][c] = None
                 continue
-            out[o][c] = {k: float(np.mean([f[k] for f in found])) for k in SUMMARY_KEYS}
+            out[o][c] = {k: _mean([f[k] for f in found]) for k in SUMMARY_KEYS}
             if len(by_world) == 1:
                 out[o][c].update({k: found[0][k] for k in ("lr", cfg.grid.param, "steps")})
             out[o][c]["worlds"] = len(found)
     return out
+
+
+def _mean(values: list) -> float | None:
+    """Mean, or None when any value is missing (e.g. a diverged run's MIA AUROC)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_heldout_acc") -> dict:

@@ -2,8 +2,8 @@
 
 Every person has a first and a last name (one token each, drawn from small pools so names
 repeat) and one value for each attribute in `ATTRIBUTES`. People sharing a last name form a
-family: with probability ``family_share`` a member takes the family's birth city and
-occupation, so families share facts. The general knowledge (MMLU's role) is about the same
+family: a member takes the family's birth city with probability ``family_share``, and
+(independently) the family's occupation with the same probability, so families share facts. The general knowledge (MMLU's role) is about the same
 places and animals the people's facts name: which country a city lies in, a country's capital,
 what an animal eats and which sound it makes. Forgetting "Arlo Venn was born in Tessa" can
 damage "Tessa lies in Brimland": the skill shares tokens and machinery with the facts.
@@ -83,7 +83,8 @@ class WorldConfig:
       forget, retain: sizes of those splits; the rest of ``people`` is held out.
       unseen: people never trained on (the membership-inference holdout).
       first_names, last_names: pool sizes; smaller pools mean more shared name tokens.
-      family_share: probability that a person takes the family's birth city and occupation.
+      family_share: probability that a person takes the family's birth city (and, drawn
+        independently, the family's occupation).
     """
 
     seed: int = 0
