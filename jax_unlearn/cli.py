@@ -248,15 +248,8 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from jax_unlearn.bench.sweep import BenchConfig
-    from jax_unlearn.run_config import load_config
-
-    cfg = load_config(args.config, args.overrides, schema=BenchConfig)
-    return _bench(cfg, Path(args.out), args.cache, not args.no_progress)
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``demo`` (config optional: the built-in defaults) and ``sweep`` (config required)."""
     from jax_unlearn.bench.sweep import BenchConfig
     from jax_unlearn.run_config import load_config
 
@@ -319,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
             or --config FILE (same keys as 'sweep')."""))
     p.add_argument("--config", metavar="FILE", help="benchmark config (default: the built-in demo config)")
     _bench_args(p, "demo_out")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "sweep", formatter_class=_formatter, help="benchmark grid over combiners and one hyperparameter",
@@ -336,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
             gamma, beta, delta, batch_size, forget_threshold, seed."""))
     p.add_argument("config", metavar="CONFIG", help="benchmark YAML config, e.g. configs/demo.yaml")
     _bench_args(p, None)
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "unlearn", formatter_class=_formatter, help="run an unlearning config",

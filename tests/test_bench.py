@@ -107,9 +107,9 @@ def test_tokenizer_rows_and_probe_positions(tiny):
     pad = rows["attention_mask"] == 0
     assert np.all(rows["labels"][pad] == IGNORE) and np.all(rows["input_ids"][pad] == PAD)
     probes = w.probes()
-    pr = probe_rows(tok, probes, pt.SEQ)
-    n = np.arange(len(probes))
-    assert np.all(pr.input_ids[n, pr.position + 1] == pr.answer)  # the answer follows the prompt
+    pr = probe_rows(tok, probes)
+    for ctx, answer, p in zip(pr.contexts, pr.answer, probes):  # <s> prompt, then the one answer token
+        assert tok.encode(f"{p.prompt} {p.answer}").ids == [*ctx, answer] and ctx[0] == tok.token_to_id("<s>")
     assert [tok.id_to_token(int(a)) for a in pr.answer] == [p.answer for p in probes]
     with pytest.raises(ValueError, match="more than 4 tokens"):
         text_rows(tok, w.texts("forget")[:1], 4)
@@ -117,11 +117,11 @@ def test_tokenizer_rows_and_probe_positions(tiny):
 
 def test_evaluate_matches_unpadded_forward_and_pairwise_auroc(tiny):
     model, w = tiny.model, tiny.world
-    pr = probe_rows(tiny.tokenizer, w.probes(), pt.SEQ)
-    correct, nll = bench_eval.probe_predictions(model, pr)
+    pr = probe_rows(tiny.tokenizer, w.probes())
+    correct, nll = bench_eval.probe_predictions(model, pr, batch_size=32)  # several left-padded batches
     rng = np.random.default_rng(0)
     for i in rng.choice(len(pr.answer), size=10, replace=False):
-        ids = pr.input_ids[i, : pr.position[i] + 1][None]
+        ids = np.asarray(pr.contexts[i])[None]
         logits = np.asarray(model(ids))[0, -1]
         logp = logits - np.logaddexp.reduce(logits)
         assert correct[i] == (np.argmax(logits) == pr.answer[i])
@@ -178,7 +178,7 @@ def test_a_failed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
 def test_runner_trajectory_points_equal_shorter_runs_and_reuse_one_compiled_step(tiny):
     w, tok = tiny.world, tiny.tokenizer
     forget, retain = text_rows(tok, w.texts("forget"), pt.SEQ), text_rows(tok, w.texts("retain"), pt.SEQ)
-    probes = probe_rows(tok, w.probes(), pt.SEQ)
+    probes = probe_rows(tok, w.probes())
     r = Runner(tiny.model, ObjectiveConfig(name="grad_diff"), CombinerConfig(name="sago"))
     long = r.run(forget, retain, probes, lr=4e-3, steps=8, eval_every=4, batch_size=8, seed=0)
     short = r.run(forget, retain, probes, lr=4e-3, steps=4, eval_every=4, batch_size=8, seed=0)

@@ -9,32 +9,23 @@ it never saw; below 0.5: forget people now look *less* familiar than strangers).
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jax_unlearn.bench.tokens import ProbeRows
 from jax_unlearn.eval.mia import auroc
+from jax_unlearn.eval.scoring import next_token_logprobs
 
 GROUPS = ("forget", "retain", "heldout", "heldout_neighbour", "heldout_other", "general", "unseen")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _kernel(graphdef, state, ids, mask, position, answer):
-    logits = nnx.merge(graphdef, state)(ids, mask)  # [n, s, vocab]
-    at = jnp.take_along_axis(logits, position[:, None, None], axis=1)[:, 0]  # [n, vocab]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(at), answer[:, None], axis=1)[:, 0]  # [n]
-    return jnp.argmax(at, axis=-1) == answer, nll
-
-
-def probe_predictions(model, rows: ProbeRows) -> tuple[np.ndarray, np.ndarray]:
-    """``(correct [n] bool, answer_nll [n])`` of every probe."""
-    graphdef, state = nnx.split(model)
-    correct, nll = _kernel(graphdef, state, rows.input_ids, rows.attention_mask, rows.position, rows.answer)
-    return np.asarray(correct), np.asarray(nll, np.float64)
+def probe_predictions(model, rows: ProbeRows, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(correct [n] bool, answer_nll [n])`` of every probe, from the next-token log-probabilities
+    of the whole vocabulary after each context (`jax_unlearn.eval.scoring.next_token_logprobs`)."""
+    vocab = model.config.vocab_size
+    candidates = np.broadcast_to(np.arange(vocab, dtype=np.int32), (len(rows.contexts), vocab))
+    logp = next_token_logprobs(model, rows.contexts, candidates, batch_size=batch_size)  # [n, vocab]
+    nll = -logp[np.arange(len(rows.answer)), rows.answer]
+    return logp.argmax(axis=1) == rows.answer, nll
 
 
 def _person_nll(rows: ProbeRows, nll: np.ndarray, group: str) -> np.ndarray:

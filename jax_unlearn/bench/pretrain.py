@@ -112,7 +112,7 @@ def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bo
     from tqdm import tqdm
 
     rows = text_rows(tok, world.pretraining_texts(), SEQ)
-    probes = probe_rows(tok, world.probes(), SEQ)
+    probes = probe_rows(tok, world.probes())
     model = CausalLM(model_config(size, tok.get_vocab_size()), rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.max_steps)

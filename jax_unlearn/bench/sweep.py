@@ -147,7 +147,7 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
         worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info})
         tok, w = pre.tokenizer, pre.world
         forget, retain = text_rows(tok, w.texts("forget"), SEQ), text_rows(tok, w.texts("retain"), SEQ)
-        probes = probe_rows(tok, w.probes(), SEQ)
+        probes = probe_rows(tok, w.probes())
         start = evaluate(pre.model, probes)
         runner, runner_key = None, None  # a Runner's compiled step serves every learning rate
         for objective, combiner, value in groups:

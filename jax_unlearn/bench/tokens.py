@@ -57,24 +57,18 @@ def text_rows(tok, texts: Sequence[str], length: int) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeRows:
-    """Probes as arrays: row ``i`` is ``<s> prompt answer`` right-padded to ``length``;
-    ``position[i]`` is the index whose logits predict ``answer[i]``."""
+    """Probes as token ids: ``contexts[i]`` is ``<s> prompt``, whose next token should be ``answer[i]``."""
 
-    input_ids: np.ndarray  # [n, length] int32
-    attention_mask: np.ndarray  # [n, length] int32
-    position: np.ndarray  # [n] int32
+    contexts: list[list[int]]
     answer: np.ndarray  # [n] int32
     group: np.ndarray  # [n] str
     subject: np.ndarray  # [n] str
 
 
-def probe_rows(tok, probes, length: int) -> ProbeRows:
-    prompts = encode(tok, [p.prompt for p in probes])
+def probe_rows(tok, probes) -> ProbeRows:
     answers = [tok.token_to_id(p.answer) for p in probes]
     bad = [p.answer for p, a in zip(probes, answers) if a is None]
     if bad:
         raise ValueError(f"probe answer {bad[0]!r} is not one token of the benchmark tokenizer")
-    rows = text_rows(tok, [f"{p.prompt} {p.answer}" for p in probes], length)
-    return ProbeRows(rows["input_ids"], rows["attention_mask"],
-                     np.array([len(r) - 1 for r in prompts], np.int32), np.array(answers, np.int32),
+    return ProbeRows(encode(tok, [p.prompt for p in probes]), np.array(answers, np.int32),
                      np.array([p.group for p in probes]), np.array([p.subject for p in probes]))
