@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax_unlearn.bench.checks import require_positive
 from jax_unlearn.bench.evaluate import evaluate
 from jax_unlearn.bench.tokens import BOS, PAD, hf_tokenizer, probe_rows, text_rows, train_tokenizer
 from jax_unlearn.bench.world import World, WorldConfig, make_world
@@ -47,9 +48,8 @@ class ModelSize:
     intermediate: int = 256
 
     def __post_init__(self):
-        for name in ("hidden", "layers", "heads", "kv_heads", "intermediate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        require_positive({f"model.{n}": getattr(self, n) for n in ("hidden", "layers", "heads", "kv_heads",
+                                                                   "intermediate")})
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"model.hidden={self.hidden} must divide by model.heads={self.heads}, "
                              f"and model.heads by model.kv_heads={self.kv_heads}")
@@ -71,13 +71,10 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretrain.{name} must be a positive integer, got {getattr(self, name)}")
+        require_positive({f"pretrain.{n}": getattr(self, n) for n in ("max_steps", "batch_size", "eval_every")})
         if not 0 <= self.warmup < self.max_steps:
             raise ValueError(f"pretrain.warmup={self.warmup} must lie in [0, pretrain.max_steps={self.max_steps})")
-        if not self.lr > 0:
-            raise ValueError(f"pretrain.lr must be > 0, got {self.lr}")
+        require_positive({"pretrain.lr": self.lr}, "> 0")
 
 
 @dataclasses.dataclass

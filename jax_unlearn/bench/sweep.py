@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jax_unlearn.bench.checks import require_positive
 from jax_unlearn.bench.pretrain import SEQ, ModelSize, PretrainConfig, pretrained
 from jax_unlearn.bench.world import ATTRIBUTES, WorldConfig, make_world
 
@@ -80,19 +81,17 @@ class BenchConfig:
             raise ValueError("'worlds' is empty; give at least one world seed, e.g. worlds=[0]")
         if len(set(self.worlds)) != len(self.worlds) or min(self.worlds) < 0:
             raise ValueError(f"'worlds' must be distinct non-negative seeds, got {list(self.worlds)}")
-        for key in ("lr", "beta"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"'{key}' must be > 0, got {getattr(self, key)}")
+        require_positive({"'lr'": self.lr, "'beta'": self.beta}, "> 0")
         if not self.grid.values:
             raise ValueError("'grid.values' is empty; give the values of grid.param to sweep, e.g. [4e-3, 2e-3]")
-        low = {"lr": 0.0, "beta": 0.0, "alpha": -1e-300, "gamma": -1e-300}.get(self.grid.param)
-        if low is not None and any(v <= low for v in self.grid.values):
-            raise ValueError(f"'grid.values' for grid.param={self.grid.param} must be "
-                             f"{'positive' if low == 0 else 'non-negative'}, got {list(self.grid.values)}")
-        for key in ("grid.steps", "grid.evals", "batch_size"):
-            value = self.grid.steps if key == "grid.steps" else self.grid.evals if key == "grid.evals" else self.batch_size
-            if value < 1:
-                raise ValueError(f"'{key}' must be a positive integer, got {value}")
+        if self.grid.param in ("lr", "beta") and any(v <= 0 for v in self.grid.values):
+            raise ValueError(f"'grid.values' for grid.param={self.grid.param} must be positive, "
+                             f"got {list(self.grid.values)}")
+        if self.grid.param in ("alpha", "gamma") and any(v < 0 for v in self.grid.values):
+            raise ValueError(f"'grid.values' for grid.param={self.grid.param} must be non-negative, "
+                             f"got {list(self.grid.values)}")
+        require_positive({"'grid.steps'": self.grid.steps, "'grid.evals'": self.grid.evals,
+                          "'batch_size'": self.batch_size})
         if not 0.0 <= self.forget_threshold <= 1.0:
             raise ValueError(f"'forget_threshold' must lie in [0, 1], got {self.forget_threshold}")
         rows = 3 * len(ATTRIBUTES)  # texts per person

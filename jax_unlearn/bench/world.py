@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from jax_unlearn.bench.checks import require_positive
+
 Split = Literal["forget", "retain", "heldout", "unseen"]
 
 # ----------------------------------------------------------------------------- vocabularies
@@ -97,9 +99,8 @@ class WorldConfig:
     family_share: float = 0.6
 
     def __post_init__(self):
-        for name in ("people", "forget", "retain", "first_names", "last_names"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"world.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive({f"world.{n}": getattr(self, n) for n in ("people", "forget", "retain", "first_names",
+                                                                   "last_names")}, ">= 1")
         if self.unseen < 1:
             raise ValueError(f"world.unseen must be >= 1 (the MIA holdout), got {self.unseen}")
         if self.forget + self.retain >= self.people:
