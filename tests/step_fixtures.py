@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -57,3 +58,19 @@ COMBINERS = {
 
 def chain(combiner, lr: float = 1e-2) -> optax.GradientTransformation:
     return optax.chain(combiner, optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+
+
+def assert_moves_close(a, b, start, rtol=1e-5):
+    """``a - start`` and ``b - start`` agree leaf by leaf to ``rtol`` relative, plus ``rtol`` times the
+    leaf's largest move, plus 4 float32 ulps of the parameter itself (moves are read off float32
+    parameters). A gradient coordinate sums the contributions of every token (8 rows x 8
+    positions through 3 layers), so its rounding error scales with the leaf's largest
+    contributions, not with its own value, which may be a near-cancelled sum."""
+    ulp = np.finfo(np.float32).eps
+
+    def check(x, y, s):
+        s = np.asarray(s, np.float64)
+        dx, dy = np.asarray(x, np.float64) - s, np.asarray(y, np.float64) - s
+        bound = rtol * np.abs(dy) + rtol * np.abs(dy).max() + 4 * ulp * np.abs(s)
+        assert np.all(np.abs(dx - dy) <= bound), float(np.max(np.abs(dx - dy) - bound))
+    jax.tree.map(check, a, b, start)

@@ -164,6 +164,17 @@ def torch_continuation_logprob(model, tok, context: str, continuation: str) -> f
     return float(sum(logp[t - 1, whole[t]] for t in range(n_ctx, len(whole))))
 
 
+def torch_greedy(model, tok, prompt: str, max_new_tokens: int, eos_token_id) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy continuation of the unpadded ``prompt``: ``(token ids, logits [n, vocab]
+    each was chosen from)``, stopping at ``eos_token_id`` (an id or a list of ids)."""
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                             pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    gen = out.sequences[0, ids["input_ids"].shape[1]:].tolist()
+    return gen, torch.stack(out.logits, 1)[0, :len(gen)].float().numpy()
+
+
 # ----------------------------------------------------------------------------- fixture checks
 def test_tokenizer_fixture_round_trips_and_prepends_bos():
     folder, _, tok, _ = exported()

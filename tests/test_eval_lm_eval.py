@@ -8,7 +8,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from test_eval_fixtures import MC_DEV, MC_TEST, QA, SUBJECT, TEXTS, exported, mc_records, write_jsonl
+from test_eval_fixtures import MC_DEV, MC_TEST, QA, SUBJECT, TEXTS, exported, mc_records, torch_greedy, write_jsonl
+from ties import assert_choices_agree, assert_text_agrees
 from jax_unlearn.eval import encode, encode_pairs, evaluate_multiple_choice, qa_prompt
 from jax_unlearn.eval.lm_eval_adapter import JaxLM
 
@@ -52,10 +53,10 @@ def check_agreement(out, ours):
     assert len(samples) == len(MC_TEST)
     harness_ll = np.array([[r[0] for r in s["filtered_resps"]] for s in samples], dtype=float)
     np.testing.assert_allclose(harness_ll, ours.loglikelihoods, atol=1e-4)  # float32, other shapes
-    np.testing.assert_array_equal(harness_ll.argmax(1), ours.predictions)
+    ties = assert_choices_agree(ours.predictions, harness_ll)  # up to near-ties (tests/ties.py)
     assert [s["arguments"][0][0] for s in samples] == list(ours.prompts)  # the same prompts, byte for byte
     assert [a[1] for a in samples[0]["arguments"]] == [" A", " B", " C", " D"]
-    assert out["results"][TASK]["acc,none"] == pytest.approx(ours.accuracy)
+    assert abs(out["results"][TASK]["acc,none"] - ours.accuracy) <= ties / len(samples) + 1e-12
 
 
 def test_local_task_zero_shot_agrees_with_our_multiple_choice(tmp_path):
@@ -92,13 +93,12 @@ def test_rolling_loglikelihood_and_generate_until_equal_transformers():
     reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": 12, "do_sample": False}), i)
             for i, p in enumerate(prompts)]
     got = lm.generate_until(reqs)
+    def render(ids):  # the harness's answer: decoded, cut at the first `until` string
+        full = tok.decode(ids, skip_special_tokens=True)
+        return full[:min([full.find(u) for u in until if u in full] + [len(full)])]
+
     for p, text in zip(prompts, got):
-        ids = tok(p, return_tensors="pt")
-        with torch.no_grad():
-            out = hf.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0)
-        full = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        cut = min([full.find(u) for u in until if u in full] + [len(full)])
-        assert text == full[:cut]
+        assert_text_agrees(text, *torch_greedy(hf, tok, p, 12, tok.eos_token_id), render)  # up to near-ties
     assert any(t != "" for t in got)
 
 

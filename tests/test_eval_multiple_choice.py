@@ -5,6 +5,7 @@ import pytest
 
 from test_eval_fixtures import (CHAR_SPLIT, MC_DEV, MC_TEST, SUBJECT, exported, make_tokenizer, mc_records,
                                 read_jsonl, torch_continuation_logprob, write_jsonl)
+from ties import assert_choices_agree, tied
 from jax_unlearn.eval import build_prompts, continuation_logprobs, evaluate_multiple_choice, format_prompt
 
 
@@ -43,9 +44,10 @@ def test_accuracy_and_choices_equal_transformers(tmp_path, num_fewshot):
     ours = evaluate_multiple_choice(model, tok, items, num_fewshot=num_fewshot, fewshot=dev, batch_size=8)
     ll, choices = torch_reference(hf, tok, ours.prompts)
     np.testing.assert_allclose(ours.loglikelihoods, ll, atol=2e-4)
-    np.testing.assert_array_equal(ours.predictions, choices)
+    assert_choices_agree(ours.predictions, ll)  # transformers' choice, up to near-ties (tests/ties.py)
+    np.testing.assert_array_equal(ours.predictions, ours.loglikelihoods.argmax(1))
     answers = np.array([a for *_, a in MC_TEST])
-    assert ours.accuracy == pytest.approx(float(np.mean(choices == answers)))
+    assert ours.accuracy == pytest.approx(float(np.mean(ours.predictions == answers)))
     assert ours.by_subject == {SUBJECT: ours.accuracy}
     assert len(set(ours.predictions.tolist())) > 1  # the random model does not answer one letter throughout
     if num_fewshot:
@@ -54,7 +56,7 @@ def test_accuracy_and_choices_equal_transformers(tmp_path, num_fewshot):
         rows = evaluate_multiple_choice(model, tok, items, num_fewshot=num_fewshot, fewshot=dev, batch_size=8,
                                         single_pass=False)
         np.testing.assert_allclose(rows.loglikelihoods, ours.loglikelihoods, atol=2e-5)
-        np.testing.assert_array_equal(rows.predictions, ours.predictions)
+        assert_choices_agree(rows.predictions, ours.loglikelihoods)
 
 
 def test_multi_token_continuations_equal_transformers():
@@ -65,7 +67,7 @@ def test_multi_token_continuations_equal_transformers():
     ours = evaluate_multiple_choice(model, tok, items, batch_size=8)
     ll, choices = torch_reference(hf, tok, ours.prompts)
     np.testing.assert_allclose(ours.loglikelihoods, ll, atol=2e-4)
-    np.testing.assert_array_equal(ours.predictions, choices)
+    assert_choices_agree(ours.predictions, ll)
     with pytest.raises(ValueError, match="single_pass=True but some choice continuation is not exactly one token"):
         evaluate_multiple_choice(model, tok, items, single_pass=True)
 
@@ -86,11 +88,12 @@ def test_continuation_logprobs_truncate_left_and_flag_greedy():
     assert full[0] == pytest.approx(expect, abs=2e-4)
     assert full[1] == pytest.approx(ref(ctx[:3] + cont, len(cont))[0], abs=2e-4)
     assert short[0] == pytest.approx(ref((ctx + cont)[-7:], len(cont))[0], abs=2e-4)  # 6 inputs + the last label
-    is_greedy = all(int(lp[t - 1].argmax()) == (ctx + cont)[t] for t in range(len(ctx), len(ctx + cont)))
-    assert bool(greedy[0]) == is_greedy
-    argmax_cont = [int(lp[len(ctx) - 1].argmax())]
-    _, g = continuation_logprobs(model, [(ctx, argmax_cont)])
-    assert bool(g[0])
+    steps = [lp[t - 1].numpy() for t in range(len(ctx), len(ctx + cont))]
+    if not any(tied(s).sum() > 1 for s in steps):  # (at a near-tie either answer is right)
+        assert bool(greedy[0]) == all(int(s.argmax()) == tok for s, tok in zip(steps, cont))
+    first = lp[len(ctx) - 1].numpy()
+    _, g = continuation_logprobs(model, [(ctx, [int(first.argmax())])])
+    assert bool(g[0]) or tied(first).sum() > 1
 
 
 def test_one_compilation_per_padded_length_bucket():
@@ -108,4 +111,4 @@ def test_one_compilation_per_padded_length_bucket():
     assert grown == len(buckets)  # the last batch (1 question + 6 fillers) reuses a compiled shape
     again = evaluate_multiple_choice(model, tok, items[::-1], batch_size=7)
     assert kernel._cache_size() - before == grown  # same shapes: nothing recompiles
-    np.testing.assert_array_equal(again.predictions[::-1], first.predictions)
+    assert_choices_agree(again.predictions[::-1], first.loglikelihoods)  # other batches: rounding may differ

@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jax_unlearn as ju
 from jax_unlearn import objectives as obj
 from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
-from step_fixtures import COMBINERS, OBJECTIVES, chain, make_batch, tiny_model
+from step_fixtures import COMBINERS, OBJECTIVES, assert_moves_close, chain, make_batch, tiny_model
 
 FORGET, RETAIN = make_batch(1), make_batch(2)
 
@@ -73,14 +74,21 @@ def test_unweighted_micro_batch_mean_would_differ():
 
 
 def test_naive_mode_equals_weighted_sum_combiner():
+    """One backward pass of ``gamma*L_f + alpha*L_r`` equals ``gamma*g_f + alpha*g_r``.
+
+    Plain SGD moves the parameters linearly in the gradient, so the first move is ``-lr`` times
+    the combined gradient (compared tightly) and three steps stay within float32 rounding. With
+    Adam, ``m/(sqrt(v)+eps)`` turns the rounding noise of a near-zero gradient coordinate into
+    a full-size update whose sign differs between CPUs (issue: Xeon vs EPYC)."""
     o = OBJECTIVES["grad_diff"]()
-    alpha, gamma = 0.7, 1.3
-    opt = optax.adamw(1e-2, weight_decay=0.0)
-    _, combined, hc = run_steps(o, optax.chain(ju.weighted_sum(alpha, gamma), opt), 3)
-    _, naive, hn = run_steps(o, opt, 3, st.StepConfig(mode="naive", alpha=alpha, gamma=gamma))
-    chex.assert_trees_all_close(naive.params, combined.params, rtol=1e-5, atol=1e-6)
+    alpha, gamma, opt = 0.7, 1.3, optax.sgd(0.5)
+    start = jax.device_get(nnx.state(tiny_model(), nnx.Param))
+    for n in (1, 3):
+        _, combined, hc = run_steps(o, optax.chain(ju.weighted_sum(alpha, gamma), opt), n)
+        _, naive, hn = run_steps(o, opt, n, st.StepConfig(mode="naive", alpha=alpha, gamma=gamma))
+        assert_moves_close(jax.device_get(naive.params), jax.device_get(combined.params), start)
+        np.testing.assert_allclose(hn[-1]["retain_loss"], hc[-1]["retain_loss"], rtol=1e-5)
     assert "grad_norm" in hn[0] and "conflict_fraction" not in hn[0]
-    np.testing.assert_allclose(hn[-1]["retain_loss"], hc[-1]["retain_loss"], rtol=1e-5)
 
 
 def test_only_trainable_parameters_train_and_carry_optimizer_state():
