@@ -2,6 +2,7 @@
 
 from jax_unlearn.accumulate import TwoTaskMultiStepsState, two_task_multi_steps
 from jax_unlearn.combiners import (
+    COMBINERS,
     CombinerState,
     TwoTaskGrads,
     global_diagnostics,
@@ -14,6 +15,7 @@ from jax_unlearn.combiners import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMBINERS",
     "CombinerState",
     "TwoTaskGrads",
     "TwoTaskMultiStepsState",

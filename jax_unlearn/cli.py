@@ -17,8 +17,10 @@ import json
 import logging
 import sys
 import textwrap
+import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 PROG = "jax-unlearn"
 CONFIG_NAME = "config.yaml"  # the resolved config, written into every run folder
@@ -223,7 +225,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
     """Runs a benchmark sweep, prints its table and writes results.json and pareto.png into ``out``
     (both written complete or not at all: a failed run leaves earlier results in place)."""
-    from jax_unlearn.bench.report import format_table as bench_table, plot_pareto
+    from jax_unlearn.bench.report import format_table as bench_table
+    from jax_unlearn.bench.report import plot_pareto
     from jax_unlearn.bench.sweep import run_sweep
 
     if out.exists() and not out.is_dir():
@@ -250,7 +253,7 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``demo`` (config optional: the built-in defaults) and ``sweep`` (config required)."""
-    from jax_unlearn.bench.sweep import BenchConfig
+    from jax_unlearn.bench.config import BenchConfig
     from jax_unlearn.run_config import load_config
 
     cfg = load_config(args.config, args.overrides, schema=BenchConfig)
@@ -273,17 +276,39 @@ def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+def _names() -> dict[str, str]:
+    """Names the help texts list, read from the registries and the config schemas."""
+    import dataclasses
+
+    from jax_unlearn.bench.config import BenchConfig
+    from jax_unlearn.combiners import COMBINERS
+    from jax_unlearn.objectives import OBJECTIVES
+    from jax_unlearn.run_config import RunConfig
+
+    demo = BenchConfig()
+    hints = typing.get_type_hints(RunConfig)
+    sections = [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
+    return {"combiners": ", ".join(COMBINERS.names()), "objectives": ", ".join(OBJECTIVES.names()),
+            "demo_combiners": ", ".join(demo.combiners), "demo_objectives": ", ".join(demo.objectives),
+            "sections": ", ".join(sections),
+            "top": ", ".join(f.name for f in dataclasses.fields(RunConfig) if f.name not in sections)}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from jax_unlearn.run_config import DTYPES
+
+    n = _names()
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_formatter,
-        description=textwrap.dedent("""\
+        description=textwrap.dedent(f"""\
             Machine unlearning for LLMs in JAX: the forget and retain gradients are combined by
-            weighted_sum, pcgrad or sago (SAGO) so that updates do not work against retention.
+            a combiner ({n['combiners']}) so that updates do not work against retention.
+            Objectives: {n['objectives']}.
 
             commands:
               demo     see the method work in minutes on a CPU: pretrain (or reuse) a tiny LLaMA on
-                       a world of invented people, unlearn 10% of them with GradDiff and SimNPO,
-                       each combined by weighted_sum, pcgrad and sago over a learning-rate grid;
+                       a world of invented people, unlearn 10% of them with {n['demo_objectives']},
+                       each combined by {n['demo_combiners']} over a learning-rate grid;
                        prints a table, writes results.json and pareto.png
               sweep    the same benchmark over a grid of one hyperparameter (lr, alpha, gamma, beta,
                        delta), optionally replicated over several worlds with paired differences
@@ -298,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo", formatter_class=_formatter, help="the embedded benchmark, end to end (minutes on a CPU)",
-        description=textwrap.dedent("""\
+        description=textwrap.dedent(f"""\
             Build (first run: about 1.5 min of the ~3.5 on 2 CPU cores) or reuse the cached model: a
             0.27M-parameter LLaMA pretrained on a seeded world of invented people (names,
             birth cities, occupations, pets, ...) and general facts about the same places and
-            animals. Then unlearn the forget people with GradDiff and SimNPO, each combined by
-            weighted_sum, pcgrad and sago at three learning rates (lower rates run
+            animals. Then unlearn the forget people with {n['demo_objectives']}, each combined by
+            {n['demo_combiners']} at three learning rates (lower rates run
             proportionally more steps), evaluate forget / retain / held-out / general accuracy
             and MIA AUROC along every run, print the best run of each method with forget
             accuracy <= 0.10 and write OUT/results.json and OUT/pareto.png.
@@ -333,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "unlearn", formatter_class=_formatter, help="run an unlearning config",
-        description=textwrap.dedent("""\
+        description=textwrap.dedent(f"""\
             Load the model, tokenizer and data named in CONFIG, unlearn, export the model to
             OUTPUT_DIR/model and (if the config's eval section names files) evaluate it.
             Rerunning the same command resumes from the newest checkpoint in OUTPUT_DIR.
@@ -341,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
             Overrides are dotted KEY=VALUE pairs applied after the file, values parsed as YAML:
               model.path=/ckpt/zephyr-7b-beta data.forget=bio.jsonl data.retain=wiki.jsonl
               optim.lr=1e-5 combiner.name=pcgrad combiner.scope=global max_steps=100
-            Sections: model, data, eval, optim, combiner, objective, mesh; top-level keys:
-            output_dir, batch_size, micro_batches, epochs, max_steps, seed, save_every, keep,
-            log_every, mode, export, progress. An unknown key or a wrong value is an error that
-            names the key and what it allows."""))
+            Sections: {n['sections']}; top-level keys:
+            {n['top']}.
+            combiner.name: {n['combiners']}; objective.name: {n['objectives']}.
+            An unknown key or a wrong value is an error that names the key and what it allows."""))
     p.add_argument("config", metavar="CONFIG", help="YAML run config (see configs/)")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="overrides, e.g. optim.lr=1e-5")
     p.set_defaults(func=cmd_unlearn)
@@ -366,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", help="subject for --mc questions without one (e.g. biology)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget for --qa (default 32)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="parameter dtype (default float32)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)

@@ -12,21 +12,27 @@ the params, so any optax transform can follow it in ``optax.chain``:
   ``u = where(c, alpha*g_r, gamma*g_f)`` (``agree="forget"``) or
   ``where(c, alpha*g_r, gamma*g_f + alpha*g_r)`` (``agree="sum"``).
 
-Every leaf keeps its dtype; dot products and norms accumulate in float32. The state holds
-the last update's global diagnostics (``conflict_fraction``, ``cos_forget_retain``,
+Every leaf keeps its dtype; each leaf is combined, and its dot products and norms accumulate,
+in ``promote_types(float32, leaf dtype)`` (bfloat16 in float32, float64 stays float64). The
+state holds the last update's global diagnostics (float32) (``conflict_fraction``, ``cos_forget_retain``,
 ``cos_update_retain``, ``forget_norm``, ``retain_norm``, ``update_norm``), readable with
 ``optax.tree_utils.tree_get(state, name)``.
+
+`COMBINERS` is the registry of combiner factories by name (configs and the CLI read it).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
+
+from jax_unlearn.registry import Registry
 
 PCGRAD_EPS = 1e-10  # added to |g_r|^2 in the PCGrad projection, as in the reference
 _COS_EPS = 1e-30  # guards the cosines against 0/0 (an all-zero tree gives cosine 0)
@@ -51,8 +57,9 @@ class CombinerState(NamedTuple):
     update_norm: chex.Array  # |u|
 
 
-class _Stats(NamedTuple):
-    """Float32 sums behind the diagnostics, one value per leaf or summed over leaves."""
+class LeafStats(NamedTuple):
+    """The sums behind the diagnostics (in the leaf's accumulation dtype), one value per leaf
+    or summed over leaves."""
 
     size: chex.Array  # number of coordinates
     conflicts: chex.Array  # number of coordinates with opposite non-zero signs
@@ -114,67 +121,70 @@ def _f32(x: chex.Array) -> chex.Array:
     return jnp.asarray(x).astype(_F32)
 
 
+def _wide(x: chex.Array) -> chex.Array:
+    """``x`` in ``promote_types(float32, x.dtype)``: bfloat16/float16 -> float32, float64 kept."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(_F32, x.dtype))
+
+
+def _weight(w: chex.Array, like: chex.Array) -> chex.Array:
+    """A combiner weight in the accumulation dtype of leaf ``like``."""
+    return jnp.asarray(w).astype(jnp.promote_types(_F32, jnp.result_type(like)))
+
+
 def _conflict(f: chex.Array, r: chex.Array) -> chex.Array:
     """Element-wise ``sign(f)*sign(r) < 0`` without forming ``f*r`` (which can underflow)."""
     return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
 
 
 def _sum(x: chex.Array) -> chex.Array:
-    return jnp.sum(x, dtype=_F32)
-
-
-def _dot_norm(f: chex.Array, r: chex.Array) -> tuple[chex.Array, chex.Array]:
-    """(<f,r>, |r|^2) in float32: all that the PCGrad projection needs."""
-    f32, r32 = _f32(f), _f32(r)
-    return _sum(f32 * r32), _sum(r32 * r32)
+    return jnp.sum(x, dtype=x.dtype)
 
 
 def _pair_stats(f: chex.Array, r: chex.Array) -> tuple[chex.Array, ...]:
-    """(size, conflicts, <f,r>, |f|^2, |r|^2) of one leaf in float32.
+    """(size, conflicts, <f,r>, |f|^2, |r|^2) of one leaf in its accumulation dtype.
 
     The conflict count is ``-sum(min(sign f * sign r, 0))``: on XLA:CPU this sums as fast as a
     product, while a boolean count is twice as slow; no intermediate is shared between the
     four sums, so XLA reads ``f`` and ``r`` once for all of them.
     """
-    f32, r32 = _f32(f), _f32(r)
-    conflicts = -_sum(jnp.minimum(jnp.sign(f) * jnp.sign(r), 0))
-    return (jnp.asarray(jnp.size(f), _F32), conflicts, _sum(f32 * r32), _sum(f32 * f32), _sum(r32 * r32))
+    fw, rw = _wide(f), _wide(r)
+    conflicts = -_sum(jnp.minimum(jnp.sign(fw) * jnp.sign(rw), 0))
+    return (jnp.asarray(jnp.size(f), fw.dtype), conflicts, _sum(fw * rw), _sum(fw * fw), _sum(rw * rw))
 
 
-def _linear_stats(pair: tuple, g: chex.Array, b: chex.Array) -> _Stats:
+def _linear_stats(pair: tuple, g: chex.Array, b: chex.Array) -> LeafStats:
     """Stats of ``u = g*f + b*r`` from the pair sums alone: ``<u,r> = g<f,r> + b|r|^2`` and
     ``|u|^2 = g^2|f|^2 + 2gb<f,r> + b^2|r|^2`` (no second pass over the leaf)."""
     size, conflicts, fr, ff, rr = pair
-    return _Stats(size, conflicts, fr, ff, rr, g * fr + b * rr, g * g * ff + 2 * g * b * fr + b * b * rr)
+    return LeafStats(size, conflicts, fr, ff, rr, g * fr + b * rr, g * g * ff + 2 * g * b * fr + b * b * rr)
 
 
-def leaf_stats(f: chex.Array, r: chex.Array, u: chex.Array) -> _Stats:
+def leaf_stats(f: chex.Array, r: chex.Array, u: chex.Array) -> LeafStats:
     """All diagnostic sums of one leaf from its forget, retain and update arrays."""
-    u32, r32 = _f32(u), _f32(r)
-    return _Stats(*_pair_stats(f, r), ur=_sum(u32 * r32), uu=_sum(u32 * u32))
+    uw, rw = _wide(u), _wide(r)
+    return LeafStats(*_pair_stats(f, r), ur=_sum(uw * rw), uu=_sum(uw * uw))
 
 
-def _total(stats: list[_Stats]) -> _Stats:
+def _total(stats: list[LeafStats]) -> LeafStats:
     """Sums per-leaf stats over leaves (zeros for an empty tree)."""
     if not stats:
-        return _Stats(*([jnp.zeros((), _F32)] * len(_Stats._fields)))
-    return _Stats(*[sum(column[1:], column[0]) for column in zip(*stats)])
+        return LeafStats(*(jnp.zeros((), _F32) for _ in LeafStats._fields))
+    return LeafStats(*[sum(column[1:], column[0]) for column in zip(*stats)])
 
 
-def _diagnostics(s: _Stats | None) -> CombinerState:
-    """Turns float32 sums into the reported diagnostics (NaN when they were not computed)."""
+def _diagnostics(s: LeafStats | None) -> CombinerState:
+    """Turns the sums into the reported float32 diagnostics (NaN when they were not computed).
+    Every field is its own array (a state whose fields shared one buffer could not be donated)."""
     if s is None:
-        return CombinerState(*([jnp.full((), jnp.nan, _F32)] * len(CombinerState._fields)))
+        return CombinerState(*(jnp.full((), jnp.nan, _F32) for _ in CombinerState._fields))
     fn, rn = jnp.sqrt(s.ff), jnp.sqrt(s.rr)
     un = jnp.sqrt(jnp.maximum(s.uu, 0.0))
-    return CombinerState(
-        conflict_fraction=s.conflicts / jnp.maximum(s.size, 1.0),
-        cos_forget_retain=s.fr / jnp.maximum(fn * rn, _COS_EPS),
-        cos_update_retain=s.ur / jnp.maximum(un * rn, _COS_EPS),
-        forget_norm=fn,
-        retain_norm=rn,
-        update_norm=un,
-    )
+    return CombinerState(*(_f32(x) for x in (
+        s.conflicts / jnp.maximum(s.size, 1.0),
+        s.fr / jnp.maximum(fn * rn, _COS_EPS),
+        s.ur / jnp.maximum(un * rn, _COS_EPS),
+        fn, rn, un)))
 
 
 def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool):
@@ -187,12 +197,12 @@ def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool):
 
     def init_fn(params):
         del params
-        return CombinerState(*([jnp.zeros((), _F32)] * len(CombinerState._fields)))
+        return CombinerState(*(jnp.zeros((), _F32) for _ in CombinerState._fields))
 
     def update_fn(updates, state, params=None):
         del state, params
         f, r, treedef = _split(updates, name)
-        u, stats = combine(f, r, _f32(alpha), _f32(gamma))
+        u, stats = combine(f, r, alpha, gamma)
         return jax.tree.unflatten(treedef, u), _diagnostics(_total(stats) if diagnostics else None)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -205,7 +215,7 @@ _RETURNS = """Returns:
       one tree shaped like the params (each leaf in its own dtype); its state is a
       ``CombinerState`` with the diagnostics of the last update."""
 
-_DIAGNOSTICS_ARG = """diagnostics: compute the state's diagnostics (float32 sums over every leaf). With
+_DIAGNOSTICS_ARG = """diagnostics: compute the state's diagnostics (sums over every leaf). With
         False they are NaN and, under jit, XLA drops the sums that the update itself
         does not need."""
 
@@ -230,8 +240,12 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
     """
 
     def combine(fs, rs, a, g):
-        us = [(g * _f32(f) + a * _f32(r)).astype(f.dtype) for f, r in zip(fs, rs)]
-        return us, [_linear_stats(_pair_stats(f, r), g, a) for f, r in zip(fs, rs)]
+        us, stats = [], []
+        for f, r in zip(fs, rs):
+            aw, gw = _weight(a, f), _weight(g, f)
+            us.append((gw * _wide(f) + aw * _wide(r)).astype(f.dtype))
+            stats.append(_linear_stats(_pair_stats(f, r), gw, aw))
+        return us, stats
 
     return _combiner("weighted_sum", combine, alpha, gamma, diagnostics)
 
@@ -241,7 +255,7 @@ def pcgrad(
 ) -> optax.GradientTransformation:
     """PCGrad for unlearning: project the forget gradient off the retain gradient on conflict.
 
-    With ``d = <g_f, g_r>`` and ``n = |g_r|^2`` (float32, per leaf or over all leaves):
+    With ``d = <g_f, g_r>`` and ``n = |g_r|^2`` (per leaf or over all leaves, in float32 or wider):
     ``g_f' = g_f - min(d, 0)/(n + 1e-10) * g_r`` and ``u = gamma*g_f' + alpha*g_r``, computed
     as ``u = gamma*g_f + beta*g_r`` with ``beta = alpha - gamma*min(d, 0)/(n + 1e-10)``.
     Then ``<u, g_r> = alpha*n + gamma*min(d, 0)*1e-10/(n + 1e-10)``: non-negative up to that
@@ -269,12 +283,14 @@ def pcgrad(
     def combine(fs, rs, a, g):
         pairs = [_pair_stats(f, r) for f, r in zip(fs, rs)]
         if scope == "global":
-            tot = _total([_Stats(*p, 0.0, 0.0) for p in pairs])
-            betas = [a - g * jnp.minimum(tot.fr, 0.0) / (tot.rr + PCGRAD_EPS)] * len(pairs)
+            tot = _total([LeafStats(*p, 0.0, 0.0) for p in pairs])
+            shared = _weight(a, tot.fr) - _weight(g, tot.fr) * jnp.minimum(tot.fr, 0.0) / (tot.rr + PCGRAD_EPS)
+            betas = [shared.astype(p[2].dtype) for p in pairs]
         else:
-            betas = [a - g * jnp.minimum(p[2], 0.0) / (p[4] + PCGRAD_EPS) for p in pairs]
-        us = [(g * _f32(f) + b * _f32(r)).astype(f.dtype) for f, r, b in zip(fs, rs, betas)]
-        return us, [_linear_stats(p, g, b) for p, b in zip(pairs, betas)]
+            betas = [_weight(a, f) - _weight(g, f) * jnp.minimum(p[2], 0.0) / (p[4] + PCGRAD_EPS)
+                     for f, p in zip(fs, pairs)]
+        us = [(_weight(g, f) * _wide(f) + b * _wide(r)).astype(f.dtype) for f, r, b in zip(fs, rs, betas)]
+        return us, [_linear_stats(p, _weight(g, f), b) for f, p, b in zip(fs, pairs, betas)]
 
     return _combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics)
 
@@ -312,9 +328,9 @@ def sago(
     def combine(fs, rs, a, g):
         us = []
         for f, r in zip(fs, rs):
-            f32, r32 = _f32(f), _f32(r)
-            keep = g * f32 + a * r32 if agree == "sum" else g * f32
-            us.append(jnp.where(_conflict(f, r), a * r32, keep).astype(f.dtype))
+            fw, rw, aw, gw = _wide(f), _wide(r), _weight(a, f), _weight(g, f)
+            keep = gw * fw + aw * rw if agree == "sum" else gw * fw
+            us.append(jnp.where(_conflict(f, r), aw * rw, keep).astype(f.dtype))
         return us, [leaf_stats(f, r, u) for f, r, u in zip(fs, rs, us)]
 
     return _combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics)
@@ -323,6 +339,10 @@ def sago(
 for _fn in (weighted_sum, pcgrad, sago):
     if _fn.__doc__:  # absent under python -OO
         _fn.__doc__ = _fn.__doc__.format(diagnostics=_DIAGNOSTICS_ARG, returns=_RETURNS)
+
+COMBINERS = Registry("combiner")
+for _fn in (weighted_sum, pcgrad, sago):
+    COMBINERS.register(_fn.__name__, _fn)
 
 
 # ----------------------------------------------------------------------------- reports

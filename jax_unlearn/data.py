@@ -17,37 +17,48 @@ Reading (local files need nothing beyond the standard library)::
 Record formats: text corpora ``{"text": str}`` (WMDP corpora, RWKU passages), QA pairs
 ``{"question": str, "answer": str, "level"?: str}`` (loss on the answer only), multiple
 choice ``{"question": str, "choices": [str, ...], "answer": int, "subject"?: str}`` (WMDP,
-MMLU; read by the evaluation). A malformed record raises `DataError` naming the file, the
-line (or element/row) and what was expected; an empty set raises `DataError` naming the set.
+MMLU). These are the library's one record model: `as_text`, `as_qa_pair` and
+`as_multiple_choice` validate a record (a mapping or an object with those attributes; RWKU's
+``query`` is read as the question) for the file readers and for the evaluation alike. A
+malformed record raises `DataError` naming where it is (file and line, element, row, or
+``question 3``) and what was expected; an empty set raises `DataError` naming the set.
 
 Tokenising (a Hugging Face fast tokenizer, e.g. ``load_tokenizer(folder)``):
 
 * `pack_texts`: texts joined by ``"\\n\\n"``, tokenised once without special tokens and cut
   into ``max_length`` chunks (the paper's reference); loss on every token.
-* `tokenize_texts`: one row per text, truncated and right-padded; loss on every real token.
-* `tokenize_qa`: one row per pair, ``prompt + answer`` truncated and right-padded; loss on
-  the answer tokens only.
+* `tokenize_texts`: one row per text, right-padded; loss on every real token.
+* `tokenize_qa`: one row per pair, ``prompt + answer``, right-padded; loss on the answer
+  tokens only.
 
-Order: `ShuffledIndices` (seeded epoch permutations, resumable from a saved position) and
-`PairedBatches` (the training loop's forget-anchored forget/retain pairing, a function of
-the step alone).
+A row longer than ``max_length`` is cut at its end and counted in a warning, or refused with
+``TokenizeOptions(truncation="error")``.
+
+Order: `ShuffledIndices` (seeded epoch permutations, resumable from a saved position),
+`EpochBatches` (one set's batches, a function of the step alone) and `PairedBatches` (the
+unlearning loop's forget-anchored forget/retain pairing, also a function of the step alone).
+`pad_rows` is the one padding routine (right for training rows, left for scoring).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import numbers
 import os
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
-Dataset = Mapping[str, np.ndarray]  # input_ids / attention_mask / labels, each [N, seq]
+from jax_unlearn.token_math import IGNORE  # label of a position without loss (-100)
 
-IGNORE = -100  # label of a position without loss
+Dataset = Mapping[str, np.ndarray]  # input_ids / attention_mask / labels, each [N, seq]
+log = logging.getLogger("jax_unlearn.data")
+
 
 class DataError(ValueError):
     """A data file or set that cannot be used: malformed record, empty set, unknown type."""
@@ -201,16 +212,37 @@ def _kind(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+_MISSING = object()
+
+
+def _get(record: Any, key: str) -> Any:
+    """``record[key]`` of a mapping or ``record.key`` of an object (``_MISSING`` when absent)."""
+    if isinstance(record, Mapping):
+        return record.get(key, _MISSING)
+    return getattr(record, key, _MISSING) if not isinstance(record, (str, bytes, list, tuple)) else _MISSING
+
+
 def _field(loc, record, key, expected: str, problem: str | None = None):
     """Raises the `DataError` for ``record`` at ``loc``."""
     if problem is None:
-        if not isinstance(record, Mapping):
+        value = _get(record, key)
+        if isinstance(record, (str, bytes, list, tuple, int, float, type(None))):
             problem = f"got {_kind(record)}"
-        elif key not in record:
+        elif value is _MISSING:
             problem = f"field {key!r} is missing"
         else:
-            problem = f"field {key!r} is {_kind(record[key])}"
+            problem = f"field {key!r} is {_kind(value)}"
     raise DataError(f"{_where(loc)}: expected {expected} ({problem})")
+
+
+def nonempty(items: Any, what: str) -> list:
+    """``items`` as a list; `DataError` ``"the set of {what} is empty"`` (or for a lone string)."""
+    if isinstance(items, (str, bytes)):
+        raise DataError(f"expected a list of {what}, got a single string")
+    items = list(items)
+    if not items:
+        raise DataError(f"the set of {what} is empty")
+    return items
 
 
 def _nonempty(items: list, source, name: str | None):
@@ -221,6 +253,15 @@ def _nonempty(items: list, source, name: str | None):
 
 def _source_name(source) -> str:
     return str(source) if isinstance(source, HubSource) else Path(source).name
+
+
+def as_text(record: Any, where: str = "text", field: str = "text") -> str:
+    """A text: a string, or a record (mapping or object) with a string ``field``."""
+    if isinstance(record, str):
+        return record
+    if not isinstance(_get(record, field), str):
+        _field(where, record, field, f"a string or a record with a string field {field!r}")
+    return _get(record, field)
 
 
 def read_texts(source, *, field: str = "text", split: Literal["blank_line", "line"] = "blank_line",
@@ -236,9 +277,9 @@ def read_texts(source, *, field: str = "text", split: Literal["blank_line", "lin
 def _texts(records, source, field: str, name: str | None) -> list[str]:
     out = []
     for loc, rec in records:
-        if not isinstance(rec, Mapping) or not isinstance(rec.get(field), str):
+        if not isinstance(_get(rec, field), str):
             _field(loc, rec, field, f"a JSON object with a string field {field!r}")
-        out.append(rec[field])
+        out.append(_get(rec, field))
     return _nonempty(out, source, name)
 
 
@@ -246,16 +287,26 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _qa(loc, rec, question: str, answer: str) -> QAPair:
-    expected = (f"a JSON object with string fields {question!r} and {answer!r} "
+def as_qa_pair(record: Any, where: str = "QA pair", question: str = "question", answer: str = "answer") -> QAPair:
+    """A `QAPair` from a record (mapping or object) with a non-empty string ``question`` (or
+    RWKU's ``query``), a string ``answer`` and an optional string or integer ``level``."""
+    expected = (f"a record with a non-empty string {question!r} and a string {answer!r} "
                 "(and an optional string or integer 'level')")
-    for key in (question, answer):
-        if not isinstance(rec, Mapping) or not isinstance(rec.get(key), str):
-            _field(loc, rec, key, expected)
-    level = rec.get("level")
+    q_key = question
+    if question == "question" and _get(record, "question") is _MISSING and _get(record, "query") is not _MISSING:
+        q_key = "query"  # RWKU's name for the question
+    q = _get(record, q_key)
+    if not isinstance(q, str):
+        _field(where, record, q_key, expected)
+    if not q.strip():
+        _field(where, record, q_key, expected, f"{q_key!r} is empty")
+    if not isinstance(_get(record, answer), str):
+        _field(where, record, answer, expected)
+    level = _get(record, "level")
+    level = None if level is _MISSING else level
     if level is not None and not (isinstance(level, str) or _is_int(level)):
-        _field(loc, rec, "level", expected)
-    return QAPair(rec[question], rec[answer], None if level is None else str(level))
+        _field(where, record, "level", expected)
+    return QAPair(q, _get(record, answer), None if level is None else str(level))
 
 
 def read_qa(source, *, question: str = "question", answer: str = "answer", name: str | None = None) -> list[QAPair]:
@@ -264,30 +315,38 @@ def read_qa(source, *, question: str = "question", answer: str = "answer", name:
     An integer ``level`` is kept as its string. Raises `DataError` as `read_texts`.
     """
     _refuse_txt(source, "QA pairs")
-    return _nonempty([_qa(loc, rec, question, answer) for loc, rec in _records(source)], source, name)
+    return _nonempty([as_qa_pair(rec, loc, question, answer) for loc, rec in _records(source)], source, name)
 
 
-def _multiple_choice(loc, rec) -> MultipleChoice:
-    expected = ("a JSON object with a string 'question', a list 'choices' of at least 2 strings and an "
+MAX_CHOICES = 26  # lettered A-Z
+
+
+def as_multiple_choice(record: Any, where: str = "question") -> MultipleChoice:
+    """A `MultipleChoice` from a record (mapping or object) with a string ``question``, a list
+    ``choices`` of 2 to 26 strings, an integer ``answer`` indexing them and an optional string
+    ``subject``."""
+    expected = ("a record with a string 'question', a list 'choices' of 2 to 26 strings and an "
                 "integer 'answer' indexing them (and an optional string 'subject')")
-    if not isinstance(rec, Mapping) or not isinstance(rec.get("question"), str):
-        _field(loc, rec, "question", expected)
-    choices = rec.get("choices")
+    if not isinstance(_get(record, "question"), str):
+        _field(where, record, "question", expected)
+    choices = _get(record, "choices")
     if not isinstance(choices, (list, tuple)):
-        _field(loc, rec, "choices", expected)
-    if len(choices) < 2:
-        _field(loc, rec, "choices", expected, f"'choices' has {len(choices)} item" + "s" * (len(choices) != 1))
+        _field(where, record, "choices", expected)
+    if not 2 <= len(choices) <= MAX_CHOICES:
+        _field(where, record, "choices", expected, f"'choices' has {len(choices)} item" + "s" * (len(choices) != 1))
     for j, choice in enumerate(choices):
         if not isinstance(choice, str):
-            _field(loc, rec, "choices", expected, f"choices[{j}] is {_kind(choice)}")
-    if not _is_int(rec.get("answer")):
-        _field(loc, rec, "answer", expected)
-    if not 0 <= rec["answer"] < len(choices):
-        _field(loc, rec, "answer", expected, f"'answer' is {rec['answer']} but there are {len(choices)} choices")
-    subject = rec.get("subject")
+            _field(where, record, "choices", expected, f"choices[{j}] is {_kind(choice)}")
+    answer = _get(record, "answer")
+    if not _is_int(answer):
+        _field(where, record, "answer", expected)
+    if not 0 <= answer < len(choices):
+        _field(where, record, "answer", expected, f"'answer' is {answer} but there are {len(choices)} choices")
+    subject = _get(record, "subject")
+    subject = None if subject is _MISSING else subject
     if subject is not None and not isinstance(subject, str):
-        _field(loc, rec, "subject", expected)
-    return MultipleChoice(rec["question"], tuple(choices), int(rec["answer"]), subject)
+        _field(where, record, "subject", expected)
+    return MultipleChoice(_get(record, "question"), tuple(choices), int(answer), subject or None)
 
 
 def read_multiple_choice(source, *, name: str | None = None) -> list[MultipleChoice]:
@@ -296,7 +355,7 @@ def read_multiple_choice(source, *, name: str | None = None) -> list[MultipleCho
     Raises `DataError` as `read_texts` (also for an ``answer`` outside ``choices``).
     """
     _refuse_txt(source, "multiple-choice questions")
-    return _nonempty([_multiple_choice(loc, rec) for loc, rec in _records(source)], source, name)
+    return _nonempty([as_multiple_choice(rec, loc) for loc, rec in _records(source)], source, name)
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -314,6 +373,9 @@ class TokenizeOptions:
       qa_prompt: the prompt of a QA pair, formatted with ``question``; no loss on it.
       qa_answer: the answer part, formatted with ``answer``; the loss is on its tokens.
       append_eos: `tokenize_qa` ends each answer with the tokenizer's EOS (with loss).
+      truncation: what `tokenize_texts` / `tokenize_qa` do with a row longer than ``max_length``
+        tokens: ``"right"`` cuts its end (and logs how many rows of the set were cut),
+        ``"error"`` raises `DataError` naming the set, the row and its length.
     """
 
     separator: str = "\n\n"
@@ -322,8 +384,11 @@ class TokenizeOptions:
     qa_prompt: str = "Question: {question}\nAnswer:"
     qa_answer: str = " {answer}"
     append_eos: bool = True
+    truncation: Literal["right", "error"] = "right"
 
     def __post_init__(self):
+        if self.truncation not in ("right", "error"):
+            raise DataError(f"truncation={self.truncation!r}: expected 'right' or 'error'")
         try:
             self.qa_prompt.format(question="")
             self.qa_answer.format(answer="")
@@ -354,19 +419,48 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, labels: Sequence[Sequence[int]] | None = None,
+             side: Literal["right", "left"] = "right") -> tuple[np.ndarray, ...]:
+    """Pads token rows to ``[len(rows), length]`` on the ``side`` given: ``(ids int32, mask int32)``
+    and, with ``labels`` (one per row, as long as it), labels padded with ``IGNORE``."""
+    b = len(rows)
+    ids = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    lab = np.full((b, length), IGNORE, np.int32) if labels is not None else None
+    for i, r in enumerate(rows):
+        n = len(r)
+        if n > length:
+            raise ValueError(f"row {i} has {n} tokens, more than the padded length {length}")
+        if n:
+            span = slice(0, n) if side == "right" else slice(length - n, length)
+            ids[i, span], mask[i, span] = r, 1
+            if lab is not None:
+                lab[i, span] = labels[i]
+    return (ids, mask) if lab is None else (ids, mask, lab)
+
+
+def _truncate(seqs: list, masks: list, max_length: int, options: TokenizeOptions, name: str) -> tuple[list, list]:
+    """Cuts rows longer than ``max_length`` (``truncation="right"``, logging how many) or refuses them."""
+    long = [i for i, seq in enumerate(seqs) if len(seq) > max_length]
+    if long:
+        first = long[0]
+        if options.truncation == "error":
+            raise DataError(f"the {name} set: {len(long)} of {len(seqs)} rows are longer than max_length={max_length} "
+                            f"tokens (row [{first}] has {len(seqs[first])}); raise max_length or use "
+                            "truncation='right' to cut them")
+        log.warning("the %s set: %d of %d rows were longer than max_length=%d tokens and lost their end "
+                    "(row [%d] had %d); TokenizeOptions(truncation='error') refuses such rows",
+                    name, len(long), len(seqs), max_length, first, len(seqs[first]))
+    return [seq[:max_length] for seq in seqs], [m[:max_length] for m in masks]
+
+
 def _rows(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]], max_length: int, pad_id: int,
           name: str) -> dict[str, np.ndarray]:
     """Right-pads ``seqs`` (each ``<= max_length``) to ``[N, max_length]``; labels where ``masks``."""
-    n = len(seqs)
-    if n == 0:
+    if not len(seqs):
         raise DataError(f"the {name} set is empty (no rows to tokenise)")
-    ids = np.full((n, max_length), pad_id, np.int32)
-    am = np.zeros((n, max_length), np.int32)
-    labels = np.full((n, max_length), IGNORE, np.int32)
-    for i, (seq, mask) in enumerate(zip(seqs, masks)):
-        k = len(seq)
-        ids[i, :k], am[i, :k] = seq, 1
-        labels[i, :k] = np.where(np.asarray(mask, bool), seq, IGNORE)
+    labels = [np.where(np.asarray(m, bool), np.asarray(seq, np.int64), IGNORE) for seq, m in zip(seqs, masks)]
+    ids, am, labels = pad_rows(seqs, max_length, pad_id, labels)
     no_loss = np.flatnonzero(~(labels[:, 1:] != IGNORE).any(axis=1))
     if len(no_loss):
         raise DataError(f"the {name} set: row [{no_loss[0]}] (and {len(no_loss) - 1} more) has no token to take "
@@ -397,16 +491,18 @@ def pack_texts(texts: Sequence[str], tokenizer, max_length: int, options: Tokeni
 
 def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int, options: TokenizeOptions = TokenizeOptions(),
                    *, name: str = "texts") -> dict[str, np.ndarray]:
-    """One row per text, truncated to ``max_length`` and right-padded: a `Dataset` ``[len(texts), max_length]``.
+    """One row per text, right-padded: a `Dataset` ``[len(texts), max_length]``.
 
-    Loss on every real token (including the tokenizer's special tokens), none on padding.
+    Loss on every real token (including the tokenizer's special tokens), none on padding. A
+    text longer than ``max_length`` tokens is cut or refused (``options.truncation``).
     """
     _check_length(max_length)
     if not texts:
         raise DataError(f"the {name} set is empty (no texts to tokenise)")
-    enc = tokenizer(list(texts), add_special_tokens=options.add_special_tokens, truncation=True,
-                    max_length=max_length, verbose=False)["input_ids"]
-    return _rows(enc, [[True] * len(s) for s in enc], max_length, _pad_id(tokenizer), name)
+    enc = [list(r) for r in tokenizer(list(texts), add_special_tokens=options.add_special_tokens,
+                                      verbose=False)["input_ids"]]
+    enc, masks = _truncate(enc, [[True] * len(r) for r in enc], max_length, options, name)
+    return _rows(enc, masks, max_length, _pad_id(tokenizer), name)
 
 
 def tokenize_qa(pairs: Sequence[QAPair], tokenizer, max_length: int, options: TokenizeOptions = TokenizeOptions(),
@@ -438,8 +534,9 @@ def tokenize_qa(pairs: Sequence[QAPair], tokenizer, max_length: int, options: To
         ids = list(ids)
         if options.append_eos:
             ids, mask = ids + [eos], mask + [True]
-        seqs.append(ids[:max_length])
-        masks.append(mask[:max_length])
+        seqs.append(ids)
+        masks.append(mask)
+    seqs, masks = _truncate(seqs, masks, max_length, options, name)
     return _rows(seqs, masks, max_length, _pad_id(tokenizer), name)
 
 
@@ -484,7 +581,7 @@ def load_set(source, tokenizer, max_length: int, *, mode: Literal["auto", "pack"
         if mode == "pack":
             raise DataError(f"the {name} set holds QA pairs, which cannot be packed: use mode='truncate'")
         _refuse_txt(source, "QA pairs")
-        pairs = [_qa(loc, rec, "question", "answer") for loc, rec in records]
+        pairs = [as_qa_pair(rec, loc) for loc, rec in records]
         return tokenize_qa(pairs, tokenizer, max_length, options, name=name)
     texts = _texts(records, source, "text", name)
     tokenize = tokenize_texts if mode == "truncate" else pack_texts
@@ -513,7 +610,7 @@ def load_unlearning_sets(forget_path, retain_path, tokenizer, max_length: int, *
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The seeded permutation ``[n]`` of epoch ``epoch`` (shared by `ShuffledIndices` and `PairedBatches`)."""
+    """The seeded permutation ``[n]`` of epoch ``epoch`` (shared by `ShuffledIndices` and `EpochBatches`)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -546,7 +643,7 @@ class ShuffledIndices:
             self._cached = (epoch, _epoch_order(self.seed, epoch, self.n))
         return self._cached[1]
 
-    def __iter__(self) -> "ShuffledIndices":
+    def __iter__(self) -> ShuffledIndices:
         return self
 
     def __next__(self) -> int:
@@ -562,45 +659,74 @@ class ShuffledIndices:
         return {"n": self.n, "seed": self.seed, "position": self.position}
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "ShuffledIndices":
+    def from_state(cls, state: Mapping) -> ShuffledIndices:
         return cls(state["n"], state["seed"], state["position"])
 
 
-class PairedBatches:
-    """Forget-anchored batches for the training loop: step ``t`` -> ``(forget rows, retain rows)``.
+def _check_set(data: Dataset, name: str) -> int:
+    """Rows of a tokenised set (every array must have as many)."""
+    if "input_ids" not in data:
+        raise DataError(f"the {name} set has no 'input_ids'")
+    n = len(data["input_ids"])
+    if n == 0:
+        raise DataError(f"the {name} set is empty")
+    for key, arr in data.items():
+        if len(arr) != n:
+            raise DataError(f"{name} set: {key!r} has {len(arr)} rows but input_ids has {n}")
+    return n
 
-    Epoch ``e`` visits the forget set in the seeded permutation ``_epoch_order(seed, e, N_f)``
-    (the same order as ``ShuffledIndices(N_f, seed)``), ``batch_size`` rows per step, sorted
-    within the batch; the last incomplete batch is dropped (fixed shapes), so an epoch is
-    ``steps_per_epoch = N_f // batch_size`` steps. Each step pairs them with ``batch_size``
-    retain rows drawn with replacement by a generator seeded with ``(seed, step)``. The
-    batches are a function of ``t`` alone: a resumed run (a fresh instance) sees exactly the
-    batches an uninterrupted one would. Each returned dict holds ``[batch_size, seq]`` arrays.
+
+class EpochBatches:
+    """Seeded epochs over one set: step ``t`` -> a batch of ``batch_size`` rows.
+
+    Epoch ``e`` visits the set in the permutation ``_epoch_order(seed, e, N)`` (the order of
+    ``ShuffledIndices(N, seed)``), ``batch_size`` rows per step, sorted within the batch; the
+    last incomplete batch is dropped (fixed shapes), so an epoch is
+    ``steps_per_epoch = N // batch_size`` steps. A batch is a function of ``t`` alone.
     """
 
-    def __init__(self, forget: Dataset, retain: Dataset, batch_size: int, seed: int):
-        for name, data in (("forget", forget), ("retain", retain)):
-            if "input_ids" not in data:
-                raise ValueError(f"the {name} set has no 'input_ids'")
-            n = len(data["input_ids"])
-            if n == 0:
-                raise ValueError(f"the {name} set is empty")
-            for key, arr in data.items():
-                if len(arr) != n:
-                    raise ValueError(f"{name} set: {key!r} has {len(arr)} rows but input_ids has {n}")
-        n_f = len(forget["input_ids"])
-        if n_f < batch_size:
-            raise ValueError(f"the forget set has {n_f} rows, fewer than batch_size={batch_size}")
-        self.forget, self.retain, self.batch_size, self.seed = forget, retain, batch_size, seed
-        self.steps_per_epoch = n_f // batch_size  # the last incomplete batch is dropped (fixed shapes)
+    def __init__(self, data: Dataset, batch_size: int, seed: int, name: str = "training"):
+        n = _check_set(data, name)
+        if not _is_int(batch_size) or batch_size < 1:
+            raise DataError(f"batch_size={batch_size!r}: expected an integer >= 1")
+        if n < batch_size:
+            raise DataError(f"the {name} set has {n} rows, fewer than batch_size={batch_size}")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.steps_per_epoch = n // batch_size
 
     def position(self, step: int) -> tuple[int, int]:
         """``(epoch, batch index within the epoch)`` of global step ``step``."""
         return divmod(step, self.steps_per_epoch)
 
-    def __call__(self, step: int) -> tuple[dict, dict]:
+    def indices(self, step: int) -> np.ndarray:
         epoch, i = self.position(step)
-        order = _epoch_order(self.seed, epoch, len(self.forget["input_ids"]))
-        f_idx = np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
-        r_idx = np.random.default_rng([self.seed, 1_000_003, step]).integers(0, len(self.retain["input_ids"]), self.batch_size)
-        return take_rows(self.forget, f_idx), take_rows(self.retain, r_idx)
+        order = _epoch_order(self.seed, epoch, len(self.data["input_ids"]))
+        return np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        return take_rows(self.data, self.indices(step))
+
+
+class PairedBatches:
+    """Forget-anchored batches for unlearning: step ``t`` -> ``(forget rows, retain rows)``.
+
+    The forget rows are `EpochBatches` of the forget set (an epoch is ``steps_per_epoch =
+    N_f // batch_size`` steps); each step pairs them with ``batch_size`` retain rows drawn
+    with replacement by a generator seeded with ``(seed, step)``. The batches are a function
+    of ``t`` alone: a resumed run (a fresh instance) sees exactly the batches an uninterrupted
+    one would. Each returned dict holds ``[batch_size, seq]`` arrays.
+    """
+
+    def __init__(self, forget: Dataset, retain: Dataset, batch_size: int, seed: int):
+        self.forget_batches = EpochBatches(forget, batch_size, seed, "forget")
+        self.n_retain = _check_set(retain, "retain")
+        self.forget, self.retain, self.batch_size, self.seed = forget, retain, batch_size, seed
+        self.steps_per_epoch = self.forget_batches.steps_per_epoch
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, batch index within the epoch)`` of global step ``step``."""
+        return self.forget_batches.position(step)
+
+    def __call__(self, step: int) -> tuple[dict, dict]:
+        r_idx = np.random.default_rng([self.seed, 1_000_003, step]).integers(0, self.n_retain, self.batch_size)
+        return self.forget_batches(step), take_rows(self.retain, r_idx)

@@ -1,87 +1,40 @@
-"""Unlearning objectives: pure losses of a model on a batch (DESIGN.md's formulas).
+"""Unlearning objectives: pure losses of a model on a batch.
 
 A batch is a dict of ``input_ids [b, s]`` (int32), ``attention_mask [b, s]`` (1 = token) and
-``labels [b, s]`` (int32, ``-100`` = no loss; aligned with ``input_ids``: position ``t``
+``labels [b, s]`` (int32, ``IGNORE`` = -100 = no loss; aligned with ``input_ids``: position ``t``
 predicts ``labels[t+1]``, the Hugging Face convention). A model is anything with
-``model(input_ids, attention_mask) -> logits [b, s, vocab]`` and, for RMU,
-``model.hidden_at(input_ids, attention_mask, layer) -> [b, s, d]``.
+``model(input_ids, attention_mask) -> logits [b, s, vocab]`` (plus ``final_hidden`` and
+``head_weight`` for chunked log-probs) and, for RMU,
+``model.hidden_at(input_ids, attention_mask, layer) -> [b, s, D]``.
 
 Every loss returns ``(loss, metrics)`` where ``metrics["weight"]`` is what the loss averages
-over (label tokens, or sequences for NPO/SimNPO): micro-batches are combined by that weight,
-so k micro-batches give the gradient of one batch of the same tokens. Both the forget and
-the retain loss are losses to *minimise* (gradient ascent's forget loss is ``-NLL``).
+over (label tokens, or sequences for NPO/SimNPO): the step can combine micro-batches by that
+weight, so k micro-batches give the gradient of one batch of the same tokens. Both the forget
+and the retain loss are losses to *minimise* (gradient ascent's forget loss is ``-NLL``).
+
+``logit_chunk`` (an argument of the log-likelihood losses and their objectives) computes the
+label log-probabilities that many positions at a time (`token_math.chunked_label_logprobs`),
+so the float32 ``[b, s, vocab]`` logits never exist at once.
+
+`OBJECTIVES` is the registry of objective factories by name (configs and the CLI read it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_unlearn.data import IGNORE  # label of a position without loss (-100)
+from jax_unlearn.registry import Registry
+from jax_unlearn.token_math import IGNORE, check_chunk, model_label_logprobs
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, Metrics]]
-
-
-# ----------------------------------------------------------------------------- token maths
-
-
-def label_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Log-probabilities of the next-token labels.
-
-    Args:
-      logits: ``[b, s, vocab]`` (any float dtype; computed in float32).
-      labels: ``[b, s]`` int, ``-100`` where no loss is taken.
-
-    Returns:
-      ``(logp [b, s-1], mask [b, s-1])``: ``logp[:, t] = log p(labels[:, t+1] | <= t)`` and
-      float32 ``mask`` 1 where ``labels[:, t+1] != -100``.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)  # [b, s-1, vocab]
-    target = labels[:, 1:]  # [b, s-1]
-    mask = (target != IGNORE).astype(jnp.float32)
-    safe = jnp.where(target == IGNORE, 0, target)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return logp * mask, mask
-
-
-def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """`label_logprobs` of ``logits = h @ w^T`` without materialising ``[b, s, vocab]``.
-
-    Args:
-      h: final-normed hidden states ``[b, s, D]``.
-      w: output projection ``[vocab, D]``.
-      labels: ``[b, s]`` int, ``-100`` where no loss is taken.
-      chunk: positions per chunk; each chunk's float32 logits ``[b, chunk, vocab]`` exist only
-        inside one ``lax.map`` iteration and are recomputed in the backward pass.
-
-    Returns:
-      ``(logp [b, s-1], mask [b, s-1])`` equal to ``label_logprobs(h @ w^T, labels)``.
-    """
-    b, s, d = h.shape
-    n = s - 1
-    pad = (-n) % chunk
-    target = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE)
-    hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    hs = hs.reshape(b, -1, chunk, d).swapaxes(0, 1)  # [chunks, b, chunk, D]
-    ts = target.reshape(b, -1, chunk).swapaxes(0, 1)  # [chunks, b, chunk]
-
-    @jax.checkpoint
-    def one(h_c, t_c):
-        logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
-        safe = jnp.where(t_c == IGNORE, 0, t_c)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
-
-    logp = jax.lax.map(lambda xs: one(*xs), (hs, ts)).swapaxes(0, 1).reshape(b, -1)[:, :n]
-    mask = (labels[:, 1:] != IGNORE).astype(jnp.float32)
-    return logp * mask, mask
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,28 +43,32 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arr
     return jnp.sum(values * mask) / jnp.maximum(weight, 1.0), weight
 
 
-def _model_logprobs(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Label log-probs of ``model`` on ``batch``, chunked over positions when the model's
-    options set ``logit_chunk`` (see `chunked_label_logprobs`)."""
-    ids, am, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    chunk = getattr(getattr(model, "options", None), "logit_chunk", None)
-    if chunk:
-        return chunked_label_logprobs(model.final_hidden(ids, am), model.head_weight(), labels, chunk)
-    return label_logprobs(model(ids, am), labels)
-
-
-def nll(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
+def nll_loss(logit_chunk: int | None = None) -> LossFn:
     """Token-mean negative log-likelihood of the label tokens: ``-sum(logp)/n_tokens``."""
-    del ref
-    logp, mask = _model_logprobs(model, batch)
-    loss, n = _masked_mean(-logp, mask)
-    return loss, {"nll": loss, "weight": n}
+    check_chunk(logit_chunk)
+
+    def loss_fn(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
+        del ref
+        logp, mask = model_label_logprobs(model, batch, logit_chunk)
+        loss, n = _masked_mean(-logp, mask)
+        return loss, {"nll": loss, "weight": n}
+
+    return loss_fn
 
 
-def neg_nll(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
+def neg_nll_loss(logit_chunk: int | None = None) -> LossFn:
     """Gradient ascent: ``L = -NLL`` (token mean)."""
-    loss, metrics = nll(model, batch, ref)
-    return -loss, metrics
+    nll_fn = nll_loss(logit_chunk)
+
+    def loss_fn(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
+        loss, metrics = nll_fn(model, batch, ref)
+        return -loss, metrics
+
+    return loss_fn
+
+
+nll = nll_loss()  # ``nll(model, batch) -> (token-mean NLL, metrics)``
+neg_nll = neg_nll_loss()
 
 
 def kl_to_reference(model, batch: Batch, ref) -> tuple[jax.Array, Metrics]:
@@ -136,13 +93,14 @@ def _sequences(mask: jax.Array) -> jax.Array:
     return (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
 
 
-def npo_loss(beta: float) -> LossFn:
+def npo_loss(beta: float, logit_chunk: int | None = None) -> LossFn:
     """NPO: ``L = -(2/beta) * mean_seq logsigmoid(-beta * (logp_theta(y) - logp_ref(y)))`` with
     sequence log-probs summed over the answer (label) tokens and ``ref`` the frozen start model."""
+    check_chunk(logit_chunk)
 
     def loss_fn(model, batch: Batch, ref) -> tuple[jax.Array, Metrics]:
-        logp, mask = _model_logprobs(model, batch)
-        ref_logp, _ = jax.lax.stop_gradient(_model_logprobs(ref, batch))
+        logp, mask = model_label_logprobs(model, batch, logit_chunk)
+        ref_logp, _ = jax.lax.stop_gradient(model_label_logprobs(ref, batch, logit_chunk))
         log_ratio = jnp.sum(logp, axis=-1) - jnp.sum(ref_logp, axis=-1)  # [b]
         seq = _sequences(mask)
         loss, n = _masked_mean(-(2.0 / beta) * jax.nn.log_sigmoid(-beta * log_ratio), seq)
@@ -151,12 +109,13 @@ def npo_loss(beta: float) -> LossFn:
     return loss_fn
 
 
-def simnpo_loss(beta: float, delta: float) -> LossFn:
+def simnpo_loss(beta: float, delta: float, logit_chunk: int | None = None) -> LossFn:
     """SimNPO: ``L = -(2/beta) * mean_seq logsigmoid(beta * (NLL_sum(y)/|y| - delta))``, no reference."""
+    check_chunk(logit_chunk)
 
     def loss_fn(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
         del ref
-        logp, mask = _model_logprobs(model, batch)
+        logp, mask = model_label_logprobs(model, batch, logit_chunk)
         length = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
         avg_nll = -jnp.sum(logp, axis=-1) / length  # [b]
         seq = _sequences(mask)
@@ -227,12 +186,15 @@ class Objective:
 
 
 RETAIN_LOSSES = ("nll", "kl")
+OBJECTIVES = Registry("objective")
 
 
-def _retain(kind: str) -> tuple[LossFn, bool]:
+def _retain(kind: str, logit_chunk: int | None) -> tuple[LossFn, bool]:
+    """The retain loss ``kind`` (``"nll"``, or ``"kl"`` to the frozen start model, which is
+    computed over the whole vocabulary and so is not chunked) and whether it needs the reference."""
     if kind not in RETAIN_LOSSES:
         raise ValueError(f"retain={kind!r} is not supported; expected one of {RETAIN_LOSSES}")
-    return (nll, False) if kind == "nll" else (kl_to_reference, True)
+    return (nll_loss(logit_chunk), False) if kind == "nll" else (kl_to_reference, True)
 
 
 def _positive(name: str, value: float) -> None:
@@ -240,31 +202,36 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def grad_ascent() -> Objective:
+@OBJECTIVES.register("grad_ascent")
+def grad_ascent(logit_chunk: int | None = None) -> Objective:
     """GradAscent: ``L_f = -NLL(forget)``, no retain loss (``L_r = 0``)."""
-    return Objective("grad_ascent", neg_nll, zero_loss)
+    return Objective("grad_ascent", neg_nll_loss(logit_chunk), zero_loss)
 
 
-def grad_diff(retain: str = "nll") -> Objective:
+@OBJECTIVES.register("grad_diff")
+def grad_diff(retain: str = "nll", logit_chunk: int | None = None) -> Objective:
     """GradDiff: ``L_f = -NLL(forget)``; ``L_r = NLL(retain)`` or ``KL(p_ref || p_theta)`` (``retain="kl"``)."""
-    fn, needs_ref = _retain(retain)
-    return Objective("grad_diff", neg_nll, fn, needs_reference=needs_ref)
+    fn, needs_ref = _retain(retain, logit_chunk)
+    return Objective("grad_diff", neg_nll_loss(logit_chunk), fn, needs_reference=needs_ref)
 
 
-def npo(beta: float = 0.1, retain: str = "nll") -> Objective:
+@OBJECTIVES.register("npo")
+def npo(beta: float = 0.1, retain: str = "nll", logit_chunk: int | None = None) -> Objective:
     """NPO forget loss (see `npo_loss`) with an NLL or KL retain loss."""
     _positive("npo beta", beta)
-    fn, _ = _retain(retain)
-    return Objective("npo", npo_loss(beta), fn, needs_reference=True)
+    fn, _ = _retain(retain, logit_chunk)
+    return Objective("npo", npo_loss(beta, logit_chunk), fn, needs_reference=True)
 
 
-def simnpo(beta: float = 2.5, delta: float = 0.0, retain: str = "nll") -> Objective:
+@OBJECTIVES.register("simnpo")
+def simnpo(beta: float = 2.5, delta: float = 0.0, retain: str = "nll", logit_chunk: int | None = None) -> Objective:
     """SimNPO forget loss (see `simnpo_loss`) with an NLL or KL retain loss."""
     _positive("simnpo beta", beta)
-    fn, needs_ref = _retain(retain)
-    return Objective("simnpo", simnpo_loss(beta, delta), fn, needs_reference=needs_ref)
+    fn, needs_ref = _retain(retain, logit_chunk)
+    return Objective("simnpo", simnpo_loss(beta, delta, logit_chunk), fn, needs_reference=needs_ref)
 
 
+@OBJECTIVES.register("rmu")
 def rmu(
     hidden_size: int,
     layer: int = 7,

@@ -1,16 +1,16 @@
 """Typed run configs for ``jax-unlearn unlearn``: YAML files plus ``key=value`` overrides.
 
-A run config is a `TrainConfig` (the training sections ``optim``, ``combiner``, ``objective``,
-``mesh`` and the loop's top-level keys) plus three more sections:
+A run config is a `jax_unlearn.config.TrainConfig` (the training sections ``optim``,
+``combiner``, ``objective``, ``mesh`` and the loop's top-level keys) plus three more sections:
 
 - ``model``: the Hugging Face folder to start from and how to run it (`ModelSection`);
 - ``data``: the forget and retain files and how to tokenise them (`DataSection`);
 - ``eval``: optional evaluation files, run on the exported model (`EvalSection`).
 
->>> cfg = load_config("configs/wmdp/graddiff_sago_bio.yaml",
-...                   ["model.path=/ckpt/zephyr", "data.forget=bio.jsonl", "data.retain=wiki.jsonl",
-...                    "optim.lr=5e-6"])                                   # doctest: +SKIP
->>> cfg.train_config()                                                     # doctest: +SKIP
+>>> cfg = load_config(None, ["output_dir=runs/x", "model.path=/ckpt/zephyr", "data.forget=bio.jsonl",
+...                         "data.retain=wiki.jsonl", "optim.lr=5e-6", "combiner.name=pcgrad"])
+>>> cfg.optim.lr, cfg.combiner.name, cfg.train_config().batch_size
+(5e-06, 'pcgrad', 8)
 
 The YAML is merged into an omegaconf structured config of these dataclasses, then each
 override in order. An unknown key, a section given a value (or the reverse), a value of the
@@ -21,18 +21,22 @@ raises `ConfigError` naming the key and what it allows.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf import errors as oc_errors
 
-from jax_unlearn.train import TrainConfig
+from jax_unlearn.config import TrainConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 
 
 class ConfigError(ValueError):
@@ -45,17 +49,16 @@ class ModelSection:
 
     path: str = MISSING
     tokenizer: str | None = None  # a Hugging Face tokenizer folder; default: ``path``
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: Dtype = "float32"
+    compute_dtype: Dtype | None = None
     attention_impl: Literal["xla", "cudnn"] | None = None
     scan_layers: bool = False
     remat_policy: str | None = None
-    logit_chunk: int | None = None
 
     def options(self) -> dict[str, Any]:
         """The ``**model_options`` of `jax_unlearn.models.load_hf`."""
         return dict(compute_dtype=self.compute_dtype, attention_impl=self.attention_impl,
-                    scan_layers=self.scan_layers, remat_policy=self.remat_policy, logit_chunk=self.logit_chunk)
+                    scan_layers=self.scan_layers, remat_policy=self.remat_policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +118,7 @@ def _strip_optional(tp) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return functools.reduce(operator.or_, rest), True
     return tp, False
 
 
@@ -266,12 +269,17 @@ def _freeze(obj: Any) -> Any:
 
 def _check_semantics(cfg: RunConfig) -> None:
     """Checks the library would otherwise make only at run time."""
+    from jax_unlearn import config
     from jax_unlearn.models import ModelOptions
 
     try:
         ModelOptions(**cfg.model.options())
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
+    try:
+        config.check(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     positive = {"batch_size": cfg.batch_size, "micro_batches": cfg.micro_batches, "epochs": cfg.epochs,
                 "save_every": cfg.save_every, "keep": cfg.keep, "log_every": cfg.log_every,
                 "data.max_length": cfg.data.max_length, "eval.batch_size": cfg.eval.batch_size}

@@ -57,10 +57,9 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: list | None = None) ->
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def batch_sharding(mesh: Mesh, micro_batched: bool = False) -> NamedSharding:
-    """``[batch, seq]`` split over ``data`` x ``fsdp`` (``[k, batch, seq]`` when micro-batched)."""
-    spec = (None, BATCH_AXES, None) if micro_batched else (BATCH_AXES, None)
-    return NamedSharding(mesh, PartitionSpec(*spec))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[batch, seq]`` split over ``data`` x ``fsdp``."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -72,35 +71,27 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
     return model_shardings(state, mesh, rules)
 
 
-def like_params(tree: Any, params: Any, param_sharding: Any, mesh: Mesh) -> Any:
-    """Shardings for an optimizer-state tree: a leaf whose key path ends with a parameter's key
-    path (Adam's ``mu``/``nu`` and the like) follows that parameter; anything else (step
-    counts, scalars) is replicated."""
-    table = {
-        tuple(path): s
-        for (path, _), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sharding))
-    }
-    lengths = sorted({len(k) for k in table}, reverse=True)
+def optimizer_shardings(tx: Any, opt_state: Any, param_sharding: Any, mesh: Mesh) -> Any:
+    """Shardings for ``tx``'s state: every copy of the parameter tree inside it (Adam's ``mu``
+    and ``nu``, an accumulator, ...) is sharded like the parameters, found by
+    ``optax.tree_utils.tree_map_params``; everything else (step counts, hyperparameters,
+    combiner diagnostics) is replicated."""
+    import optax
 
-    def pick(path, x):
-        for n in lengths:
-            s = table.get(tuple(path[-n:])) if n <= len(path) else None
-            if s is not None:
-                return s
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
+    return optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, opt_state, param_sharding, transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
-def train_state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """Shardings for a ``jax_unlearn.step.TrainState``: parameters, frozen variables and the
-    reference model by their logical axes, optimizer state like its parameters, the step
-    counter replicated."""
+def train_state_shardings(state: Any, mesh: Mesh, tx: Any, rules: Rules = DEFAULT_RULES) -> Any:
+    """Shardings for a ``jax_unlearn.step.TrainState`` whose optimizer state ``tx`` made:
+    parameters, frozen variables and the reference model by their logical axes, optimizer
+    state like its parameters (`optimizer_shardings`), the step counter replicated."""
     params = param_shardings(state.params, mesh, rules)
     return state._replace(
         step=replicated(mesh),
         params=params,
-        opt_state=like_params(state.opt_state, state.params, params, mesh),
+        opt_state=optimizer_shardings(tx, state.opt_state, params, mesh),
         frozen=param_shardings(state.frozen, mesh, rules),
         ref=None if state.ref is None else param_shardings(state.ref, mesh, rules),
     )

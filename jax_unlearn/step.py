@@ -1,31 +1,45 @@
-"""The jitted two-gradient unlearning step: the only place that takes gradients.
+"""The jitted training steps: the only place that takes gradients.
 
 ``make_two_grad_step`` builds ``step(state, forget_batch, retain_batch) -> (state, metrics)``:
 
 1. ``(L_f, g_f)`` and ``(L_r, g_r)`` are computed separately, each accumulated over ``k``
-   micro-batches with ``lax.scan`` and weighted by token count (``metrics["weight"]``):
-   ``g = sum_j w_j g_j / sum_j w_j`` equals the gradient of the whole batch's token mean;
+   micro-batches with ``lax.scan`` (`jax_unlearn.accumulate`: token-weighted by default,
+   ``g = sum_j w_j g_j / sum_j w_j``, the gradient of the whole batch's token mean; or
+   uniform, ``mean_j g_j``, as the reference);
 2. ``TwoTaskGrads(g_f, g_r)`` goes to the optax chain, whose head is a combiner;
 3. only trainable parameters are differentiated; the rest and the frozen reference model
    carry no gradient and no optimizer state; the state is donated.
 
 ``mode="naive"`` takes one backward pass of ``gamma*L_f + alpha*L_r`` instead (loss
 summation, for benchmarks); its chain must not start with a combiner.
+
+``make_step`` is the single-task step (pretraining, fine-tuning): ``step(state, batch)`` with
+one loss, the same state, micro-batching, shardings and donation.
+
+>>> import optax, jax_unlearn as ju
+>>> from jax_unlearn import objectives, step as st
+>>> tx = optax.adamw(1e-3)
+>>> defs, state = st.init_state(model, tx)                          # doctest: +SKIP
+>>> train = st.make_step(defs, objectives.nll, tx)                  # doctest: +SKIP
+>>> state, metrics = train(state, batch)                            # doctest: +SKIP
+>>> trained = st.merge_model(defs, state)                           # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax_unlearn import accumulate as acc
 from jax_unlearn.combiners import CombinerState, TwoTaskGrads
-from jax_unlearn.objectives import Batch, Objective
+from jax_unlearn.objectives import Batch, LossFn, Objective
 
 
 class TrainState(NamedTuple):
@@ -56,21 +70,25 @@ class StepConfig:
       mode: ``"combined"`` (two gradients, combiner at the head of the chain) or ``"naive"``
         (one backward of ``gamma*L_f + alpha*L_r``; needs ``micro_batches == 1``).
       alpha, gamma: loss weights of the naive mode (the combiners carry their own).
+      weighting: how micro-batches are averaged: ``"tokens"`` (by what each loss averages
+        over) or ``"uniform"`` (each micro-batch's mean counts once; the reference's).
     """
 
     micro_batches: int = 1
     mode: Literal["combined", "naive"] = "combined"
     alpha: float = 1.0
     gamma: float = 1.0
+    weighting: Literal["tokens", "uniform"] = "tokens"
 
     def __post_init__(self):
         if self.mode not in ("combined", "naive"):
             raise ValueError(f"step mode={self.mode!r} is not supported; expected 'combined' or 'naive'")
-        if not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
             raise ValueError(f"micro_batches must be an integer >= 1, got {self.micro_batches!r}")
         if self.mode == "naive" and self.micro_batches != 1:
             raise ValueError("mode='naive' takes one backward pass per step and supports micro_batches=1 only; "
                              "use the weighted_sum combiner for loss summation with accumulation")
+        acc.check_weighting(self.weighting)
 
 
 def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
@@ -79,26 +97,28 @@ def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
     return lambda path, _: bool(regex.fullmatch(".".join(str(p) for p in path)))
 
 
-def init_state(
-    model: nnx.Module, tx: optax.GradientTransformation, objective: Objective, copy: bool = True
-) -> tuple[ModelDef, TrainState]:
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
+               copy: bool = True) -> tuple[ModelDef, TrainState]:
     """Splits ``model`` into trainable / frozen parts, keeps a reference copy when the
     objective needs one, and initialises ``tx`` on the trainable parameters.
 
+    ``objective`` supplies ``trainable`` (a path regex; None trains every parameter) and
+    ``needs_reference``; ``None`` (a single-task step) trains everything, without reference.
     The step donates its state, so with ``copy=True`` the state gets its own buffers and
     ``model`` stays usable; ``copy=False`` hands the model's buffers over (no extra memory,
     but ``model`` must not be used afterwards).
     """
-    if objective.trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
-        raise ValueError(f"objective {objective.name!r} trains a subset of layers ({objective.trainable!r}); "
+    trainable = None if objective is None else objective.trainable
+    if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
+        raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
                          "that needs a model built with scan_layers=False")
-    flt = nnx.Param if objective.trainable is None else nnx.All(nnx.Param, path_filter(objective.trainable))
+    flt = nnx.Param if trainable is None else nnx.All(nnx.Param, path_filter(trainable))
     graphdef, params, frozen = nnx.split(model, flt, ...)
     if not jax.tree.leaves(params):
-        raise ValueError(f"trainable={objective.trainable!r} matches no parameter of the model; "
+        raise ValueError(f"trainable={trainable!r} matches no parameter of the model; "
                          "parameter paths look like 'layers.5.mlp.down_proj'")
     ref_graphdef = ref = None
-    if objective.needs_reference:
+    if objective is not None and objective.needs_reference:
         ref_graphdef, ref = nnx.split(model)
         ref = jax.tree.map(jnp.copy, ref)  # never donated away with the trained parameters
     if copy:
@@ -107,9 +127,17 @@ def init_state(
     return ModelDef(graphdef, ref_graphdef), state
 
 
-def merge_model(defs: ModelDef, state: TrainState) -> nnx.Module:
-    """The current model (trainable and frozen parts merged)."""
-    return nnx.merge(defs.graphdef, state.params, state.frozen)
+def merge_model(defs: ModelDef, state: TrainState, copy: bool = True) -> nnx.Module:
+    """The current model (trainable and frozen parts merged).
+
+    The step donates ``state``: with ``copy=False`` the model shares the state's buffers and
+    dies ("Array has been deleted") after the next step; ``copy=True`` (the default) gives it
+    buffers of its own, so it stays valid while training goes on.
+    """
+    params, frozen = (state.params, state.frozen)
+    if copy:
+        params, frozen = jax.tree.map(jnp.copy, (params, frozen))
+    return nnx.merge(defs.graphdef, params, frozen)
 
 
 def _micro(batch: Batch, k: int) -> Batch:
@@ -123,30 +151,88 @@ def _micro(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def _weighted_grads(value_and_grad, params, batch: Batch, k: int):
-    """Token-weighted mean loss, metrics and gradient over ``k`` micro-batches."""
+def _mean_grads(loss_fn: Callable, params: Any, batch: Batch, config: StepConfig, grad_shardings: Any = None):
+    """``(loss, metrics, grads)`` of ``loss_fn(params, batch) -> (loss, metrics)`` averaged over
+    ``config.micro_batches`` micro-batches as ``config.weighting`` says. ``metrics["weight"]``
+    is the summed weight of the loss (tokens or sequences); the accumulated gradients are
+    constrained to ``grad_shardings`` (the parameters' shardings) when given."""
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    k = config.micro_batches
     if k == 1:
-        (loss, metrics), g = value_and_grad(params, batch)
+        (loss, metrics), g = vg(params, batch)
         return loss, metrics, g
+    constrain = (lambda t: t) if grad_shardings is None else (
+        lambda t: jax.lax.with_sharding_constraint(t, grad_shardings))
 
     def body(carry, mb):
-        g_sum, w_sum, l_sum, m_sum = carry
-        (loss, metrics), g = value_and_grad(params, mb)
-        w = metrics["weight"]
-        g_sum = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_sum, g)
-        m_sum = jax.tree.map(lambda a, b: a + w * b, m_sum, metrics)
-        return (g_sum, w_sum + w, l_sum + w * loss, m_sum), None
+        g_acc, lm_acc, total_weight = carry
+        (loss, metrics), g = vg(params, mb)
+        w = acc.micro_batch_weight(config.weighting, metrics["weight"])
+        g_acc = acc.mean_add(g_acc, g, w)
+        g_acc = g_acc._replace(total=constrain(g_acc.total))
+        lm_acc = acc.mean_add(lm_acc, (loss, metrics), w)
+        return (g_acc, lm_acc, total_weight + metrics["weight"]), None
 
-    shapes = jax.eval_shape(lambda: value_and_grad(params, jax.tree.map(lambda x: x[0], batch)))
-    (_, m_shape), g_shape = shapes
-    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)
-    init = (zeros(g_shape), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(m_shape))
-    (g_sum, w_sum, l_sum, m_sum), _ = jax.lax.scan(body, init, batch)
-    denom = jnp.maximum(w_sum, 1e-30)
-    grads = jax.tree.map(lambda s, p: (s / denom).astype(p.dtype), g_sum, params)
-    metrics = jax.tree.map(lambda s: s / denom, m_sum)
-    metrics["weight"] = w_sum
-    return l_sum / denom, metrics, grads
+    first = jax.tree.map(lambda x: x[0], _micro(batch, k))
+    (_, m_shape), g_shape = jax.eval_shape(vg, params, first)
+    init = (acc.mean_start(g_shape), acc.mean_start((jax.ShapeDtypeStruct((), jnp.float32), m_shape)),
+            jnp.zeros((), jnp.float32))
+    (g_acc, lm_acc, total_weight), _ = jax.lax.scan(body, init, _micro(batch, k))
+    loss, metrics = acc.mean_value(lm_acc, lm_acc.total)
+    metrics = dict(metrics, weight=total_weight)
+    return loss, metrics, acc.mean_value(g_acc, params)
+
+
+def _jit(step, state_shardings, batch_sharding, n_batches: int, donate: bool):
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if state_shardings is not None or batch_sharding is not None:
+        kwargs["in_shardings"] = (state_shardings, *([batch_sharding] * n_batches))
+        kwargs["out_shardings"] = (state_shardings, None)
+    return jax.jit(step, **kwargs)
+
+
+def _bind(defs: ModelDef, loss_fn: LossFn, state: TrainState) -> Callable:
+    """``loss_fn(model, batch, ref)`` as a function of ``(params, batch)`` for ``state``."""
+    def f(params, batch):
+        model = nnx.merge(defs.graphdef, params, state.frozen)
+        ref = None if state.ref is None else nnx.merge(defs.ref_graphdef, state.ref)
+        return loss_fn(model, batch, ref)
+
+    return f
+
+
+def make_step(
+    defs: ModelDef,
+    loss: LossFn,
+    tx: optax.GradientTransformation,
+    config: StepConfig = StepConfig(),
+    state_shardings: Any = None,
+    batch_sharding: Any = None,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted single-task step ``step(state, batch) -> (state, metrics)``.
+
+    Args:
+      defs: from `init_state` (e.g. ``init_state(model, tx)``: every parameter trains).
+      loss: ``(model, batch, ref) -> (loss, metrics)`` with ``metrics["weight"]``, e.g.
+        `jax_unlearn.objectives.nll`.
+      tx: any optax chain over the trainable parameters (no combiner).
+      config, state_shardings, batch_sharding, donate: as in `make_two_grad_step`.
+
+    Metrics: ``loss``, ``weight``, the loss's own metrics and ``grad_norm``.
+    """
+    if config.mode != "combined":
+        raise ValueError("make_step takes one loss: StepConfig(mode='naive') is for make_two_grad_step")
+
+    def step(state: TrainState, batch: Batch):
+        shardings = None if state_shardings is None else state_shardings.params
+        loss_value, metrics, g = _mean_grads(_bind(defs, loss, state), state.params, batch, config, shardings)
+        updates, opt_state = tx.update(g, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss_value, grad_norm=optax.tree.norm(g))
+        return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return _jit(step, state_shardings, batch_sharding, 1, donate)
 
 
 def make_two_grad_step(
@@ -163,7 +249,7 @@ def make_two_grad_step(
     Args:
       defs, objective: from `init_state` and `jax_unlearn.objectives`.
       tx: an optax chain; in ``"combined"`` mode its head is a combiner (``ju.sago()``, ...).
-      config: micro-batching and mode (`StepConfig`).
+      config: micro-batching, weighting and mode (`StepConfig`).
       state_shardings: a `TrainState` of shardings (`jax_unlearn.sharding.train_state_shardings`);
         ``None`` leaves placement to jit.
       batch_sharding: sharding of every batch array ``[b, s]``.
@@ -174,35 +260,26 @@ def make_two_grad_step(
     diagnostics (``conflict_fraction``, ``cos_forget_retain``, ``cos_update_retain``,
     ``forget_norm``, ``retain_norm``, ``update_norm``) or, in naive mode, ``grad_norm``.
     """
-    k = config.micro_batches
-
-    def grad_fn(loss_fn):
-        def f(params, frozen, ref, batch):
-            model = nnx.merge(defs.graphdef, params, frozen)
-            ref_model = None if ref is None else nnx.merge(defs.ref_graphdef, ref)
-            return loss_fn(model, batch, ref_model)
-
-        return f
-
-    forget_fn, retain_fn = grad_fn(objective.forget), grad_fn(objective.retain)
 
     def combined(state: TrainState, fb: Batch, rb: Batch):
-        def task(fn, batch):
-            vg = jax.value_and_grad(lambda p, b: fn(p, state.frozen, state.ref, b), has_aux=True)
-            return _weighted_grads(vg, state.params, _micro(batch, k) if k > 1 else batch, k)
-
-        lf, mf, gf = task(forget_fn, fb)
-        lr, mr, gr = task(retain_fn, rb)
-        updates, opt_state = tx.update(TwoTaskGrads(gf, gr), state.opt_state, state.params)
+        shardings = None if state_shardings is None else state_shardings.params
+        lf, mf, gf = _mean_grads(_bind(defs, objective.forget, state), state.params, fb, config, shardings)
+        lr, mr, gr = _mean_grads(_bind(defs, objective.retain, state), state.params, rb, config, shardings)
+        extra = {"task_weights": (mf["weight"], mr["weight"])}  # for two_task_multi_steps(weighting="tokens")
+        if not isinstance(tx, optax.GradientTransformationExtraArgs):
+            extra = {}
+        updates, opt_state = tx.update(TwoTaskGrads(gf, gr), state.opt_state, state.params, **extra)
         metrics = _task_metrics(lf, mf, lr, mr)
         for name in CombinerState._fields:
             metrics[name] = optax.tree_utils.tree_get(opt_state, name, jnp.nan)
         return updates, opt_state, metrics
 
     def naive(state: TrainState, fb: Batch, rb: Batch):
+        forget_fn, retain_fn = _bind(defs, objective.forget, state), _bind(defs, objective.retain, state)
+
         def total(p):
-            lf, mf = forget_fn(p, state.frozen, state.ref, fb)
-            lr, mr = retain_fn(p, state.frozen, state.ref, rb)
+            lf, mf = forget_fn(p, fb)
+            lr, mr = retain_fn(p, rb)
             return config.gamma * lf + config.alpha * lr, (lf, mf, lr, mr)
 
         (_, (lf, mf, lr, mr)), g = jax.value_and_grad(total, has_aux=True)(state.params)
@@ -218,11 +295,7 @@ def make_two_grad_step(
         params = optax.apply_updates(state.params, updates)
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
-    if state_shardings is not None or batch_sharding is not None:
-        jit_kwargs["in_shardings"] = (state_shardings, batch_sharding, batch_sharding)
-        jit_kwargs["out_shardings"] = (state_shardings, None)
-    return jax.jit(step, **jit_kwargs)
+    return _jit(step, state_shardings, batch_sharding, 2, donate)
 
 
 def _task_metrics(lf, mf, lr, mr) -> dict[str, jax.Array]:

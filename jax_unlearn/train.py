@@ -1,16 +1,16 @@
-"""The unlearning loop: the only place with side effects (checkpoints, logs, signals).
+"""The training loop: the only place with side effects (checkpoints, logs, signals).
 
-Forget-anchored epochs: each epoch visits the forget set in a seeded permutation, one batch
-of ``batch_size`` rows per step, and pairs it with ``batch_size`` retain rows drawn by a
-generator seeded with ``(seed, step)``, so the data of step ``t`` depends on ``t`` alone and
-a resumed run sees exactly the batches an uninterrupted run would.
+`run_steps` is the loop itself (steps, hooks every N steps, a progress bar); `unlearn` (the
+``jax-unlearn unlearn`` run) and the embedded benchmark's pretraining and trajectories drive
+their steps through it.
 
-Orbax checkpoints (``OUT/checkpoints/<step>``) hold the trainable parameters, the optimizer
-state, the step, the data position and the RNG key; the newest readable one is restored on
-start. A checkpoint that cannot be read is moved to ``OUT/checkpoints.unreadable/`` with a
-warning (nothing is deleted) and the previous one is used. SIGTERM or SIGINT finishes the
-current step, saves and returns. At the end the model is exported with ``save_hf`` to
-``OUT/model``.
+`unlearn` runs forget-anchored epochs (`jax_unlearn.data.PairedBatches`): the data of step
+``t`` depends on ``t`` alone, so a resumed run sees exactly the batches an uninterrupted run
+would. Orbax checkpoints (``OUT/checkpoints/<step>``) hold the trainable parameters, the
+optimizer state, the step and the data position; the newest readable one is restored on start.
+A checkpoint that cannot be read is moved to ``OUT/checkpoints.unreadable/`` with a warning
+(nothing is deleted) and the previous one is used. SIGTERM or SIGINT finishes the current
+step, saves and returns. At the end the model is exported with ``save_hf`` to ``OUT/model``.
 """
 
 from __future__ import annotations
@@ -18,146 +18,62 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jax
-import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-import jax_unlearn as ju
-from jax_unlearn import objectives as obj
-from jax_unlearn.data import Dataset, PairedBatches
 from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
+from jax_unlearn.config import TrainConfig, build_objective, build_schedule, build_tx, step_config
+from jax_unlearn.data import Dataset, PairedBatches
 
 log = logging.getLogger("jax_unlearn.train")
 
 
-
-# ----------------------------------------------------------------------------- configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with warmup and a decay schedule, after global-norm clipping."""
-
-    lr: float = 1e-5
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    clip_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+# ----------------------------------------------------------------------------- the loop
 
 
 @dataclasses.dataclass(frozen=True)
-class CombinerConfig:
-    """Which combiner heads the chain: ``weighted_sum``, ``pcgrad`` or ``sago``."""
+class Every:
+    """A hook of `run_steps`: ``fn(done, state, metrics)`` after every ``n`` steps and after the
+    last one; it returns True to stop the loop (``metrics`` are the last step's, on device)."""
 
-    name: Literal["weighted_sum", "pcgrad", "sago"] = "sago"
-    alpha: float = 1.0
-    gamma: float = 1.0
-    scope: Literal["module", "global"] = "module"
-    agree: Literal["forget", "sum"] = "forget"
-    diagnostics: bool = True
+    n: int
+    fn: Callable[[int, Any, dict], bool | None]
 
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    """Which objective: ``grad_ascent``, ``grad_diff``, ``npo``, ``simnpo`` or ``rmu``."""
+def run_steps(step_fn: Callable, state: Any, batches: Callable[[int], Sequence[Any]], start: int, total: int,
+              hooks: Sequence[Every] = (), bar: Any = None) -> tuple[Any, int, bool]:
+    """Runs steps ``start .. total-1``: ``state, metrics = step_fn(state, *batches(t))``.
 
-    name: Literal["grad_ascent", "grad_diff", "npo", "simnpo", "rmu"] = "grad_diff"
-    retain: Literal["nll", "kl"] = "nll"
-    beta: float = 0.1
-    delta: float = 0.0
-    layer: int = 7
-    steering: float = 2.0
-    trainable: str | None = None
-    seed: int = 0
+    After step ``t`` (``done = t + 1`` steps), each hook with ``done % n == 0`` or
+    ``done == total`` runs in order; if one returns True the loop stops after the remaining
+    hooks of that step. ``bar`` (a tqdm) advances one per step.
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """One unlearning run."""
-
-    output_dir: str
-    batch_size: int = 8
-    micro_batches: int = 1
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs when set
-    seed: int = 0
-    save_every: int = 50
-    keep: int = 2
-    log_every: int = 1
-    mode: Literal["combined", "naive"] = "combined"
-    export: bool = True
-    progress: bool = True
-    mesh: sh.MeshConfig = sh.MeshConfig()
-    optim: OptimConfig = OptimConfig()
-    combiner: CombinerConfig = CombinerConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
-
-
-def build_objective(cfg: ObjectiveConfig, hidden_size: int) -> obj.Objective:
-    if cfg.name == "grad_ascent":
-        return obj.grad_ascent()
-    if cfg.name == "grad_diff":
-        return obj.grad_diff(cfg.retain)
-    if cfg.name == "npo":
-        return obj.npo(cfg.beta, cfg.retain)
-    if cfg.name == "simnpo":
-        return obj.simnpo(cfg.beta, cfg.delta, cfg.retain)
-    if cfg.name == "rmu":
-        kw = {} if cfg.trainable is None else {"trainable": cfg.trainable}
-        return obj.rmu(hidden_size, cfg.layer, cfg.steering, cfg.seed, **kw)
-    raise ValueError(f"objective.name={cfg.name!r} is not supported; expected one of "
-                     "('grad_ascent', 'grad_diff', 'npo', 'simnpo', 'rmu')")
-
-
-def build_combiner(cfg: CombinerConfig) -> optax.GradientTransformation:
-    if cfg.name == "weighted_sum":
-        return ju.weighted_sum(cfg.alpha, cfg.gamma, diagnostics=cfg.diagnostics)
-    if cfg.name == "pcgrad":
-        return ju.pcgrad(cfg.alpha, cfg.gamma, scope=cfg.scope, diagnostics=cfg.diagnostics)
-    if cfg.name == "sago":
-        return ju.sago(cfg.alpha, cfg.gamma, agree=cfg.agree, diagnostics=cfg.diagnostics)
-    raise ValueError(f"combiner.name={cfg.name!r} is not supported; expected one of ('weighted_sum', 'pcgrad', 'sago')")
-
-
-def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup over ``warmup_ratio * total_steps`` steps, then constant, linear or cosine decay to 0."""
-    warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
-    rest = max(total_steps - warmup, 1)
-    if cfg.schedule == "constant":
-        decay = optax.constant_schedule(cfg.lr)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, 0.0, rest)
-    elif cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.lr, rest)
-    else:
-        raise ValueError(f"optim.schedule={cfg.schedule!r} is not supported; expected 'constant', 'linear' or 'cosine'")
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
-
-
-def build_tx(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``chain(combiner, clip, adamw)``; naive mode drops the combiner."""
-    o = cfg.optim
-    parts = [] if cfg.mode == "naive" else [build_combiner(cfg.combiner)]
-    if o.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(o.clip_norm))
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    return optax.chain(*parts)
+    Returns:
+      ``(state, steps done, stopped early)``.
+    """
+    done = start
+    for t in range(start, total):
+        state, metrics = step_fn(state, *batches(t))
+        done = t + 1
+        stop = False
+        for hook in hooks:
+            if done % hook.n == 0 or done == total:
+                stop = bool(hook.fn(done, state, metrics)) or stop
+        if bar is not None:
+            bar.update(1)
+        if stop:
+            return state, done, done < total
+    return state, done, False
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,7 +177,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     Args:
       model: the starting model (a `jax_unlearn.models.CausalLM`); it stays usable.
       forget, retain: token arrays ``input_ids``, ``attention_mask``, ``labels``, each ``[N, seq]``.
-      cfg: the run (`TrainConfig`).
+      cfg: the run (`jax_unlearn.config.TrainConfig`).
       tokenizer: saved beside the exported model when given.
 
     Returns:
@@ -276,7 +192,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if cfg.batch_size % cfg.micro_batches:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by micro_batches={cfg.micro_batches}")
     schedule = build_schedule(cfg.optim, total)
-    tx = build_tx(cfg, schedule)
+    tx = build_tx(cfg, total)
     objective = build_objective(cfg.objective, model.config.hidden_size)
     defs, state = st.init_state(model, tx, objective)
 
@@ -285,18 +201,16 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if cfg.batch_size % shards:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the mesh's data x fsdp = {shards} "
                          "batch shards (set mesh.data / mesh.fsdp / mesh.tensor)")
-    shardings = sh.train_state_shardings(state, mesh)
+    shardings = sh.train_state_shardings(state, mesh, tx)
     state = jax.device_put(state, shardings)
     batch_sharding = sh.batch_sharding(mesh)
-    step_fn = st.make_two_grad_step(defs, objective, tx, st.StepConfig(cfg.micro_batches, cfg.mode), shardings, batch_sharding)
+    step_fn = st.make_two_grad_step(defs, objective, tx, step_config(cfg), shardings, batch_sharding)
 
     mngr, restored, meta = _restore_latest(out / "checkpoints", cfg.keep, _saved(state), _saved(shardings))
-    rng = jax.random.key_data(jax.random.PRNGKey(cfg.seed))
     resumed_from = None
     if restored is not None:
         state = state._replace(**restored)
         resumed_from = int(state.step)
-        rng = np.asarray(meta["rng"], np.uint32)
         if tuple(meta["position"]) != data.position(resumed_from):
             raise ValueError(f"checkpoint {resumed_from} was written with another data layout "
                              f"(position {meta['position']} vs {list(data.position(resumed_from))}); "
@@ -310,40 +224,47 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(metrics_path, start)
 
-    def save(step: int):
-        meta = {"position": list(data.position(step)), "rng": np.asarray(rng).tolist(), "total_steps": total}
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)), meta=ocp.args.JsonSave(meta)),
-                  force=True)
+    tokens = {"n": 0, "since": time.perf_counter()}
+
+    def batches(t: int):
+        fb, rb = data(t)
+        tokens["n"] += int(fb["attention_mask"].sum() + rb["attention_mask"].sum()) if "attention_mask" in fb else 0
+        return _global_batch(fb, batch_sharding), _global_batch(rb, batch_sharding)
+
+    def log_metrics(done: int, state, metrics) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        lr = schedule(done - 1) if callable(schedule) else schedule
+        metrics.update(step=done, lr=float(lr), tokens_per_s=tokens["n"] / max(now - tokens["since"], 1e-9))
+        tokens.update(n=0, since=now)
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        bar.set_postfix(forget=f"{metrics['forget_loss']:.3f}", retain=f"{metrics['retain_loss']:.3f}")
+
+    def save(done: int, state, metrics=None) -> None:
+        meta = {"position": list(data.position(done)), "total_steps": total}
+        mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()
 
-    interrupted = False
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and is_main), desc="unlearn", unit="step")
     with _StopFlag() as stop:
-        t_last, n_tokens = time.perf_counter(), 0
-        for step in range(start, total):
-            fb, rb = data(step)
-            n_tokens += int(fb["attention_mask"].sum() + rb["attention_mask"].sum()) if "attention_mask" in fb else 0
-            state, metrics = step_fn(state, _global_batch(fb, batch_sharding), _global_batch(rb, batch_sharding))
-            done = step + 1
-            if done % cfg.log_every == 0 or done == total or stop.signal is not None:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                metrics.update(step=done, lr=float(schedule(step)), tokens_per_s=n_tokens / max(now - t_last, 1e-9))
-                t_last, n_tokens = now, 0
-                if is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                bar.set_postfix(forget=f"{metrics['forget_loss']:.3f}", retain=f"{metrics['retain_loss']:.3f}")
-            bar.update(1)
-            if done % cfg.save_every == 0 or done == total or stop.signal is not None:
-                save(done)
-            if stop.signal is not None and done < total:
-                interrupted = True
-                break
+        def on_signal(done: int, state, metrics) -> bool:
+            if stop.signal is None:
+                return False
+            if done % cfg.log_every and done != total:
+                log_metrics(done, state, metrics)
+            if done % cfg.save_every and done != total:
+                save(done, state)
+            return True
+
+        hooks = [Every(cfg.log_every, log_metrics), Every(cfg.save_every, save), Every(1, on_signal)]
+        state, done, interrupted = run_steps(step_fn, state, batches, start, total, hooks, bar)
     bar.close()
     mngr.close()
 
-    trained = st.merge_model(defs, state)
+    trained = st.merge_model(defs, state, copy=False)  # no step follows: sharing the buffers is safe
     exported = None
     if cfg.export and not interrupted:  # re-export only when this call trained further
         exported = export_model(trained, export_dir, tokenizer, overwrite=start < total)
@@ -356,16 +277,16 @@ def restore_latest(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.Module, int
     ``model`` is the run's starting model: checkpoints hold only what training changes.
     """
     # The schedule's length does not change the optimizer state's layout.
-    tx = build_tx(cfg, build_schedule(cfg.optim, max(cfg.max_steps or 1, 1)))
+    tx = build_tx(cfg, max(cfg.max_steps or 1, 1))
     defs, state = st.init_state(model, tx, build_objective(cfg.objective, model.config.hidden_size), copy=False)
-    shardings = sh.train_state_shardings(state, sh.make_mesh(cfg.mesh))
+    shardings = sh.train_state_shardings(state, sh.make_mesh(cfg.mesh), tx)
     state = jax.device_put(state, shardings)
     mngr, restored, _ = _restore_latest(Path(cfg.output_dir) / "checkpoints", cfg.keep, _saved(state), _saved(shardings))
     mngr.close()
     if restored is None:
         return None
     state = state._replace(**restored)
-    return st.merge_model(defs, state), int(state.step)
+    return st.merge_model(defs, state, copy=False), int(state.step)
 
 
 def _truncate_log(path: Path, step: int) -> None:

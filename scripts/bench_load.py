@@ -58,8 +58,8 @@ def synthetic_config(size_bytes: int, itemsize: int) -> dict:
 
 def write_checkpoint(path: Path, size_bytes: int, dtype: str, single_file: bool, shard_bytes: int) -> int:
     """Write config + random safetensors shard by shard; returns the tensor bytes written."""
-    import numpy as np
     import ml_dtypes
+    import numpy as np
     from safetensors.numpy import save_file
 
     sys.path.insert(0, str(ROOT))

@@ -70,15 +70,14 @@ def main() -> None:
 
     dtype = jnp.dtype(a.dtype)
     cfg = ModelConfig(model_type="llama", max_position_embeddings=max(a.seq, 128), **SIZES[a.size])
-    options = ModelOptions(param_dtype=dtype, attention_impl=a.attention, scan_layers=a.scan, remat_policy=a.remat,
-                           logit_chunk=a.logit_chunk)
+    options = ModelOptions(param_dtype=dtype, attention_impl=a.attention, scan_layers=a.scan, remat_policy=a.remat)
     rng = np.random.default_rng(1)
     batch = lambda: {"input_ids": jnp.asarray(rng.integers(0, cfg.vocab_size, (a.batch, a.seq)), jnp.int32),
                      "attention_mask": jnp.ones((a.batch, a.seq), jnp.int32)}
     fb, rb = batch(), batch()
     fb["labels"], rb["labels"] = fb["input_ids"], rb["input_ids"]
     tokens = 2 * a.batch * a.seq
-    objective = obj.grad_diff()
+    objective = obj.grad_diff(logit_chunk=a.logit_chunk)
     adam = lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5, weight_decay=0.0))
     kinds = {
         "naive": (adam(), st.StepConfig(mode="naive")),

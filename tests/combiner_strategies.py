@@ -85,7 +85,7 @@ def ref_sago(f, r, alpha, gamma, agree="forget"):
 
 
 def ref_pcgrad(fs, rs, alpha, gamma, scope="module"):
-    """PCGrad on lists of leaves in float64, written as DESIGN.md states it."""
+    """PCGrad on lists of leaves in float64, written as `jax_unlearn.combiners.pcgrad` states it."""
     fs, rs = [f64(f) for f in fs], [f64(r) for r in rs]
 
     def project(f, r, d, n):

@@ -1,7 +1,24 @@
-"""Test setup: 8 fake CPU devices, set before anything imports jax."""
-import os
+"""Shared test builders as fixtures (8 fake CPU devices are set up by the repository's root conftest.py)."""
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+from __future__ import annotations
+
+import pytest
+from step_fixtures import make_batch, tiny_model
+
+
+@pytest.fixture
+def model():
+    """A fresh tiny random LLaMA (3 layers, d=16, vocab 64; `step_fixtures.tiny_model`)."""
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def forget_batch() -> dict:
+    """8 ragged rows of 8 tokens (left padding, prompt tokens without loss), seed 1."""
+    return make_batch(1)
+
+
+@pytest.fixture(scope="session")
+def retain_batch() -> dict:
+    """8 ragged rows of 8 tokens, seed 2."""
+    return make_batch(2)

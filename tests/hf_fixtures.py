@@ -85,13 +85,9 @@ def torch_hidden(model, ids: np.ndarray, layer: int) -> np.ndarray:
 
 def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to ``[batch, max_len]`` ids and a 0/1 attention mask."""
-    n = max(len(r) for r in rows)
-    ids = np.full((len(rows), n), pad_id, np.int32)
-    mask = np.zeros((len(rows), n), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
-    return ids, mask
+    from jax_unlearn.data import pad_rows
+
+    return pad_rows(rows, max(len(r) for r in rows), pad_id, side="left")
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

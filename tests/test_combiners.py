@@ -8,10 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import jax_unlearn as ju
 from combiner_strategies import (
     ROUNDOFF,
     f64,
@@ -22,6 +18,10 @@ from combiner_strategies import (
     two_task_grads,
     weights,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jax_unlearn as ju
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -218,7 +218,7 @@ class JitAgreementTest(chex.TestCase):
         tree = lambda: {"a": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
                         "b": [jnp.asarray(rng.standard_normal(5), jnp.bfloat16)]}
         grads = ju.TwoTaskGrads(tree(), tree())
-        for name, make in COMBINERS.items():
+        for make in COMBINERS.values():
             tx = make(0.7, 1.3)
             want, want_state = run(tx, grads)
             got, got_state = self.variant(tx.update)(grads, tx.init(grads.forget))
@@ -245,7 +245,8 @@ def test_full_chain_step_under_jit_lowers_retain_loss_with_sago():
         params, state = step(params, state)
         losses.append(float(retain_loss(params)))
     assert all(b < a for a, b in zip(losses, losses[1:]))
-    assert 0.0 <= float(optax.tree_utils.tree_get(state, "conflict_fraction")) <= 1.0
+    # every coordinate sits between the retain optimum 1 and the forget pole 3: all conflict
+    assert float(optax.tree_utils.tree_get(state, "conflict_fraction")) == 1.0
 
 
 def test_inject_hyperparams_schedule_changes_alpha_between_steps():

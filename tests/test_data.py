@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jax_unlearn import data as D
 from jax_unlearn.data import DataError, HubSource, MultipleChoice, QAPair, TokenizeOptions
@@ -192,6 +193,26 @@ def test_truncation_masks_padding_only(tok):
     assert no_bos["input_ids"][0, :len(short) - 1].tolist() == short[1:]
 
 
+def test_truncation_is_counted_or_refused(tok, caplog):
+    texts = ["hello world", "The capital of France is Paris. The capital of France is Paris.", "hello"]
+    with caplog.at_level("WARNING", logger="jax_unlearn.data"):
+        D.tokenize_texts(texts, tok, 12, name="forget")
+    long = len(enc(tok, texts[1], special=True))
+    assert (f"the forget set: 1 of 3 rows were longer than max_length=12 tokens and lost their end "
+            f"(row [1] had {long})") in caplog.text
+    with pytest.raises(DataError, match=rf"the forget set: 1 of 3 rows are longer than max_length=12 tokens "
+                                        rf"\(row \[1\] has {long}\)"):
+        D.tokenize_texts(texts, tok, 12, TokenizeOptions(truncation="error"), name="forget")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jax_unlearn.data"):
+        D.tokenize_texts(texts, tok, long, name="forget")  # nothing cut: nothing said
+        n = len(enc(tok, "Question: Who?\nAnswer:", special=True)) + 2
+        D.tokenize_qa([QAPair("Who?", "Harry Potter attends Hogwarts")], tok, n, name="probes")
+    assert "forget" not in caplog.text and f"the probes set: 1 of 1 rows were longer than max_length={n}" in caplog.text
+    with pytest.raises(DataError, match="truncation='cut'"):
+        TokenizeOptions(truncation="cut")
+
+
 def test_qa_loss_is_on_the_answer_only(tok):
     pairs = [QAPair("What is the capital of France?", "Paris"), QAPair("Who attends Hogwarts?", "Harry Potter")]
     out = D.tokenize_qa(pairs, tok, 24)
@@ -323,8 +344,8 @@ def test_json_list_errors_name_the_element_line(tmp_path):
 
 def test_qa_field_errors(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}, {"question": "q", "answer": 3}])
-    with pytest.raises(DataError, match=r"qa\.jsonl:2: expected a JSON object with string fields 'question' and "
-                                        r"'answer'.*\(field 'answer' is an integer\)"):
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: expected a record with a non-empty string 'question' and a "
+                                        r"string 'answer'.*\(field 'answer' is an integer\)"):
         D.read_qa(path)
     write_jsonl(tmp_path / "lv.jsonl", [{"question": "q", "answer": "a", "level": [1]}])
     with pytest.raises(DataError, match=r"lv\.jsonl:1: .*\(field 'level' is a list\)"):
@@ -346,8 +367,8 @@ def test_qa_field_errors(tmp_path):
 def test_multiple_choice_field_errors(tmp_path, bad, problem):
     good = {"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 1}
     path = write_jsonl(tmp_path / "mmlu.jsonl", [good, good, {**good, **bad}])
-    with pytest.raises(DataError, match=r"mmlu\.jsonl:3: expected a JSON object with a string 'question', a list "
-                                        rf"'choices' .*\({problem}\)"):
+    with pytest.raises(DataError, match=r"mmlu\.jsonl:3: expected a record with a string 'question', a list "
+                                        rf"'choices' of 2 to 26 strings .*\({problem}\)"):
         D.read_multiple_choice(path)
 
 

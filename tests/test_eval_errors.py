@@ -4,13 +4,27 @@ import types
 
 import numpy as np
 import pytest
-
 from test_eval_fixtures import MC_TEST, exported, make_tokenizer, mc_records, qa_records
-from jax_unlearn.eval import (auroc, build_prompts, continuation_logprobs, encode, evaluate_multiple_choice,
-                              evaluate_qa, generate_text, mia_scores, next_token_logprobs, perplexity, qa_prompt,
-                              rolling_windows, scores_from_token_stats)
+
+from jax_unlearn.data import pad_rows
+from jax_unlearn.eval import (
+    answer_accuracy,
+    auroc,
+    build_prompts,
+    continuation_logprobs,
+    encode,
+    evaluate_multiple_choice,
+    evaluate_qa,
+    generate_text,
+    mia_scores,
+    next_token_logprobs,
+    perplexity,
+    qa_prompt,
+    rolling_windows,
+    scores_from_token_stats,
+)
 from jax_unlearn.eval.lm_eval_adapter import JaxLM
-from jax_unlearn.eval.scoring import default_max_length, left_pad, plan_batches
+from jax_unlearn.eval.scoring import default_max_length, plan_batches
 from jax_unlearn.eval.tokens import prefix_token_id
 
 GOOD = {"question": "Which organ pumps blood?", "choices": ["heart", "lung"], "answer": 0}
@@ -33,26 +47,28 @@ CASES = {
     "empty question set": (lambda: build_prompts([]), "the set of multiple-choice questions is empty"),
     "a string instead of a list": (lambda: build_prompts("question"), "expected a list of multiple-choice"),
     "missing choices": (lambda: build_prompts([{"question": "q?", "answer": 0}]),
-                        "question 0 has no field 'choices'; expected a multiple-choice record"),
-    "question not a string": (lambda: build_prompts(mc(question=3)), "question 0: question must be a string"),
-    "choices a string": (lambda: build_prompts(mc(choices="AB")), "choices must be a list of strings"),
-    "one choice": (lambda: build_prompts(mc(choices=["x"])), "expected between 2 and 26 choices"),
-    "answer a letter": (lambda: build_prompts(mc(answer="A")), r"answer must be an integer index into choices \(0..1\)"),
-    "answer out of range": (lambda: build_prompts(mc(answer=2)), r"answer 2 is outside 0..1 \(2 choices\)"),
-    "subject not a string": (lambda: build_prompts(mc(subject=1)), "subject must be a string or None"),
+                        r"question 0: expected a record with .* \(field 'choices' is missing\)"),
+    "question not a string": (lambda: build_prompts(mc(question=3)), r"question 0: .* \(field 'question' is an integer\)"),
+    "choices a string": (lambda: build_prompts(mc(choices="AB")), r"list 'choices' of 2 to 26 strings .*\(field 'choices' is a string\)"),
+    "one choice": (lambda: build_prompts(mc(choices=["x"])), r"2 to 26 strings .*\('choices' has 1 item\)"),
+    "answer a letter": (lambda: build_prompts(mc(answer="A")), r"integer 'answer' indexing them .*\(field 'answer' is a string\)"),
+    "answer out of range": (lambda: build_prompts(mc(answer=2)), r"\('answer' is 2 but there are 2 choices\)"),
+    "subject not a string": (lambda: build_prompts(mc(subject=1)), r"optional string 'subject'.*\(field 'subject' is an integer\)"),
+    "few-shot example malformed": (lambda: build_prompts(mc(), num_fewshot=1, fewshot=[{"question": "q?"}]),
+                                   r"few-shot example 0: .*\(field 'choices' is missing\)"),
     "negative num_fewshot": (lambda: build_prompts(mc(), num_fewshot=-1), "num_fewshot must be a non-negative"),
     "num_fewshot without examples": (lambda: build_prompts(mc(), num_fewshot=1), "needs few-shot examples"),
     "too few few-shot examples": (lambda: build_prompts(mc(), num_fewshot=2, fewshot=mc(question="x?")),
                                   "num_fewshot=2 but the few-shot set has only 1 usable examples"),
     "QA without answer": (lambda: evaluate_qa(m(), t(), [{"question": "q?"}]),
-                          "QA item 0 has no field 'answer'; expected a QA record"),
+                          r"QA item 0: expected a record with .* \(field 'answer' is missing\)"),
     "QA empty question": (lambda: evaluate_qa(m(), t(), [{"question": " ", "answer": "a"}]),
-                          "QA item 0: question must be a non-empty string"),
+                          r"QA item 0: .*\('question' is empty\)"),
     "QA answer not a string": (lambda: evaluate_qa(m(), t(), [{"question": "q?", "answer": 3}]),
-                               "QA item 0: answer must be a string"),
+                               r"QA item 0: .*\(field 'answer' is an integer\)"),
     "empty QA set": (lambda: evaluate_qa(m(), t(), []), "the set of QA items is empty"),
-    "record without text": (lambda: perplexity(m(), t(), [{"body": "x"}]), "text 0 has no field 'text'"),
-    "text not a string": (lambda: perplexity(m(), t(), [{"text": 5}]), "text 0: text must be a string"),
+    "record without text": (lambda: perplexity(m(), t(), [{"body": "x"}]), r"text 0: .*\(field 'text' is missing\)"),
+    "text not a string": (lambda: perplexity(m(), t(), [{"text": 5}]), r"text 0: .*\(field 'text' is an integer\)"),
     "empty text set": (lambda: perplexity(m(), t(), []), "the set of texts for perplexity is empty"),
     "texts without tokens": (lambda: perplexity(m(), t(), ["", ""]), "contain no tokens"),
     # tokenizer / model
@@ -63,7 +79,8 @@ CASES = {
         r"token id 300, outside the model's vocabulary \[0, 256\)"),
     "max_length below 2": (lambda: default_max_length(m(), 1), "max_length must be >= 2"),
     "batch_size 0": (lambda: list(plan_batches([3, 4], 0)), "batch_size must be >= 1"),
-    "row longer than padding": (lambda: left_pad([[1, 2, 3]], 2, 0), "row 0 has 3 tokens, more than the padded length 2"),
+    "row longer than padding": (lambda: pad_rows([[1, 2, 3]], 2, 0, side="left"),
+                                "row 0 has 3 tokens, more than the padded length 2"),
     "continuation longer than max_length": (lambda: continuation_logprobs(m(), [([1], [5] * 9)], max_length=8),
                                             "continuation 0 has 9 tokens, more than max_length=8"),
     "empty context": (lambda: continuation_logprobs(m(), [([], [5])]), "pair 0 has an empty context"),
@@ -71,6 +88,10 @@ CASES = {
                                       r"candidates must be \[n_contexts=1, n_choices\]"),
     "next-token context empty": (lambda: next_token_logprobs(m(), [[]], np.zeros((1, 2), int)),
                                  "every context needs at least one token"),
+    "answers of the wrong shape": (lambda: answer_accuracy(m(), [[1, 2]], [3, 4]),
+                                   r"answers must be one token id per context \(\[1\]\), got shape \(2,\)"),
+    "answer outside the vocabulary": (lambda: answer_accuracy(m(), [[1, 2]], [999]),
+                                      r"token id 999, outside the model's vocabulary"),
     # QA and generation
     "unknown QA style": (lambda: evaluate_qa(m(), t(), qa_records(), style="cloze"), "unknown QA prompt style 'cloze'"),
     "unknown prompt style": (lambda: qa_prompt("q?", "auto"), "unknown QA prompt style 'auto'"),
@@ -116,6 +137,19 @@ def test_bad_input_raises_clear_error(name):
 def test_non_string_text_is_a_type_error():
     with pytest.raises(TypeError, match="expected a string to tokenize, got int"):
         encode(t(), 5)
+
+
+def test_records_are_the_data_modules_with_its_error_type():
+    """Evaluation reads the same record types as the data files, with the same DataError (a ValueError)."""
+    from jax_unlearn.data import DataError, MultipleChoice, QAPair
+
+    items, _ = build_prompts([MultipleChoice("q?", ("a", "b"), 1, "bio")])  # records as objects work too
+    assert items == [MultipleChoice("q?", ("a", "b"), 1, "bio")]
+    with pytest.raises(DataError):
+        build_prompts([{"question": "q?", "choices": ["a"], "answer": 0}])
+    rwku = evaluate_qa(m(), t(), [{"query": "Which organ pumps blood?", "answer": "heart"}], max_new_tokens=2)
+    assert rwku.prompts[0].endswith("Question: Which organ pumps blood?\nAnswer:")  # RWKU's 'query' key
+    assert isinstance(QAPair("q", "a"), QAPair)
 
 
 def test_valid_inputs_pass_the_same_checks():

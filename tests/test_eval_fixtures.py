@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from hf_fixtures import make_checkpoint
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from hf_fixtures import make_checkpoint
 from jax_unlearn.eval import format_description, format_question, qa_prompt
 from jax_unlearn.models import load_hf, save_hf
 

@@ -7,9 +7,9 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
 from test_eval_fixtures import MC_DEV, MC_TEST, QA, SUBJECT, TEXTS, exported, mc_records, torch_greedy, write_jsonl
 from ties import assert_choices_agree, assert_text_agrees
+
 from jax_unlearn.eval import encode, encode_pairs, evaluate_multiple_choice, qa_prompt
 from jax_unlearn.eval.lm_eval_adapter import JaxLM
 

@@ -5,8 +5,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
-
 from test_eval_fixtures import HOLDOUT, TEXTS, exported
+
 from jax_unlearn.eval import ATTACKS, auroc, mia_auroc, mia_scores
 
 

@@ -2,10 +2,20 @@
 
 import numpy as np
 import pytest
-
-from test_eval_fixtures import (CHAR_SPLIT, MC_DEV, MC_TEST, SUBJECT, exported, make_tokenizer, mc_records,
-                                read_jsonl, torch_continuation_logprob, write_jsonl)
+from test_eval_fixtures import (
+    CHAR_SPLIT,
+    MC_DEV,
+    MC_TEST,
+    SUBJECT,
+    exported,
+    make_tokenizer,
+    mc_records,
+    read_jsonl,
+    torch_continuation_logprob,
+    write_jsonl,
+)
 from ties import assert_choices_agree, tied
+
 from jax_unlearn.eval import build_prompts, continuation_logprobs, evaluate_multiple_choice, format_prompt
 
 

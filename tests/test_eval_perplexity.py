@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
 from test_eval_fixtures import TEXTS, exported
+
 from jax_unlearn.eval import perplexity, rolling_windows
 
 

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 from rouge_score import rouge_scorer
-
 from test_eval_fixtures import QA, exported, qa_records, torch_greedy
 from ties import assert_text_agrees
+
 from jax_unlearn.eval import evaluate_qa, newline_token_ids, qa_prompt, rouge_l_recall
 from jax_unlearn.eval.generation import cut_at, generate_text
 
@@ -76,7 +75,7 @@ def test_answers_equal_transformers_generate_and_scores_are_per_level():
     np.testing.assert_allclose(result.scores, scores)
     assert set(result.by_level) == {"1", "2", "3"}
     for lv in "123":
-        assert result.by_level[lv] == pytest.approx(np.mean([s for s, (*_, l) in zip(scores, QA) if l == lv]))
+        assert result.by_level[lv] == pytest.approx(np.mean([s for s, (*_, level) in zip(scores, QA) if level == lv]))
     assert result.rouge_l_recall == pytest.approx(np.mean(scores))
 
     # gold answers built from the model's own words: recall is known and non-zero

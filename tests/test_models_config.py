@@ -100,6 +100,15 @@ def test_unsupported_rope_type_names_field_and_values(layout):
         ModelConfig.from_hf_dict(d)
 
 
+def test_head_dim_defaults_to_hidden_over_heads():
+    base = ModelConfig.from_hf_dict(hf_config("llama_gqa").to_dict())
+    plain = dataclasses.replace(base, head_dim=None)
+    assert plain.head_dim == base.hidden_size // base.num_attention_heads
+    with pytest.raises(ValueError, match=r"'head_dim' is unset and 'hidden_size' \(64\) is not a multiple of "
+                                         r"'num_attention_heads' \(5\)"):
+        dataclasses.replace(base, head_dim=None, num_attention_heads=5, num_key_value_heads=1)
+
+
 def test_invalid_values_are_rejected():
     base = ModelConfig.from_hf_dict(hf_config("llama_gqa").to_dict())
     with pytest.raises(ValueError, match="num_key_value_heads"):

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_fixtures import checkpoint, left_pad
 from ties import TIE_TOL, assert_greedy_agree
-
-from flax import nnx
 
 from jax_unlearn.models import generate, load_hf
 from jax_unlearn.models.generation import _generate

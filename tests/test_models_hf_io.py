@@ -17,8 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from jax_unlearn.models import CheckpointError, load_hf, model_shardings, save_hf
-from jax_unlearn.models import hf_io
+from jax_unlearn.models import CheckpointError, hf_io, load_hf, model_shardings, save_hf
 
 TOL = 1e-4
 IDS = np.random.RandomState(7).randint(3, 128, size=(2, 20)).astype(np.int32)
@@ -207,27 +206,19 @@ def _rewrite(path: Path, edit):
     save_file(tensors, f, metadata={"format": "pt"})
 
 
-def test_missing_tensor(tmp_path):
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+     r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight \(expected shape \(96, 64\)\)"),
+    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.zeros((3, 5), np.float32)}),
+     r"unexpected tensor\(s\) model\.layers\.0\.self_attn\.extra\.weight \(found shape \(3, 5\) in model\.safetensors\)"),
+    (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}),
+     r"tensor model\.layers\.0\.self_attn\.k_proj\.weight in model\.safetensors has shape \(64, 64\), "
+     r"expected \(32, 64\)"),
+], ids=["missing", "unexpected", "wrong_shape"])
+def test_tensor_errors_name_the_tensor_and_shapes(tmp_path, edit, message):
     path = _copy("llama_gqa", tmp_path)
-    _rewrite(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight "
-                                              r"\(expected shape \(96, 64\)\)"):
-        load_hf(path)
-
-
-def test_unexpected_tensor(tmp_path):
-    path = _copy("llama_gqa", tmp_path)
-    _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.zeros((3, 5), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) model\.layers\.0\.self_attn\.extra\.weight "
-                                              r"\(found shape \(3, 5\) in model\.safetensors\)"):
-        load_hf(path)
-
-
-def test_wrong_shape(tmp_path):
-    path = _copy("llama_gqa", tmp_path)
-    _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.self_attn\.k_proj\.weight in "
-                                              r"model\.safetensors has shape \(64, 64\), expected \(32, 64\)"):
+    _rewrite(path, edit)
+    with pytest.raises(CheckpointError, match=message):
         load_hf(path)
 
 

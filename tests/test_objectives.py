@@ -1,4 +1,4 @@
-"""The objectives equal float64 NumPy statements of DESIGN.md's formulas on a tiny model."""
+"""The objectives equal float64 NumPy statements of their formulas (objectives.py docstrings) on a tiny model."""
 
 from __future__ import annotations
 
@@ -136,38 +136,33 @@ def test_objective_factories_and_bad_arguments():
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 16])
 def test_chunked_logprobs_equal_full_logits_in_value_and_gradient(models, batch, chunk):
-    from jax_unlearn.models import ModelOptions
-
     model, _ = models
     graphdef, params = nnx.split(model, nnx.Param)
-    chunked = nnx.merge(graphdef, params)
-    chunked.options = ModelOptions(logit_chunk=chunk)
 
-    def loss(p, m):
-        return obj.npo_loss(0.5)(nnx.merge(nnx.graphdef(m), p), batch, model)[0] + obj.nll(nnx.merge(nnx.graphdef(m), p), batch)[0]
+    def loss(p, chunk):
+        m = nnx.merge(graphdef, p)
+        return obj.npo_loss(0.5, logit_chunk=chunk)(m, batch, model)[0] + obj.nll_loss(chunk)(m, batch)[0]
 
-    full_l, full_g = jax.value_and_grad(loss)(params, model)
-    ch_l, ch_g = jax.value_and_grad(loss)(params, chunked)
+    full_l, full_g = jax.value_and_grad(loss)(params, None)
+    ch_l, ch_g = jax.value_and_grad(loss)(params, chunk)
     np.testing.assert_allclose(float(ch_l), float(full_l), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(ch_g), jax.tree.leaves(full_g)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_chunked_loss_never_holds_full_vocab_logits():
-    from jax_unlearn.models import ModelOptions
-
     cfg = ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=4)
+                      num_attention_heads=4, num_key_value_heads=2)
     ids = jnp.zeros((4, 256), jnp.int32)
     b = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
 
-    def temp_bytes(options):
-        graphdef, params = nnx.split(CausalLM(cfg, options, rngs=nnx.Rngs(0)), nnx.Param)
-        grad = jax.jit(jax.grad(lambda p: obj.nll(nnx.merge(graphdef, p), b)[0]))
+    def temp_bytes(chunk):
+        grad = jax.jit(jax.grad(lambda p: obj.nll_loss(chunk)(nnx.merge(graphdef, p), b)[0]))
         return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
 
     full_logits = 4 * 255 * 4096 * 4  # float32 [b, s-1, vocab]
-    full, chunked = temp_bytes(ModelOptions()), temp_bytes(ModelOptions(logit_chunk=16))
+    full, chunked = temp_bytes(None), temp_bytes(16)
     # the unchunked gradient holds the logits and their cotangent; the chunked one neither
     # (what remains is the rest of the model: attention scores, MLP activations, ...)
     assert full - chunked >= 2 * full_logits

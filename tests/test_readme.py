@@ -4,9 +4,8 @@ import pathlib
 import re
 
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
-
 from hf_fixtures import make_checkpoint
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 WORDS = "the secret recipe is salt weather mild today".split()
@@ -44,8 +43,19 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "runs/sago/model/tokenizer.json").is_file()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs/sago/model")
     assert reloaded.config.vocab_size == 128
-    assert 0.0 <= namespace["mc"].accuracy <= 1.0 and len(namespace["mc"].predictions) == 4
+    mc = namespace["mc"]
+    assert len(mc.predictions) == 4 and mc.accuracy == (mc.predictions == 0).mean()  # every answer is choice 0
     assert set(namespace["qa"].by_level) == {"forget_1", "neighbor_1"}
+    # the learning-rate sweep reuses its compiled step: one more rate adds no compilation
+    ns = namespace
+    step, before = ns["unlearn_step"], ns["unlearn_step"]._cache_size()
+    _, run = ns["st"].init_state(ns["model"], ns["tx"], ns["objective"])
+    run = run._replace(opt_state=ns["config"].set_hyperparams(run.opt_state, learning_rate=3e-3))
+    ns["train"].run_steps(step, run, ns["pairs"], 0, 2)
+    assert step._cache_size() == before
+    nll = namespace["forget_nll"]
+    assert nll[1e-2] > nll[1e-3]  # gradient ascent on the forget set: a larger rate forgets more
+    assert namespace["done"] == 4
 
 
 def test_readme_main_command_is_the_demo_with_its_extra():

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from ties import TIE_TOL, assert_choices_agree, assert_greedy_agree, assert_text_agrees, stable_prefix
 
 

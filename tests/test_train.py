@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jax_unlearn import train
+from jax_unlearn import config, train
 from jax_unlearn.data import PairedBatches
 
 WORKER = str(Path(__file__).parent / "train_worker.py")
@@ -103,10 +103,10 @@ def _tiny_data():
             {k: np.asarray(v) for k, v in make_batch(12, rows=24).items()})
 
 
-def _config(out: Path, **kw) -> train.TrainConfig:
-    base = dict(progress=False, batch_size=8, save_every=2, keep=5, optim=train.OptimConfig(lr=0.01),
-                combiner=train.CombinerConfig(name="sago"), objective=train.ObjectiveConfig(name="npo", beta=0.5))
-    return train.TrainConfig(output_dir=str(out), **{**base, **kw})
+def _config(out: Path, **kw) -> config.TrainConfig:
+    base = dict(progress=False, batch_size=8, save_every=2, keep=5, optim=config.OptimConfig(lr=0.01),
+                combiner=config.CombinerConfig(name="sago"), objective=config.ObjectiveConfig(name="npo", beta=0.5))
+    return config.TrainConfig(output_dir=str(out), **{**base, **kw})
 
 
 def test_unreadable_latest_checkpoint_falls_back_and_deletes_nothing(reference_run, tmp_path, caplog):
@@ -165,7 +165,7 @@ def test_bad_data_and_config_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
         train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, micro_batches=3))
     with pytest.raises(ValueError, match="optim.schedule='step'"):
-        train.build_schedule(train.OptimConfig(schedule="step"), 10)
+        config.build_schedule(config.OptimConfig(schedule="step"), 10)
 
 
 def test_batches_are_a_function_of_the_step():
@@ -182,10 +182,10 @@ def test_batches_are_a_function_of_the_step():
 
 
 def test_schedules():
-    cfg = train.OptimConfig(lr=1.0, warmup_ratio=0.2, schedule="linear")
-    s = train.build_schedule(cfg, 10)
+    cfg = config.OptimConfig(lr=1.0, warmup_ratio=0.2, schedule="linear")
+    s = config.build_schedule(cfg, 10)
     np.testing.assert_allclose([float(s(t)) for t in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
-    c = train.build_schedule(train.OptimConfig(lr=1.0, schedule="cosine"), 10)
+    c = config.build_schedule(config.OptimConfig(lr=1.0, schedule="cosine"), 10)
     np.testing.assert_allclose([float(c(t)) for t in (0, 5, 10)], [1.0, 0.5, 0.0], atol=1e-6)
 
 
@@ -214,8 +214,9 @@ def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path):
         procs.append(worker(two, env=env, **run))
     results = [finish(p, timeout=400) for p in procs]
     assert all(r["distributed"] and r["steps_done"] == 4 for r in results)
-    from jax_unlearn.models import save_hf
     from step_fixtures import assert_moves_close, tiny_model
+
+    from jax_unlearn.models import save_hf
 
     save_hf(tiny_model(), tmp_path / "start")
     a, b, start = weights(one), weights(two), load_file(tmp_path / "start" / "model.safetensors")
@@ -227,10 +228,10 @@ def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path):
 def test_end_to_end_from_text_and_qa_files(tmp_path):
     """Files -> tokenizer -> data sets -> unlearn -> exported folder that reloads."""
     from flax import nnx
+    from tokenizer_fixtures import make_tokenizer
 
     from jax_unlearn import data, objectives
     from jax_unlearn.models import CausalLM, ModelConfig, load_hf
-    from tokenizer_fixtures import make_tokenizer
 
     tok = data.load_tokenizer(make_tokenizer(tmp_path / "tok"))
     (tmp_path / "forget.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in [

@@ -15,7 +15,7 @@ parity tolerance of the model tests, far below any margin a wrong model would pr
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

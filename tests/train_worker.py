@@ -18,15 +18,15 @@ def main() -> None:
 
     distributed = sh.maybe_initialize_distributed()
     import numpy as np
-
-    from jax_unlearn import train
     from step_fixtures import make_batch, tiny_model
 
+    from jax_unlearn import config, train
+
     out, overrides = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    nested = {"optim": train.OptimConfig, "combiner": train.CombinerConfig, "objective": train.ObjectiveConfig,
+    nested = {"optim": config.OptimConfig, "combiner": config.CombinerConfig, "objective": config.ObjectiveConfig,
               "mesh": sh.MeshConfig}
     kwargs = {k: nested[k](**v) if k in nested else v for k, v in overrides.items()}
-    cfg = train.TrainConfig(output_dir=out, progress=False, **kwargs)
+    cfg = config.TrainConfig(output_dir=out, progress=False, **kwargs)
     forget = {k: np.asarray(v) for k, v in make_batch(11, rows=16).items()}
     retain = {k: np.asarray(v) for k, v in make_batch(12, rows=24).items()}
     result = train.unlearn(tiny_model(), forget, retain, cfg)

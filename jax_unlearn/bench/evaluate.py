@@ -1,10 +1,11 @@
 """Accuracy of the benchmark's probes and a membership-inference AUROC, in one forward pass.
 
-A probe is correct when the greedy next token over the whole vocabulary is its answer.
-``mia_auroc`` is the LOSS attack between forget and unseen people: ``P(NLL_unseen > NLL_forget)``
-over (unseen, forget) person pairs, each person scored by the mean answer NLL of its probes
-(1.0 before unlearning: the model knows the forget people; 0.5: indistinguishable from people
-it never saw; below 0.5: forget people now look *less* familiar than strangers).
+A probe is correct when the greedy next token over the whole vocabulary is its answer
+(`jax_unlearn.eval.answer_accuracy`). ``mia_auroc`` is the LOSS attack between forget and
+unseen people: ``P(NLL_unseen > NLL_forget)`` over (unseen, forget) person pairs, each person
+scored by the mean answer NLL of its probes (1.0 before unlearning: the model knows the
+forget people; 0.5: indistinguishable from people it never saw; below 0.5: forget people now
+look *less* familiar than strangers).
 """
 
 from __future__ import annotations
@@ -12,20 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 from jax_unlearn.bench.tokens import ProbeRows
+from jax_unlearn.eval import answer_accuracy
 from jax_unlearn.eval.mia import auroc
-from jax_unlearn.eval.scoring import next_token_logprobs
 
 GROUPS = ("forget", "retain", "heldout", "heldout_neighbour", "heldout_other", "general", "unseen")
 
 
 def probe_predictions(model, rows: ProbeRows, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """``(correct [n] bool, answer_nll [n])`` of every probe, from the next-token log-probabilities
-    of the whole vocabulary after each context (`jax_unlearn.eval.scoring.next_token_logprobs`)."""
-    vocab = model.config.vocab_size
-    candidates = np.broadcast_to(np.arange(vocab, dtype=np.int32), (len(rows.contexts), vocab))
-    logp = next_token_logprobs(model, rows.contexts, candidates, batch_size=batch_size)  # [n, vocab]
-    nll = -logp[np.arange(len(rows.answer)), rows.answer]
-    return logp.argmax(axis=1) == rows.answer, nll
+    """``(correct [n] bool, answer_nll [n])`` of every probe."""
+    result = answer_accuracy(model, rows.contexts, rows.answer, batch_size=batch_size)
+    return result.correct, -result.logprob
 
 
 def _person_nll(rows: ProbeRows, nll: np.ndarray, group: str) -> np.ndarray:

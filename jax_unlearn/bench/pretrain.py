@@ -19,68 +19,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-import optax
 from flax import nnx
 
-from jax_unlearn.bench.checks import require_positive
+from jax_unlearn import step as st
+from jax_unlearn.bench.config import ModelSize, PretrainConfig
 from jax_unlearn.bench.evaluate import evaluate
-from jax_unlearn.bench.tokens import BOS, PAD, hf_tokenizer, probe_rows, text_rows, train_tokenizer
+from jax_unlearn.bench.tokens import BOS, PAD, SEQ, probe_rows, text_rows, train_tokenizer
 from jax_unlearn.bench.world import World, WorldConfig, make_world
+from jax_unlearn.config import OptimConfig, build_optimizer
+from jax_unlearn.data import EpochBatches, load_tokenizer
 from jax_unlearn.models import CausalLM, ModelConfig, load_hf, save_hf
 from jax_unlearn.objectives import nll
+from jax_unlearn.train import Every, run_steps
 
 log = logging.getLogger(__name__)
 
-SEQ = 16  # tokens per row: every benchmark sentence fits
-CACHE_VERSION = 1  # bump when the generator or the training changes what a key produces
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSize:
-    """The tiny LLaMA (defaults: 4 layers, d=64, ~0.27M parameters with the 205-token vocabulary)."""
-
-    hidden: int = 64
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 256
-
-    def __post_init__(self):
-        require_positive({f"model.{n}": getattr(self, n) for n in ("hidden", "layers", "heads", "kv_heads",
-                                                                   "intermediate")})
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"model.hidden={self.hidden} must divide by model.heads={self.heads}, "
-                             f"and model.heads by model.kv_heads={self.kv_heads}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-    """AdamW with linear warmup and cosine decay over ``max_steps``; stops early at the first
-    evaluation (every ``eval_every`` steps) where forget, retain, held-out and general
-    accuracy are all >= ``target``."""
-
-    max_steps: int = 6000
-    batch_size: int = 64
-    lr: float = 5e-3
-    warmup: int = 200
-    weight_decay: float = 0.0
-    eval_every: int = 500
-    target: float = 0.98
-    seed: int = 0
-
-    def __post_init__(self):
-        require_positive({f"pretrain.{n}": getattr(self, n) for n in ("max_steps", "batch_size", "eval_every")})
-        if not 0 <= self.warmup < self.max_steps:
-            raise ValueError(f"pretrain.warmup={self.warmup} must lie in [0, pretrain.max_steps={self.max_steps})")
-        require_positive({"pretrain.lr": self.lr}, "> 0")
+CACHE_VERSION = 2  # bump when the generator or the training changes what a key produces
 
 
 @dataclasses.dataclass
 class Pretrained:
     model: CausalLM
-    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer: object  # transformers.PreTrainedTokenizerFast
     world: World
     path: Path
     info: dict  # steps, seconds, accuracies at the end of pretraining
@@ -100,49 +60,35 @@ def cache_key(world: WorldConfig, size: ModelSize, pre: PretrainConfig) -> str:
 def model_config(size: ModelSize, vocab: int) -> ModelConfig:
     return ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=size.hidden,
                        intermediate_size=size.intermediate, num_hidden_layers=size.layers,
-                       num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-                       head_dim=size.hidden // size.heads, max_position_embeddings=SEQ,
+                       num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, max_position_embeddings=SEQ,
                        bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
 
 
 def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bool) -> tuple[CausalLM, dict]:
+    """Pretrains with the library's single-task step and loop: seeded epochs of ``batch_size``
+    rows, AdamW with linear warmup and cosine decay, evaluation every ``eval_every`` steps."""
     from tqdm import tqdm
 
-    rows = text_rows(tok, world.pretraining_texts(), SEQ)
+    rows = text_rows(tok, world.pretraining_texts(), name="pretraining")
     probes = probe_rows(tok, world.probes())
-    model = CausalLM(model_config(size, tok.get_vocab_size()), rngs=nnx.Rngs(cfg.seed))
-    graphdef, params = nnx.split(model)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.max_steps)
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    opt_state = tx.init(params)
+    model = CausalLM(model_config(size, len(tok)), rngs=nnx.Rngs(cfg.seed))
+    tx = build_optimizer(OptimConfig(lr=cfg.lr, schedule="cosine", warmup_steps=cfg.warmup,
+                                     weight_decay=cfg.weight_decay, clip_norm=None), cfg.max_steps)
+    defs, state = st.init_state(model, tx, copy=False)
+    step = st.make_step(defs, nll, tx)
+    data = EpochBatches(rows, cfg.batch_size, cfg.seed, "pretraining")
+    start, last = time.perf_counter(), {}
 
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, g = jax.value_and_grad(lambda p: nll(nnx.merge(graphdef, p), batch)[0])(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def check(done: int, state, metrics) -> bool:
+        last.update(evaluate(st.merge_model(defs, state, copy=False), probes), loss=float(metrics["loss"]))
+        log.info("pretrain step %d: %s", done, ", ".join(f"{k} {v:.3f}" for k, v in last.items() if v is not None))
+        return all(last[f"{g}_acc"] >= cfg.target for g in ("forget", "retain", "heldout", "general"))
 
-    rng = np.random.default_rng(cfg.seed)
-    n = len(rows["input_ids"])
-    order, cursor = rng.permutation(n), 0
-    start, acc, done = time.perf_counter(), {}, 0
     bar = tqdm(total=cfg.max_steps, desc=f"pretraining world {world.config.seed}", unit="step", disable=not progress)
-    for done in range(1, cfg.max_steps + 1):
-        if cursor + cfg.batch_size > n:
-            order, cursor = rng.permutation(n), 0
-        idx = order[cursor: cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in rows.items()})
-        bar.update()
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            acc = evaluate(nnx.merge(graphdef, params), probes)
-            log.info("pretrain step %d: loss %.4f, %s", done, float(loss),
-                     ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-            if all(acc[f"{g}_acc"] >= cfg.target for g in ("forget", "retain", "heldout", "general")):
-                break
+    state, done, _ = run_steps(step, state, lambda t: (data(t),), 0, cfg.max_steps, [Every(cfg.eval_every, check)], bar)
     bar.close()
-    info = {"steps": done, "seconds": round(time.perf_counter() - start, 1), "final_loss": float(loss), **acc}
-    return nnx.merge(graphdef, params), info
+    info = {"steps": done, "seconds": round(time.perf_counter() - start, 1), "final_loss": last.pop("loss"), **last}
+    return st.merge_model(defs, state, copy=False), info
 
 
 def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSize(),
@@ -150,20 +96,17 @@ def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSi
                progress: bool = False) -> Pretrained:
     """The pretrained benchmark model of these configs: loaded from the cache, or trained and
     saved there (``save_hf`` with the tokenizer, plus ``world.json`` and ``pretrain.json``)."""
-    from tokenizers import Tokenizer
-
     world = make_world(world_cfg)
     folder = (cache or cache_root()) / "bench" / cache_key(world_cfg, size, pre)
     if (folder / "pretrain.json").is_file():
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         info = json.loads((folder / "pretrain.json").read_text())
-        return Pretrained(load_hf(folder), tok, world, folder, info, cached=True)
+        return Pretrained(load_hf(folder), load_tokenizer(folder), world, folder, info, cached=True)
     tok = train_tokenizer(world.all_texts())
     model, info = _train(world, tok, size, pre, progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save_hf(model, tmp / "m", hf_tokenizer(tok))
+        save_hf(model, tmp / "m", tok)
         for f in (tmp / "m").iterdir():
             f.rename(tmp / f.name)
         (tmp / "m").rmdir()

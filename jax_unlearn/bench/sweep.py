@@ -15,114 +15,18 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from jax_unlearn.bench.checks import require_positive
-from jax_unlearn.bench.pretrain import SEQ, ModelSize, PretrainConfig, pretrained
-from jax_unlearn.bench.world import ATTRIBUTES, WorldConfig, make_world
+from jax_unlearn.bench.config import BenchConfig
+from jax_unlearn.bench.pretrain import pretrained
+from jax_unlearn.combiners import COMBINERS
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("grad_diff", "simnpo", "npo", "grad_ascent")
-COMBINERS = ("weighted_sum", "pcgrad", "sago")
-PARAMS = ("lr", "alpha", "gamma", "beta", "delta")
 SUMMARY_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neighbour_acc", "heldout_other_acc",
                 "general_acc", "mia_auroc")
-
-
-@dataclasses.dataclass(frozen=True)
-class GridSection:
-    """The hyperparameter swept and the trajectory of each value.
-
-    With ``param: lr`` the value ``v`` runs ``steps * max(values) / v`` steps (a lower rate
-    gets proportionally more steps); any other param runs ``steps`` steps at the top-level
-    ``lr``. Each trajectory is evaluated every ``ceil(steps / evals)`` steps and at its end
-    (at most ``evals`` times, plus its start).
-    """
-
-    param: Literal["lr", "alpha", "gamma", "beta", "delta"] = "lr"
-    values: list[float] = dataclasses.field(default_factory=lambda: [4e-3, 2e-3, 1e-3])
-    steps: int = 40
-    evals: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    """``jax-unlearn demo`` / ``sweep`` (``configs/demo.yaml`` holds these defaults)."""
-
-    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
-    model: ModelSize = dataclasses.field(default_factory=ModelSize)
-    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
-    grid: GridSection = dataclasses.field(default_factory=GridSection)
-    objectives: list[str] = dataclasses.field(default_factory=lambda: ["grad_diff", "simnpo"])
-    combiners: list[str] = dataclasses.field(default_factory=lambda: list(COMBINERS))
-    worlds: list[int] = dataclasses.field(default_factory=lambda: [0])  # world seeds (replicates)
-    lr: float = 1e-3  # used when grid.param is not lr
-    alpha: float = 1.0  # retain weight of every combiner
-    gamma: float = 1.0  # forget weight of every combiner
-    beta: float = 1.0  # SimNPO / NPO beta
-    delta: float = 2.0  # SimNPO delta
-    batch_size: int = 32
-    forget_threshold: float = 0.10
-    seed: int = 0  # data order
-
-    def check(self) -> None:
-        """Raises ValueError naming the key when a value cannot run."""
-        for key, allowed in (("objectives", OBJECTIVES), ("combiners", COMBINERS)):
-            values = getattr(self, key)
-            if not values:
-                raise ValueError(f"'{key}' is empty; choose from {', '.join(allowed)}")
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise ValueError(f"'{key}' has {bad[0]!r}; allowed values: {', '.join(allowed)}")
-        if not self.worlds:
-            raise ValueError("'worlds' is empty; give at least one world seed, e.g. worlds=[0]")
-        if len(set(self.worlds)) != len(self.worlds) or min(self.worlds) < 0:
-            raise ValueError(f"'worlds' must be distinct non-negative seeds, got {list(self.worlds)}")
-        require_positive({"'lr'": self.lr, "'beta'": self.beta}, "> 0")
-        if not self.grid.values:
-            raise ValueError("'grid.values' is empty; give the values of grid.param to sweep, e.g. [4e-3, 2e-3]")
-        if self.grid.param in ("lr", "beta") and any(v <= 0 for v in self.grid.values):
-            raise ValueError(f"'grid.values' for grid.param={self.grid.param} must be positive, "
-                             f"got {list(self.grid.values)}")
-        if self.grid.param in ("alpha", "gamma") and any(v < 0 for v in self.grid.values):
-            raise ValueError(f"'grid.values' for grid.param={self.grid.param} must be non-negative, "
-                             f"got {list(self.grid.values)}")
-        require_positive({"'grid.steps'": self.grid.steps, "'grid.evals'": self.grid.evals,
-                          "'batch_size'": self.batch_size})
-        if not 0.0 <= self.forget_threshold <= 1.0:
-            raise ValueError(f"'forget_threshold' must lie in [0, 1], got {self.forget_threshold}")
-        rows = 3 * len(ATTRIBUTES)  # texts per person
-        for split in ("forget", "retain"):
-            n = getattr(self.world, split)
-            if self.batch_size > n * rows:
-                raise ValueError(f"'batch_size'={self.batch_size} exceeds the {n * rows} {split} rows "
-                                 f"of world.{split}={n} people")
-        heldout = make_world(self.world).persons("heldout")
-        if not any(p.neighbour for p in heldout) or all(p.neighbour for p in heldout):
-            raise ValueError(f"world {self.world.seed} needs held-out people both sharing and not sharing a name "
-                             "with a forget person; change world.first_names, world.last_names or world.forget")
-
-    def schedule(self, value: float) -> tuple[float, int, int]:
-        """``(lr, steps, eval_every)`` of the trajectory at grid value ``value``."""
-        if self.grid.param == "lr":
-            lr, steps = value, int(round(self.grid.steps * max(self.grid.values) / value))
-        else:
-            lr, steps = self.lr, self.grid.steps
-        return lr, steps, max(1, -(-steps // self.grid.evals))
-
-
-def _run_settings(cfg: BenchConfig, objective: str, combiner: str, value: float):
-    from jax_unlearn.train import CombinerConfig, ObjectiveConfig
-
-    p = {k: getattr(cfg, k) for k in ("alpha", "gamma", "beta", "delta")}
-    if cfg.grid.param != "lr":
-        p[cfg.grid.param] = value
-    obj = ObjectiveConfig(name=objective, beta=p["beta"], delta=p["delta"])
-    comb = CombinerConfig(name=combiner, alpha=p["alpha"], gamma=p["gamma"])
-    return obj, comb, p
 
 
 def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -145,12 +49,12 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     for seed, pre in zip(cfg.worlds, models):
         worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info})
         tok, w = pre.tokenizer, pre.world
-        forget, retain = text_rows(tok, w.texts("forget"), SEQ), text_rows(tok, w.texts("retain"), SEQ)
+        forget, retain = text_rows(tok, w.texts("forget"), name="forget"), text_rows(tok, w.texts("retain"), name="retain")
         probes = probe_rows(tok, w.probes())
         start = evaluate(pre.model, probes)
         runner, runner_key = None, None  # a Runner's compiled step serves every learning rate
         for objective, combiner, value in groups:
-            obj_cfg, comb_cfg, p = _run_settings(cfg, objective, combiner, value)
+            obj_cfg, comb_cfg, p = cfg.run_configs(objective, combiner, value)
             if runner_key != (obj_cfg, comb_cfg):
                 runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg), (obj_cfg, comb_cfg)
             lr, steps, every = cfg.schedule(value)
@@ -229,7 +133,8 @@ def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_held
     for o in cfg.objectives:
         out[o] = {}
         for a, b in itertools.combinations(cfg.combiners, 2):
-            a, b = (b, a) if COMBINERS.index(b) > COMBINERS.index(a) else (a, b)
+            order = COMBINERS.names()
+            a, b = (b, a) if order.index(b) > order.index(a) else (a, b)
             diffs = [s[o][a][key] - s[o][b][key] for s in by_world.values()
                      if s[o][a] is not None and s[o][b] is not None]
             entry: dict = {"differences": diffs, "n": len(diffs)}

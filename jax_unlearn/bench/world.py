@@ -213,9 +213,10 @@ def make_world(config: WorldConfig = WorldConfig()) -> World:
         raw.append((first, last, facts))
     splits = (["forget"] * config.forget + ["retain"] * config.retain
               + ["heldout"] * (config.people - config.forget - config.retain) + ["unseen"] * config.unseen)
-    forget_tokens = {t for (f, l, _), s in zip(raw, splits) if s == "forget" for t in (f, l)}
-    people = tuple(Person(f, l, facts, s, neighbour=s == "heldout" and (f in forget_tokens or l in forget_tokens))
-                   for (f, l, facts), s in zip(raw, splits))
+    forget_tokens = {t for (first, last, _), s in zip(raw, splits) if s == "forget" for t in (first, last)}
+    people = tuple(Person(first, last, facts, s,
+                          neighbour=s == "heldout" and (first in forget_tokens or last in forget_tokens))
+                   for (first, last, facts), s in zip(raw, splits))
 
     cities = VALUES["city"]
     country_of = {c: COUNTRIES[i % len(COUNTRIES)] for i, c in enumerate(rng.permutation(cities))}

@@ -6,10 +6,12 @@ and an lm-evaluation-harness adapter.
 >>> r.accuracy, r.predictions                                                      # doctest: +SKIP
 >>> evaluate_qa(model, tok, probes).by_level                                       # doctest: +SKIP
 >>> mia_auroc(model, tok, forget_texts, holdout_texts)["min_k_plus_plus"]          # doctest: +SKIP
+>>> answer_accuracy(model, contexts, answer_ids).accuracy                            # doctest: +SKIP
 
 `JaxLM` (the lm-eval ``LM``) is imported on first use, so lm-eval stays optional.
 """
 
+from .answers import AnswerAccuracy, answer_accuracy
 from .generation import generate_text
 from .mia import ATTACKS, MIAScores, auroc, mia_auroc, mia_scores, scores_from_token_stats
 from .multiple_choice import (
@@ -27,11 +29,13 @@ from .tokens import encode, encode_many, encode_pair, encode_pairs, newline_toke
 
 __all__ = [
     "ATTACKS",
+    "AnswerAccuracy",
     "JaxLM",
     "MIAScores",
     "MultipleChoiceResult",
     "PerplexityResult",
     "QAResult",
+    "answer_accuracy",
     "auroc",
     "build_prompts",
     "continuation_logprobs",

@@ -9,11 +9,13 @@ would be cut anyway); the decoded text is cut before the first stop string.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
+from jax_unlearn.data import pad_rows
 from jax_unlearn.models import generate
 
 from . import scoring
@@ -56,7 +58,7 @@ def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new
     out: list[str] = [""] * len(rows)
     for idx, length in scoring.plan_batches([len(r) for r in rows], batch_size):
         fill = np.where(idx >= 0, idx, idx[0])  # filler rows repeat the batch's first (real) row
-        ids, mask = scoring.left_pad([rows[i] for i in fill], length, pad_id)
+        ids, mask = pad_rows([rows[i] for i in fill], length, pad_id, side="left")
         rng, sub = jax.random.split(rng)
         gen = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                        stop_ids=stops, pad_id=pad_id, rng=sub)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from jax_unlearn.data import as_text, nonempty
+
 from . import scoring
-from .items import as_text, require_nonempty
 from .tokens import encode_many, prefix_token_id
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -79,7 +81,7 @@ def mia_scores(model: Any, tokenizer: Any, texts: Sequence[Any], *, k: float = 0
                max_length: int | None = None) -> MIAScores:
     """LOSS, ZLib, Min-K% and Min-K%++ scores of each text (strings or records with ``text``)."""
     k = _check_k(k)
-    texts = [as_text(t, i) for i, t in enumerate(require_nonempty(texts, "texts to score"))]
+    texts = [as_text(t, f"text {i}") for i, t in enumerate(nonempty(texts, "texts to score"))]
     prefix = prefix_token_id(tokenizer)
     pairs = []
     for i, (t, ids) in enumerate(zip(texts, encode_many(tokenizer, texts, add_special_tokens=False))):
@@ -110,8 +112,8 @@ def auroc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> fl
 def mia_auroc(model: Any, tokenizer: Any, forget_texts: Sequence[Any], holdout_texts: Sequence[Any], *,
               k: float = 0.4, batch_size: int = 8, max_length: int | None = None) -> dict[str, float]:
     """AUROC of every attack between ``forget_texts`` and ``holdout_texts``: ``{attack: auroc}``."""
-    forget_texts = require_nonempty(forget_texts, "forget texts")
-    holdout_texts = require_nonempty(holdout_texts, "holdout texts")
+    forget_texts = nonempty(forget_texts, "forget texts")
+    holdout_texts = nonempty(holdout_texts, "holdout texts")
     kw = dict(k=k, batch_size=batch_size, max_length=max_length)
     f = mia_scores(model, tokenizer, forget_texts, **kw).as_dict()
     h = mia_scores(model, tokenizer, holdout_texts, **kw).as_dict()

@@ -27,12 +27,14 @@ fixed padded shapes (`jax_unlearn.eval.scoring`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from jax_unlearn.data import MultipleChoice, as_multiple_choice, nonempty
+
 from . import scoring
-from .items import MCItem, as_mc_item, require_nonempty
 from .tokens import encode_pairs
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -69,13 +71,13 @@ def format_description(subject: str | None) -> str:
 
 def format_prompt(item: Any, shots: Sequence[Any] = (), subject: str | None = None) -> str:
     """Description (for ``item.subject``, else ``subject``), the solved ``shots``, then the question."""
-    item = as_mc_item(item, 0)
-    shots = [as_mc_item(s, i, "few-shot example") for i, s in enumerate(shots)]
+    item = as_multiple_choice(item, "question 0")
+    shots = [as_multiple_choice(s, f"few-shot example {i}") for i, s in enumerate(shots)]
     solved = "".join(format_question(s.question, s.choices) + " " + LETTERS[s.answer] + "\n\n" for s in shots)
     return format_description(item.subject or subject) + solved + format_question(item.question, item.choices)
 
 
-def select_shots(item: MCItem, pool: Sequence[MCItem], k: int) -> list[MCItem]:
+def select_shots(item: MultipleChoice, pool: Sequence[MultipleChoice], k: int) -> list[MultipleChoice]:
     """The first ``k`` examples of ``pool`` (same subject as ``item`` when the pool has subjects),
     skipping one identical to ``item``."""
     if k == 0:
@@ -89,14 +91,14 @@ def select_shots(item: MCItem, pool: Sequence[MCItem], k: int) -> list[MCItem]:
 
 
 def build_prompts(items: Sequence[Any], *, num_fewshot: int = 0, fewshot: Sequence[Any] | None = None,
-                  subject: str | None = None) -> tuple[list[MCItem], list[str]]:
+                  subject: str | None = None) -> tuple[list[MultipleChoice], list[str]]:
     """Validated items and their prompts (see the module docstring)."""
-    items = [as_mc_item(it, i) for i, it in enumerate(require_nonempty(items, "multiple-choice questions"))]
+    items = [as_multiple_choice(it, f"question {i}") for i, it in enumerate(nonempty(items, "multiple-choice questions"))]
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ValueError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
     if num_fewshot and fewshot is None:
         raise ValueError(f"num_fewshot={num_fewshot} needs few-shot examples: pass fewshot=[...] (e.g. the dev split)")
-    pool = [as_mc_item(it, i, "few-shot example") for i, it in enumerate(fewshot or [])]
+    pool = [as_multiple_choice(it, f"few-shot example {i}") for i, it in enumerate(fewshot or [])]
     prompts = []
     for it in items:
         shots = select_shots(it, pool, num_fewshot)

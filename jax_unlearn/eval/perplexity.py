@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from jax_unlearn.data import as_text, nonempty
+
 from . import scoring
-from .items import as_text, require_nonempty
 from .tokens import encode_many, prefix_token_id
 
 
@@ -75,7 +77,7 @@ def text_loglikelihoods(model: Any, tokenizer: Any, texts: Sequence[str], *, bat
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[Any], *, batch_size: int = 8,
                max_length: int | None = None) -> PerplexityResult:
     """Token-weighted perplexity of ``texts`` (strings or records with ``text``)."""
-    texts = [as_text(t, i) for i, t in enumerate(require_nonempty(texts, "texts for perplexity"))]
+    texts = [as_text(t, f"text {i}") for i, t in enumerate(nonempty(texts, "texts for perplexity"))]
     logp, counts = text_loglikelihoods(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     total = int(counts.sum())
     if total == 0:

@@ -18,12 +18,14 @@ alphanumeric words), averaged over probes, overall and per ``level``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from jax_unlearn.data import as_qa_pair, nonempty
+
 from .generation import generate_text
-from .items import as_qa_item, require_nonempty
 
 INSTRUCTIONS = {
     "fill_blank": "Please complete the blank in the following question.\nQuestion: {question}\n",
@@ -88,7 +90,7 @@ def evaluate_qa(model: Any, tokenizer: Any, items: Sequence[Any], *, style: str 
       max_length: model context (default ``max_position_embeddings``); prompts are
         left-truncated to ``max_length - max_new_tokens`` tokens.
     """
-    items = [as_qa_item(it, i) for i, it in enumerate(require_nonempty(items, "QA items"))]
+    items = [as_qa_pair(it, f"QA item {i}") for i, it in enumerate(nonempty(items, "QA items"))]
     prompts = [qa_prompt(it.question, resolve_style(style, it.level), tokenizer=tokenizer, chat_template=chat_template)
                for it in items]
     texts = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=("\n",),

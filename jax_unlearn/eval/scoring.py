@@ -19,15 +19,17 @@ Three kernels, all on a `CausalLM` split into ``(graphdef, state)``:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_unlearn.objectives import IGNORE, label_logprobs
+from jax_unlearn.data import pad_rows
+from jax_unlearn.token_math import IGNORE, label_logprobs
 
 Pair = tuple[Sequence[int], Sequence[int]]
 
@@ -41,26 +43,6 @@ def bucket_length(n: int) -> int:
         if n <= p + p // 2:
             return p + p // 2
         p *= 2
-
-
-def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int,
-             labels: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, ...]:
-    """Left-pad rows to ``[len(rows), length]``: ``(ids int32, mask int32)`` and, with
-    ``labels``, labels padded with ``-100``."""
-    b = len(rows)
-    ids = np.full((b, length), pad_id, np.int32)
-    mask = np.zeros((b, length), np.int32)
-    lab = np.full((b, length), IGNORE, np.int32) if labels is not None else None
-    for i, r in enumerate(rows):
-        n = len(r)
-        if n > length:
-            raise ValueError(f"row {i} has {n} tokens, more than the padded length {length}")
-        if n:
-            ids[i, length - n:] = r
-            mask[i, length - n:] = 1
-            if lab is not None:
-                lab[i, length - n:] = labels[i]
-    return (ids, mask) if lab is None else (ids, mask, lab)
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -86,10 +68,8 @@ def _run(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None, 
     for idx, length in plan_batches([len(r) for r in rows], batch_size):
         fill = np.where(idx >= 0, idx, idx[0])  # filler rows repeat the batch's first (real) row
         batch_rows = [rows[i] for i in fill]
-        if labels is None:
-            arrays = left_pad(batch_rows, length, pad_id)
-        else:
-            arrays = left_pad(batch_rows, length, pad_id, [labels[i] for i in fill])
+        batch_labels = None if labels is None else [labels[i] for i in fill]
+        arrays = pad_rows(batch_rows, length, pad_id, batch_labels, side="left")
         pending.append((idx, kernel(*arrays, *extra(fill))))
     results = []
     for idx, out in pending:
@@ -179,7 +159,7 @@ def continuation_logprobs(model: Any, pairs: Sequence[Pair], *, batch_size: int 
     rows, labels = _rows_and_labels(pairs, max_length)
     check_token_ids(rows, model)
     graphdef, state = nnx.split(model)
-    out = _run(rows, labels, batch_size, pad_id, lambda i, m, l: _continuation_kernel(graphdef, state, i, m, l))
+    out = _run(rows, labels, batch_size, pad_id, lambda i, m, lab: _continuation_kernel(graphdef, state, i, m, lab))
     logp, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
     for i, (lp, g) in out:
         logp[i], greedy[i] = float(lp), bool(g)
@@ -223,7 +203,7 @@ def token_statistics(model: Any, pairs: Sequence[Pair], *, moments: bool = False
     check_token_ids(rows, model)
     graphdef, state = nnx.split(model)
     out = _run(rows, labels, batch_size, pad_id,
-               lambda i, m, l: _stats_kernel(graphdef, state, i, m, l, moments))
+               lambda i, m, lab: _stats_kernel(graphdef, state, i, m, lab, moments))
     stats: list[dict[str, np.ndarray]] = [{} for _ in rows]
     names = ("logp", "mask", "mu", "var") if moments else ("logp", "mask")
     for i, arrays in out:

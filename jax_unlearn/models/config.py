@@ -66,7 +66,7 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int
+    head_dim: int | None = None  # default hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
@@ -80,6 +80,11 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
+            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"config field 'head_dim' is unset and 'hidden_size' ({self.hidden_size}) is not a "
+                                 f"multiple of 'num_attention_heads' ({self.num_attention_heads}); set head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"config field 'model_type' is {self.model_type!r}; supported values: "
@@ -307,10 +312,9 @@ class ModelOptions:
       remat_policy: ``None`` (no rematerialisation), ``"full"`` (recompute everything in the
         backward pass) or the name of a ``jax.checkpoint_policies`` member, e.g.
         ``"dots_with_no_batch_dims_saveable"``; applied per decoder layer.
-      logit_chunk: when set, training losses compute label log-probabilities over this many
-        positions at a time (rematerialised in the backward pass) instead of materialising
-        float32 logits ``[batch, seq, vocab]`` at once: peak memory of the loss drops from
-        ``O(seq * vocab)`` to ``O(logit_chunk * vocab)`` per row.
+
+    (Chunked log-probabilities of the logits are an argument of the losses,
+    ``objectives.*(logit_chunk=...)``, not a model option.)
     """
 
     param_dtype: Any = jnp.float32
@@ -318,11 +322,8 @@ class ModelOptions:
     attention_impl: Literal["xla", "cudnn"] | None = None
     scan_layers: bool = False
     remat_policy: str | None = None
-    logit_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        if self.logit_chunk is not None and (not isinstance(self.logit_chunk, int) or self.logit_chunk <= 0):
-            raise ValueError(f"option 'logit_chunk' must be a positive integer or None, got {self.logit_chunk!r}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"option 'attention_impl' is {self.attention_impl!r}; supported values: "
                              f"{ATTENTION_IMPLEMENTATIONS}")

@@ -291,7 +291,7 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
     cfg = model.config
     shapes = hf_tensor_shapes(cfg)
     scanned = model.options.scan_layers
-    for p, var, names in _param_table(nnx.state(model, nnx.Param), cfg, scanned):
+    for _, var, names in _param_table(nnx.state(model, nnx.Param), cfg, scanned):
         arr = var[...]
         for i, n in enumerate(names):
             def fetch(arr=arr, i=i, n=n, stacked=len(names) > 1):

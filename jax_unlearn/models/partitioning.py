@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MeshAxes = Union[str, tuple[str, ...], None]
+MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
 
 DEFAULT_RULES: dict[str, MeshAxes] = {
@@ -34,7 +34,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 #: ``shardings`` argument of `load_hf`: a mesh (with `DEFAULT_RULES`), ``(mesh, rules)``, or a
 #: callable ``(path, shape, logical_axes) -> jax.sharding.Sharding`` where ``path`` is the
 #: dotted parameter path (``"layers.3.self_attn.q_proj"``) and ``shape`` the full shape.
-ShardingSpec = Union[Mesh, tuple[Mesh, Rules], Callable[[str, tuple[int, ...], tuple], jax.sharding.Sharding]]
+ShardingSpec = Mesh | tuple[Mesh, Rules] | Callable[[str, tuple[int, ...], tuple], jax.sharding.Sharding]
 
 
 def logical_to_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> PartitionSpec:

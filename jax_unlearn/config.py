@@ -1,0 +1,203 @@
+"""Typed configuration of an unlearning run and the factories that turn it into objects.
+
+`TrainConfig` (with its sections `OptimConfig`, `CombinerConfig`, `ObjectiveConfig` and
+`jax_unlearn.sharding.MeshConfig`) says what a run does; `build_objective`, `build_combiner`,
+`build_schedule`, `build_optimizer` and `build_tx` build the objective and the optax chain.
+Combiner and objective names come from the registries (`combiners.COMBINERS`,
+`objectives.OBJECTIVES`): a key of a section that the chosen factory does not take is an
+error naming it. `jax_unlearn.run_config` reads these dataclasses from YAML; `train` runs them.
+
+>>> from jax_unlearn import config
+>>> cfg = config.TrainConfig(output_dir="runs/x", combiner=config.CombinerConfig(name="pcgrad", scope="global"))
+>>> tx = config.build_tx(cfg, total_steps=100)
+>>> config.CombinerConfig(name="adam")
+Traceback (most recent call last):
+...
+ValueError: combiner.name='adam' is not supported; expected one of weighted_sum, pcgrad, sago
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import optax
+
+from jax_unlearn import sharding as sh
+from jax_unlearn.combiners import COMBINERS
+from jax_unlearn.objectives import OBJECTIVES, Objective
+from jax_unlearn.registry import Registry
+from jax_unlearn.step import StepConfig
+
+
+def _known(registry: Registry, section: str, name: str) -> None:
+    if name not in registry.names():
+        raise ValueError(f"{section}.name={name!r} is not supported; expected one of {', '.join(registry.names())}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and a decay schedule, after global-norm clipping.
+
+    ``warmup_steps`` (when set) overrides ``warmup_ratio``, whose steps are
+    ``ceil(warmup_ratio * total_steps)`` as in the Hugging Face Trainer.
+    """
+
+    lr: float = 1e-5
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class CombinerConfig:
+    """Which combiner heads the chain (a name of `combiners.COMBINERS`) and its settings;
+    ``scope`` applies to ``pcgrad``, ``agree`` to ``sago``."""
+
+    name: str = "sago"
+    alpha: float = 1.0
+    gamma: float = 1.0
+    scope: Literal["module", "global"] = "module"
+    agree: Literal["forget", "sum"] = "forget"
+    diagnostics: bool = True
+
+    def __post_init__(self):
+        _known(COMBINERS, "combiner", self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
+    ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
+    SimNPO, ``layer``/``steering``/``trainable``/``seed`` for RMU."""
+
+    name: str = "grad_diff"
+    retain: Literal["nll", "kl"] = "nll"
+    beta: float = 0.1
+    delta: float = 0.0
+    layer: int = 7
+    steering: float = 2.0
+    trainable: str | None = None
+    seed: int = 0
+    logit_chunk: int | None = None
+
+    def __post_init__(self):
+        _known(OBJECTIVES, "objective", self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One unlearning run."""
+
+    output_dir: str
+    batch_size: int = 8
+    micro_batches: int = 1
+    micro_batch_weighting: Literal["tokens", "uniform"] = "tokens"
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    seed: int = 0
+    save_every: int = 50
+    keep: int = 2
+    log_every: int = 1
+    mode: Literal["combined", "naive"] = "combined"
+    export: bool = True
+    progress: bool = True
+    mesh: sh.MeshConfig = sh.MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    combiner: CombinerConfig = CombinerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+
+
+def _settings(cfg: Any) -> tuple[dict, dict]:
+    """``(settings, defaults)`` of a section, without its name."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "name"}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name != "name"}
+    return values, defaults
+
+
+def _objective_settings(cfg: ObjectiveConfig) -> tuple[dict, dict]:
+    settings, defaults = _settings(cfg)
+    if settings.get("trainable") is None:  # keep the factory's own default (RMU's layers)
+        settings.pop("trainable")
+    return settings, defaults
+
+
+def build_objective(cfg: ObjectiveConfig, hidden_size: int) -> Objective:
+    """The objective ``cfg.name`` with the settings its factory takes. Raises ValueError for a
+    setting it does not take."""
+    return OBJECTIVES.build(cfg.name, *_objective_settings(cfg), "objective", {"hidden_size": hidden_size})
+
+
+def build_combiner(cfg: CombinerConfig) -> optax.GradientTransformation:
+    """The combiner ``cfg.name`` with the settings its factory takes."""
+    return COMBINERS.build(cfg.name, *_settings(cfg), "combiner")
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raises ValueError naming the key when the combiner or objective section sets a key its
+    factory does not take, or the step settings are invalid (checks that build nothing)."""
+    COMBINERS.arguments(cfg.combiner.name, *_settings(cfg.combiner), "combiner")
+    OBJECTIVES.arguments(cfg.objective.name, *_objective_settings(cfg.objective), "objective")
+    step_config(cfg)
+
+
+def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.ScalarOrSchedule:
+    """Linear warmup, then constant, linear or cosine decay to 0 over the remaining steps.
+
+    A constant rate without warmup is returned as a number, so that it stays a settable
+    hyperparameter of the optimizer state (``optax.tree_utils.tree_set(state, learning_rate=...)``).
+    """
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(math.ceil(cfg.warmup_ratio * total_steps))
+    rest = max(total_steps - warmup, 1)
+    if cfg.schedule == "constant":
+        if warmup == 0:
+            return cfg.lr
+        decay = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, 0.0, rest)
+    elif cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, rest)
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r} is not supported; expected 'constant', 'linear' or 'cosine'")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """``chain(clip_by_global_norm, inject_hyperparams(adamw))``: every AdamW hyperparameter
+    (``learning_rate``, ``b1``, ``b2``, ``eps``, ``weight_decay``) lives in the state and can be
+    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``."""
+    parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
+    parts.append(optax.inject_hyperparams(optax.adamw)(
+        learning_rate=build_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def set_hyperparams(opt_state: Any, **values: float) -> Any:
+    """``optax.tree_utils.tree_set`` for the injected hyperparameters (``learning_rate=1e-4``, ...)
+    of `build_optimizer`, each cast to its entry's dtype: a Python float would change the
+    state's types and make a jitted step compile again."""
+    import jax.numpy as jnp
+
+    cast = {k: jnp.asarray(v, jnp.result_type(optax.tree_utils.tree_get(opt_state, k))) for k, v in values.items()}
+    return optax.tree_utils.tree_set(opt_state, **cast)
+
+
+def build_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """``chain(combiner, clip, adamw)``; naive mode drops the combiner."""
+    head = [] if cfg.mode == "naive" else [build_combiner(cfg.combiner)]
+    return optax.chain(*head, build_optimizer(cfg.optim, total_steps))
+
+
+def step_config(cfg: TrainConfig) -> StepConfig:
+    """The `jax_unlearn.step.StepConfig` of a run (naive mode weighs the losses like the combiner)."""
+    return StepConfig(micro_batches=cfg.micro_batches, mode=cfg.mode, alpha=cfg.combiner.alpha,
+                      gamma=cfg.combiner.gamma, weighting=cfg.micro_batch_weighting)

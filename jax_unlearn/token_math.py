@@ -1,0 +1,90 @@
+"""Token maths shared by the losses, the evaluation and the data: label log-probabilities.
+
+Labels follow the Hugging Face convention: ``labels [b, s]`` is aligned with ``input_ids``,
+position ``t`` predicts ``labels[:, t+1]``, and ``IGNORE`` (-100) marks a position without loss.
+Nothing here differentiates anything; the step takes the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100  # label of a position without loss
+
+
+def label_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of the next-token labels.
+
+    Args:
+      logits: ``[b, s, vocab]`` (any float dtype; computed in float32).
+      labels: ``[b, s]`` int, ``IGNORE`` where no loss is taken.
+
+    Returns:
+      ``(logp [b, s-1], mask [b, s-1])``: ``logp[:, t] = log p(labels[:, t+1] | <= t)`` (0 where
+      masked) and float32 ``mask`` 1 where ``labels[:, t+1] != IGNORE``.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)  # [b, s-1, vocab]
+    target = labels[:, 1:]  # [b, s-1]
+    mask = (target != IGNORE).astype(jnp.float32)
+    safe = jnp.where(target == IGNORE, 0, target)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    return logp * mask, mask
+
+
+def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`label_logprobs` of ``logits = h @ w^T`` without materialising ``[b, s, vocab]``.
+
+    Args:
+      h: final-normed hidden states ``[b, s, D]``.
+      w: output projection ``[vocab, D]``.
+      labels: ``[b, s]`` int, ``IGNORE`` where no loss is taken.
+      chunk: positions per chunk; each chunk's float32 logits ``[b, chunk, vocab]`` exist only
+        inside one ``lax.map`` iteration and are recomputed in the backward pass.
+
+    Returns:
+      ``(logp [b, s-1], mask [b, s-1])`` equal to ``label_logprobs(h @ w^T, labels)``.
+    """
+    b, s, d = h.shape
+    n = s - 1
+    pad = (-n) % chunk
+    target = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE)
+    hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    hs = hs.reshape(b, -1, chunk, d).swapaxes(0, 1)  # [chunks, b, chunk, D]
+    ts = target.reshape(b, -1, chunk).swapaxes(0, 1)  # [chunks, b, chunk]
+
+    @jax.checkpoint
+    def one(h_c, t_c):
+        logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        safe = jnp.where(t_c == IGNORE, 0, t_c)
+        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
+
+    logp = jax.lax.map(lambda xs: one(*xs), (hs, ts)).swapaxes(0, 1).reshape(b, -1)[:, :n]
+    mask = (labels[:, 1:] != IGNORE).astype(jnp.float32)
+    return logp * mask, mask
+
+
+def model_label_logprobs(model: Any, batch: Mapping[str, jax.Array], chunk: int | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Label log-probs ``(logp [b, s-1], mask [b, s-1])`` of ``model`` on ``batch``
+    (``input_ids``, optional ``attention_mask``, ``labels``).
+
+    With ``chunk`` the logits are computed ``chunk`` positions at a time
+    (`chunked_label_logprobs`; needs ``model.final_hidden`` and ``model.head_weight``), so the
+    float32 ``[b, s, vocab]`` logits never exist at once.
+    """
+    ids, am, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if chunk:
+        return chunked_label_logprobs(model.final_hidden(ids, am), model.head_weight(), labels, chunk)
+    return label_logprobs(model(ids, am), labels)
+
+
+def check_chunk(chunk: int | None) -> None:
+    """``chunk`` must be None or a positive integer (raises ValueError naming it)."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise ValueError(f"logit_chunk must be a positive integer or None, got {chunk!r}")

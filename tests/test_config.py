@@ -1,0 +1,101 @@
+"""One place per concept: combiners and objectives are known by name through their registries,
+and the typed run config builds the optimizer chain and the step from them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax_unlearn as ju
+from jax_unlearn import cli, config
+from jax_unlearn import step as st
+from jax_unlearn.combiners import COMBINERS
+from jax_unlearn.objectives import OBJECTIVES
+from jax_unlearn.run_config import ConfigError, load_config
+
+REQUIRED = ["output_dir=runs/x", "model.path=/m", "data.forget=f.jsonl", "data.retain=r.jsonl"]
+
+
+def half_retain(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = True) -> optax.GradientTransformation:
+    """A toy combiner: ``u = gamma*g_f + alpha*g_r/2`` (no diagnostics)."""
+    del diagnostics
+
+    def update(grads, state, params=None):
+        u = jax.tree.map(lambda f, r: gamma * f + 0.5 * alpha * r, grads.forget, grads.retain)
+        return u, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+@pytest.fixture
+def toy_combiner():
+    COMBINERS.register("half_retain", half_retain)
+    yield "half_retain"
+    COMBINERS.unregister("half_retain")
+
+
+def test_a_combiner_registered_in_one_place_runs_through_config_and_step(toy_combiner, model, forget_batch,
+                                                                        retain_batch, capsys):
+    cfg = load_config(None, [*REQUIRED, f"combiner.name={toy_combiner}", "combiner.alpha=2.0", "optim.clip_norm=null",
+                             "optim.lr=0.1"])
+    tx = config.build_tx(cfg.train_config(), total_steps=2)
+    objective = config.build_objective(cfg.objective, model.config.hidden_size)
+    defs, state = st.init_state(model, tx, objective)
+    step = st.make_two_grad_step(defs, objective, tx, config.step_config(cfg))
+    state, metrics = step(state, forget_batch, retain_batch)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["forget_loss"]))
+    assert np.isnan(float(metrics["conflict_fraction"]))  # the toy keeps no diagnostics
+    with pytest.raises(SystemExit):
+        cli.main(["unlearn", "--help"])
+    assert toy_combiner in capsys.readouterr().out  # the CLI help lists it too
+    COMBINERS.unregister(toy_combiner)
+    with pytest.raises(ConfigError, match=r"combiner.name='half_retain' is not supported; expected one of "
+                                          r"weighted_sum, pcgrad, sago"):
+        load_config(None, [*REQUIRED, f"combiner.name={toy_combiner}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("combiner.scope=global", r"'combiner.scope' does not apply to combiner 'sago' \(it takes combiner.alpha, "
+                              r"combiner.gamma, combiner.agree, combiner.diagnostics\)"),
+    ("objective.beta=0.5", r"'objective.beta' does not apply to objective 'grad_diff'"),
+    ("objective.name=rmu", None),  # rmu takes layer/steering/trainable/seed: the defaults are fine
+])
+def test_a_key_the_chosen_factory_does_not_take_is_an_error(override, message):
+    if message is None:
+        assert load_config(None, [*REQUIRED, override]).objective.name == "rmu"
+        with pytest.raises(ConfigError, match=r"'objective.retain' does not apply to objective 'rmu'"):
+            load_config(None, [*REQUIRED, override, "objective.retain=kl"])
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*REQUIRED, override])
+
+
+def test_registries_list_the_library_objects_and_refuse_duplicates():
+    assert COMBINERS.names() == ("weighted_sum", "pcgrad", "sago")
+    assert OBJECTIVES.names() == ("grad_ascent", "grad_diff", "npo", "simnpo", "rmu")
+    assert COMBINERS.get("sago") is ju.sago
+    with pytest.raises(ValueError, match="combiner 'sago' is already registered"):
+        COMBINERS.register("sago", half_retain)
+    with pytest.raises(ValueError, match="unknown objective 'dpo'; known: grad_ascent"):
+        OBJECTIVES.get("dpo")
+
+
+def test_schedule_is_a_settable_number_when_constant_and_warmup_steps_override_the_ratio():
+    assert config.build_schedule(config.OptimConfig(lr=3e-4), 100) == 3e-4
+    s = config.build_schedule(config.OptimConfig(lr=1.0, schedule="linear", warmup_ratio=0.5, warmup_steps=2), 10)
+    np.testing.assert_allclose([float(s(t)) for t in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    # the Hugging Face Trainer's ceil(ratio * steps), float rounding included: 0.07 * 100 = 7.000000000000001
+    hf = config.build_schedule(config.OptimConfig(lr=1.0, schedule="constant", warmup_ratio=0.07), 100)
+    assert float(hf(7)) < 1.0 == float(hf(8))
+
+
+def test_set_hyperparams_keeps_the_state_types_and_reaches_the_update():
+    tx = config.build_optimizer(config.OptimConfig(lr=0.0, clip_norm=None), 1)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    new = config.set_hyperparams(state, learning_rate=0.5)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert [x.dtype for x in jax.tree.leaves(new)] == [x.dtype for x in jax.tree.leaves(state)]
+    u, _ = tx.update({"w": jnp.ones(3)}, new, params)
+    np.testing.assert_allclose(u["w"], -0.5, rtol=1e-6)  # Adam's first step: -lr * sign(g)
