@@ -38,6 +38,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert int(namespace["state"].gradient_step) == 1
     assert namespace["logits"].shape == (1, 3, 128)
     assert (tmp_path / "my-llama-export" / "config.json").is_file()
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "my-llama-merged" / "model.safetensors").is_file()
+    assert namespace["same"].layers[0].self_attn.q_proj_lora.lora_a.shape == (64, 8)
     result = namespace["result"]
     assert result.steps_done == 4 and (tmp_path / "runs/sago/model/model.safetensors").is_file()
     assert (tmp_path / "runs/sago/model/tokenizer.json").is_file()

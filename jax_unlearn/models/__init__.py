@@ -5,12 +5,16 @@
 >>> logits = model(input_ids, attention_mask)                       # doctest: +SKIP
 >>> out = generate(model, input_ids, attention_mask, max_new_tokens=20)  # doctest: +SKIP
 >>> save_hf(model, "path/to/export")                                # doctest: +SKIP
+>>> lora = add_lora(model, rank=8, alpha=16, targets=("q_proj", "v_proj"))  # doctest: +SKIP
+>>> save_peft(lora, "path/to/adapter")                              # doctest: +SKIP
+>>> same = load_hf("path/to/hf_folder", peft="path/to/adapter")     # doctest: +SKIP
 """
 
 from .config import ModelConfig, ModelOptions, RopeScaling
 from .generation import Generation, generate
 from .hf_io import CheckpointError, load_hf, save_hf
 from .llama import CausalLM, KVCache
+from .lora import LoRAConfig, add_lora, load_peft, lora_config, merge_lora, save_peft, without_lora
 from .partitioning import DEFAULT_RULES, logical_to_spec, model_shardings
 
 __all__ = [
@@ -19,12 +23,19 @@ __all__ = [
     "DEFAULT_RULES",
     "Generation",
     "KVCache",
+    "LoRAConfig",
     "ModelConfig",
     "ModelOptions",
     "RopeScaling",
+    "add_lora",
     "generate",
     "load_hf",
+    "load_peft",
     "logical_to_spec",
+    "lora_config",
+    "merge_lora",
     "model_shardings",
     "save_hf",
+    "save_peft",
+    "without_lora",
 ]

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,8 +220,8 @@ def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...
                 f"{folder}: tensor {n} in {files[n].name} has shape {found[n]}, expected {shape}")
 
 
-def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec | None = None,
-            **model_options: Any) -> CausalLM:
+def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec | None = None, *,
+            peft: str | Path | None = None, **model_options: Any) -> CausalLM:
     """Load a local Hugging Face LLaMA/Mistral folder into a `CausalLM`.
 
     Args:
@@ -233,12 +233,17 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
         ``(mesh, rules)`` with a logical-name -> mesh-axes mapping, or a callable
         ``(path, shape, logical_axes) -> jax.sharding.Sharding`` (``path`` like
         ``"layers.3.self_attn.q_proj"``, shape of the full, possibly layer-stacked, array).
+      peft: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+        as `lora.save_peft` or ``PeftModel.save_pretrained`` write it) to add onto the base
+        model: the result carries float32 `nnx.LoRAParam` adapters (`lora.load_peft`). Its
+        config and tensor shapes are checked against ``config.json`` before anything is read.
       **model_options: fields of `ModelOptions` other than ``param_dtype``
         (``compute_dtype``, ``attention_impl``, ``scan_layers``, ``remat_policy``).
 
     Raises:
       CheckpointError: pickle-only folder, or missing / unexpected / mis-shaped tensors
-        (the message names the tensor with expected and found shapes).
+        (the message names the tensor with expected and found shapes); an adapter that does
+        not fit the base model (see `lora.read_peft_config`).
       ValueError: unsupported ``model_type`` or RoPE type in ``config.json``.
     """
     path, dtype = Path(path), jnp.dtype(dtype)
@@ -246,6 +251,10 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
     options = ModelOptions(param_dtype=dtype, **model_options)
     files = _checkpoint_index(path)
     _check(hf_tensor_shapes(config), _header_shapes(files), files, path)
+    if peft is not None:
+        from . import lora  # lora builds on this module's readers; imported here to avoid a cycle
+
+        lora.read_peft_config(peft, config)  # fail before reading any base tensor
 
     abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -266,7 +275,8 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
             ".".join(map(str, p)), full_shape, logical_axes(var, len(full_shape)))
         loaded.append((p, var.replace(_to_device(host, sharding))))
         del host, layers
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+    model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
+    return model if peft is None else lora.load_peft(model, peft, shardings)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -300,6 +310,39 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
             yield n, shapes[n], arr.dtype, fetch
 
 
+def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: bool = False,
+                 what: str = "export") -> Path:
+    """Create folder ``path`` atomically: ``fill(tmp)`` writes into a temporary sibling folder that
+    is then renamed into place, so a failed write never destroys existing output.
+
+    Raises:
+      FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{what} path {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{what} folder {path} is not empty; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    backup = None
+    try:
+        fill(tmp)
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(backup)
+        tmp.rename(path)
+    except BaseException:
+        if backup is not None and not path.exists():
+            backup.rename(path)
+            backup = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return path
+
+
 def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwrite: bool = False,
             max_shard_size: int | str = "5GB") -> Path:
     """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -307,22 +350,21 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
     Writes ``config.json`` (``dtype`` = parameter dtype), safetensors weights (one
     ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
     ``model.safetensors.index.json`` when larger than ``max_shard_size``) and, if given,
-    ``tokenizer.save_pretrained`` files. Only one shard is held on the host at a time.
+    ``tokenizer.save_pretrained`` files. Only one shard is held on the host at a time. A model
+    with LoRA adapters is saved with the adapters merged into its weights (`lora.merge_lora`);
+    `lora.save_peft` writes the adapters alone.
 
     Raises:
       FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"export path {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"export folder {path} is not empty; pass overwrite=True to replace it")
+    from . import lora  # lora builds on this module's readers; imported here to avoid a cycle
+
     _require_safetensors()
     limit = parse_size(max_shard_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    backup = None
-    try:
+    if lora.lora_config(model) is not None:
+        model = lora.merge_lora(model)
+
+    def fill(tmp: Path) -> None:
         tensors = list(_export_tensors(model))
         shards: list[list] = [[]]
         size = 0
@@ -348,16 +390,5 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
         model.config.to_json_file(tmp / "config.json", dtype=model.embed_tokens[...].dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(backup)
-        tmp.rename(path)
-    except BaseException:
-        if backup is not None and not path.exists():
-            backup.rename(path)
-            backup = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    return path
+
+    return write_folder(path, fill, overwrite=overwrite)

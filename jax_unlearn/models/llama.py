@@ -15,6 +15,11 @@ Weights keep the Hugging Face ``[out, in]`` memory layout (only reshaped, e.g. `
 carries logical axis names in its ``out_sharding`` metadata (``nnx.get_partition_spec``
 under ``flax.linen.logical_axis_rules`` maps them to mesh axes): ``vocab``, ``embed``,
 ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``norm`` and ``layers`` (stacked layers).
+
+Each projection ``<name>`` (``q_proj`` ... ``down_proj``) has an optional low-rank adapter
+``<name>_lora``: ``None`` here, set by `jax_unlearn.models.lora.add_lora` to a module mapping the
+projection's input ``[..., in]`` to an update ``[..., out]`` (flattened HF layout) that is added to
+the projection's output.
 """
 
 from __future__ import annotations
@@ -91,9 +96,12 @@ class Attention(nnx.Module):
         self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dt, "zeros") if bias else None
         self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dt, "zeros") if bias else None
         self.o_bias = _param(rngs, (D,), ("embed",), dt, "zeros") if bias else None
+        self.q_proj_lora = self.k_proj_lora = self.v_proj_lora = self.o_proj_lora = nnx.data(None)
 
-    def _proj(self, x, w, b):
+    def _proj(self, x, w, b, lora):
         y = jnp.einsum("btd,khd->btkh", x, w[...].astype(x.dtype))
+        if lora is not None:
+            y = y + lora(x).reshape(y.shape)
         return y if b is None else y + b[...].astype(x.dtype)
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
@@ -103,9 +111,9 @@ class Attention(nnx.Module):
         With a cache, the new keys/values are written at slot ``index`` and ``mask
         [b, 1, t, slots]`` must encode causality, the window and padding.
         """
-        q = apply_rope(self._proj(x, self.q_proj, self.q_bias), cos, sin)  # [b, t, N, H]
-        k = apply_rope(self._proj(x, self.k_proj, self.k_bias), cos, sin)  # [b, t, K, H]
-        v = self._proj(x, self.v_proj, self.v_bias)
+        q = apply_rope(self._proj(x, self.q_proj, self.q_bias, self.q_proj_lora), cos, sin)  # [b, t, N, H]
+        k = apply_rope(self._proj(x, self.k_proj, self.k_bias, self.k_proj_lora), cos, sin)  # [b, t, K, H]
+        v = self._proj(x, self.v_proj, self.v_bias, self.v_proj_lora)
         window = self.cfg.sliding_window
         if kv is None:
             out = jax.nn.dot_product_attention(
@@ -118,6 +126,8 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.opts.attention_impl)
             new_kv = (k, v)
         y = jnp.einsum("btnh,dnh->btd", out, self.o_proj[...].astype(x.dtype))
+        if self.o_proj_lora is not None:
+            y = y + self.o_proj_lora(out.reshape(*out.shape[:2], -1))
         return (y if self.o_bias is None else y + self.o_bias[...].astype(x.dtype)), new_kv
 
 
@@ -131,16 +141,20 @@ class MLP(nnx.Module):
         self.gate_bias = _param(rngs, (F,), ("mlp",), dt, "zeros") if b else None
         self.up_bias = _param(rngs, (F,), ("mlp",), dt, "zeros") if b else None
         self.down_bias = _param(rngs, (D,), ("embed",), dt, "zeros") if b else None
+        self.gate_proj_lora = self.up_proj_lora = self.down_proj_lora = nnx.data(None)
 
     @staticmethod
-    def _lin(x, w, b):
+    def _lin(x, w, b, lora):
         y = jnp.einsum("...i,oi->...o", x, w[...].astype(x.dtype))
+        if lora is not None:
+            y = y + lora(x)
         return y if b is None else y + b[...].astype(x.dtype)
 
     def __call__(self, x: Array) -> Array:
         """``down(silu(gate(x)) * up(x))``: ``[b, t, D] -> [b, t, D]``."""
-        h = jax.nn.silu(self._lin(x, self.gate_proj, self.gate_bias)) * self._lin(x, self.up_proj, self.up_bias)
-        return self._lin(h, self.down_proj, self.down_bias)
+        h = (jax.nn.silu(self._lin(x, self.gate_proj, self.gate_bias, self.gate_proj_lora))
+             * self._lin(x, self.up_proj, self.up_bias, self.up_proj_lora))
+        return self._lin(h, self.down_proj, self.down_bias, self.down_proj_lora)
 
 
 class DecoderLayer(nnx.Module):
@@ -157,15 +171,27 @@ class DecoderLayer(nnx.Module):
 
 
 def _layer_apply(graphdef, policy: str | None, scanned: bool):
-    """Pure ``(layer_state, x, cos, sin, mask, kv, index) -> (x, kv)``, rematerialised if asked."""
+    """Pure ``(layer_state, x, cos, sin, mask, kv, index) -> (x, kv, rng_state)``, rematerialised if asked.
+
+    ``rng_state`` is the layer's `nnx.RngState` after the call (active dropout advances its
+    counters); the caller writes it back so the next call draws fresh masks.
+    """
 
     def f(state, x, cos, sin, mask, kv, index):
-        return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
+        layer = nnx.merge(graphdef, state)
+        x, kv = layer(x, cos, sin, mask, kv, index)
+        return x, kv, nnx.state(layer, nnx.RngState)
 
     if policy is None:
         return f
     pol = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
     return jax.checkpoint(f, policy=pol, prevent_cse=not scanned)
+
+
+def _draws_randomness(module: nnx.Module) -> bool:
+    """Whether an active (train-mode, ``rate > 0``) `nnx.Dropout` sits anywhere in ``module``."""
+    return any(isinstance(m, nnx.Dropout) and m.rate > 0 and m.deterministic is False
+               for _, m in nnx.iter_graph(module))
 
 
 class CausalLM(nnx.Module):
@@ -285,13 +311,16 @@ class CausalLM(nnx.Module):
             def body(carry, xs):
                 h, saved = carry
                 st, i, kv = xs
-                h, kv = f(st, h, cos, sin, mask, kv, index)
+                h, kv, rng = f(st, h, cos, sin, mask, kv, index)
                 if hidden_at is not None:
                     saved = jnp.where(i == hidden_at, h, saved)
-                return (h, saved), kv
+                return (h, saved), (kv, rng)
 
             kvs = None if cache is None else (cache.k, cache.v)
-            (x, hidden), new = jax.lax.scan(body, (x, jnp.zeros_like(x)), (state, jnp.arange(n), kvs))
+            (x, hidden), (new, rng) = jax.lax.scan(body, (x, jnp.zeros_like(x)), (state, jnp.arange(n), kvs))
+            if _draws_randomness(self.layers):  # keep the advanced dropout counters of layers 0..n-1
+                old = nnx.state(self.layers, nnx.RngState)
+                nnx.update(self.layers, jax.tree.map(lambda o, r: o.at[:n].set(r), old, rng))
             return x, (hidden if hidden_at is not None else None), (None if cache is None else KVCache(*new))
         hidden, ks, vs = None, [], []
         for i in range(n):
@@ -301,7 +330,9 @@ class CausalLM(nnx.Module):
                 x, kv = layer(x, cos, sin, mask, kv, index)
             else:
                 graphdef, state = nnx.split(layer)
-                x, kv = _layer_apply(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index)
+                x, kv, rng = _layer_apply(graphdef, policy, scanned=False)(state, x, cos, sin, mask, kv, index)
+                if _draws_randomness(layer):
+                    nnx.update(layer, rng)
             if i == hidden_at:
                 hidden = x
             if kv is not None:

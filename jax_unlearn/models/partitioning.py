@@ -4,7 +4,8 @@ Every parameter of `CausalLM` carries logical axis names (``out_sharding`` metad
 ``("vocab", "embed")`` for ``embed_tokens``). A *rules* mapping sends each logical name to
 mesh axes (a name, a tuple of names, or ``None`` for replicated). `DEFAULT_RULES` targets a
 mesh with axes ``data``/``fsdp``/``tensor``: fully-sharded data parallel over ``embed``,
-tensor parallel over heads, MLP width and vocabulary.
+tensor parallel over heads, MLP width and vocabulary. LoRA adapters (`lora.add_lora`) name their
+rank axis ``lora_rank`` (replicated) and their other axis like the base weight's matching axis.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
 }
 
 #: ``shardings`` argument of `load_hf`: a mesh (with `DEFAULT_RULES`), ``(mesh, rules)``, or a
