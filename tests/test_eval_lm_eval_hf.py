@@ -7,10 +7,13 @@ The ``hf`` backend runs transformers/PyTorch (float32) on the folder `save_hf` e
 """
 
 import json
+import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -65,6 +68,11 @@ def write_task(folder: Path, name: str, splits: dict, **config) -> TaskManager:
             "test_split": "test", "metadata": {"version": 1.0}, **config}
     (folder / f"{name}.yaml").write_text(json.dumps(task, indent=1))
     return TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def copy_folder(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
 
 
 def hf_lm(**kwargs) -> HFLM:
@@ -123,8 +131,8 @@ def test_lm_eval_command_errors_and_help(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- add_bos_token
-@pytest.mark.parametrize("bos", [None, True, False])
-def test_add_bos_token_matches_the_hf_backend_for_perplexity_and_loglikelihood(tmp_path, bos):
+@pytest.mark.parametrize("bos,prefix", [(None, None), (True, None), (False, None), (False, 2)])
+def test_add_bos_token_matches_the_hf_backend_for_perplexity_and_loglikelihood(tmp_path, bos, prefix):
     folder, model, tok, _ = exported()
     manager = write_task(tmp_path, "ju_rolling", {"test": [{"text": t} for t in TEXTS]},
                          output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{text}}",
@@ -132,8 +140,8 @@ def test_add_bos_token_matches_the_hf_backend_for_perplexity_and_loglikelihood(t
     write_letters_task(tmp_path)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     # max_length=8: every text spans several rolling windows
-    ours = JaxLM(pretrained=str(folder), add_bos_token=bos, max_length=8, batch_size=4)
-    ref = hf_lm(add_bos_token=bos, max_length=8)
+    ours = JaxLM(pretrained=str(folder), add_bos_token=bos, max_length=8, batch_size=4, prefix_token_id=prefix)
+    ref = hf_lm(add_bos_token=bos, max_length=8, prefix_token_id=prefix)
     got = {}
     for name, lm in (("ours", ours), ("hf", ref)):
         out = simple_evaluate(model=lm, tasks=["ju_rolling", LETTERS_TASK], task_manager=manager, bootstrap_iters=0,
@@ -147,6 +155,9 @@ def test_add_bos_token_matches_the_hf_backend_for_perplexity_and_loglikelihood(t
           for k, v in got.items()}
     np.testing.assert_allclose(mc["ours"], mc["hf"], atol=LL_ATOL)
     assert_choices_agree(mc["ours"].argmax(1), mc["hf"])
+    if prefix is not None:  # rolling texts are conditioned on EOS instead of BOS
+        assert ours.prefix_token_id == prefix == tok.eos_token_id
+        return
     # our own perplexity() with the same tokenisation gives the same per-text sums
     ppl = perplexity(model, tok, TEXTS, max_length=8, add_special_tokens=bos)
     np.testing.assert_allclose(-ppl.text_nll, rolling["hf"], rtol=1e-5, atol=LL_ATOL)
@@ -156,6 +167,25 @@ def test_add_bos_token_matches_the_hf_backend_for_perplexity_and_loglikelihood(t
     if bos is not False:
         plain = perplexity(model, tok, TEXTS, max_length=8)
         assert np.all(np.abs(plain.text_nll - ppl.text_nll) > 1e-3)
+
+
+def test_tokenizer_folder_dtype_auto_and_truncation_follow_the_hf_backend(tmp_path):
+    folder, _, _, _ = exported()
+    copy = copy_folder(folder, tmp_path / "bf16")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(JaxLM(pretrained=str(copy), dtype="auto").model,
+                                                             nnx.Param))} == {"bfloat16"}  # the config's
+    lm = JaxLM(pretrained=str(folder), tokenizer=str(folder), add_bos_token=False, truncation=True)
+    ref = hf_lm(add_bos_token=False, truncation=True)
+    prompts = [qa_prompt(q, "question") for q, *_ in QA[:3]]
+    assert lm.tok_encode(prompts[0]) == ref.tok_encode(prompts[0])  # loaded with add_bos_token=False: no BOS
+    assert lm.tok_encode(prompts[0])[0] != lm.tokenizer.bos_token_id
+    for t in (lm.tokenizer, ref.tokenizer):
+        t.model_max_length = 5
+    ids, mask = ref.tok_batch_encode(prompts, truncation=True)  # right-truncated by the tokenizer
+    assert lm._prompt_ids(prompts) == [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    assert all(len(r) == 5 for r in lm._prompt_ids(prompts))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -228,10 +258,7 @@ def test_sampling_options_and_refusals():
 def test_sampling_defaults_come_from_generation_config(tmp_path):
     folder, _, _, _ = exported()
     assert JaxLM(pretrained=str(folder)).sampling_defaults == {"top_k": 50, "top_p": 1.0}  # transformers'
-    copy = tmp_path / "model"
-    copy.mkdir()
-    for f in folder.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_folder(folder, tmp_path / "model")
     (copy / "generation_config.json").write_text(json.dumps({"top_p": 0.9, "temperature": 0.6}))
     lm = JaxLM(pretrained=str(copy))
     assert lm.sampling_defaults == {"top_k": 50, "top_p": 0.9}
