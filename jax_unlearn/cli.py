@@ -1,4 +1,4 @@
-"""The ``jax-unlearn`` command line: ``demo``, ``sweep``, ``unlearn``, ``eval`` and ``export``.
+"""The ``jax-unlearn`` command line: ``demo``, ``sweep``, ``unlearn``, ``eval``, ``export`` and ``lm-eval``.
 
     jax-unlearn demo --out demo_out
     jax-unlearn sweep configs/demo.yaml worlds=[0,1,2,3] --out sweep_out
@@ -6,6 +6,7 @@
         data.forget=bio_forget.jsonl data.retain=wikitext.jsonl output_dir=runs/gd_sago_bio
     jax-unlearn eval --model runs/gd_sago_bio/model --mc wmdp_bio.jsonl --mc mmlu.jsonl --out eval.json
     jax-unlearn export --checkpoint runs/gd_sago_bio --out exported/
+    jax-unlearn lm-eval --model-path exported/ --tasks mmlu --num_fewshot 5 --batch_size 32
 
 Errors in the config, the data or a checkpoint print one line to stderr and exit with status 2.
 """
@@ -219,6 +220,74 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+LM_EVAL_DESCRIPTION = """\
+    Run the lm-evaluation-harness's own command line ('lm-eval run') on a Hugging Face folder
+    served by this library's JAX model (jax_unlearn.eval.JaxLM, the harness model
+    'jax_unlearn'): every argument but --model-path goes to the harness unchanged,
+    e.g. --tasks, --num_fewshot, --batch_size, --limit, --include_path, --gen_kwargs,
+    --output_path, --log_samples, and --model_args for JaxLM's options (dtype=bfloat16,
+    add_bos_token=true, max_length=..., prefix_token_id=...; see 'pydoc
+    jax_unlearn.eval.lm_eval_adapter'). 'jax-unlearn lm-eval ls tasks' and 'validate' pass
+    through as well. The harness's own 'lm_eval --model jax_unlearn' cannot find the model:
+    lm-eval 0.4.13 discovers no third-party models, so this command imports the adapter first.
+
+      jax-unlearn lm-eval --model-path exported/ --tasks mmlu --num_fewshot 5 --batch_size 32
+      jax-unlearn lm-eval --model-path exported/ --model_args dtype=bfloat16 \\
+          --tasks my_task --include_path my_tasks/ --output_path results/"""
+
+
+def _lm_eval_parser() -> argparse.ArgumentParser:
+    """Our own options of ``lm-eval`` (the rest belongs to the harness): exact names only, so a
+    harness option such as ``--model_args`` is never read as an abbreviation of ours."""
+    p = argparse.ArgumentParser(prog=f"{PROG} lm-eval", allow_abbrev=False, add_help=False,
+                                formatter_class=_formatter, description=textwrap.dedent(LM_EVAL_DESCRIPTION),
+                                epilog="The harness's options ('lm-eval run --help') follow.")
+    p.add_argument("--model-path", metavar="DIR", help="Hugging Face model folder (its model_args pretrained=)")
+    p.add_argument("--model", "-M", dest="harness_model", metavar="NAME",
+                   help="the harness model: always jax_unlearn (set by this command)")
+    p.add_argument("-h", "--help", action="store_true", help="this help, then the harness's")
+    return p
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """``lm-eval run --model jax_unlearn --model_args pretrained=DIR ARGS...`` in this process,
+    after importing `jax_unlearn.eval.lm_eval_adapter` (which registers the model name)."""
+    parser = _lm_eval_parser()
+    ours, rest = parser.parse_known_args(args.harness_args)
+    subcommand = rest[0] if rest and rest[0] in ("run", "ls", "validate") else "run"
+    rest = rest[1:] if rest and rest[0] == subcommand else rest
+    if ours.help:
+        print(parser.format_help())
+        rest = ["--help"]
+    elif subcommand == "run":
+        if ours.harness_model not in (None, "jax_unlearn"):
+            raise CLIError(f"lm-eval: --model {ours.harness_model}: this command runs the harness on the "
+                           "'jax_unlearn' model; use lm_eval itself for other backends")
+        if ours.model_path is None and not any("pretrained" in a for a in rest):
+            raise CLIError("lm-eval: give the model folder with --model-path DIR")
+        if ours.model_path is not None and not (Path(ours.model_path) / "config.json").is_file():
+            raise CLIError(f"lm-eval: {ours.model_path} is not a Hugging Face model folder (no config.json)")
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import jax_unlearn.eval.lm_eval_adapter  # noqa: F401 - registers "jax_unlearn" with the harness
+    except ImportError as err:
+        raise CLIError(f"lm-eval needs lm-evaluation-harness: pip install 'jax-unlearn[eval]' ({err})") from err
+    argv = ["lm-eval", subcommand]
+    if subcommand == "run" and not ours.help:
+        argv += ["--model", "jax_unlearn"]
+        if ours.model_path is not None:
+            argv += ["--model_args", f"pretrained={ours.model_path}"]
+    saved, sys.argv = sys.argv, argv + rest  # the harness's CLI reads sys.argv
+    try:
+        cli_evaluate()
+    except SystemExit as done:  # the harness's argparse (--help, usage errors) exits
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -316,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metrics.jsonl and the unlearned Hugging Face model into output_dir/model
               eval     multiple-choice accuracy, QA ROUGE-L recall and MIA AUROC of a model folder
               export   write the newest checkpoint of an unlearn run as a Hugging Face folder
+              lm-eval  the lm-evaluation-harness's own CLI on a model folder (tasks, few-shot,
+                       batch size, ... as in 'lm-eval run'), served by the JAX model
 
             Run 'jax-unlearn COMMAND --help' for the options of a command."""))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -407,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="DIR", help="starting model folder, if it moved since the run")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_export)
+
+    # the harness's arguments pass through untouched: no option prefix here, cmd_lm_eval parses ours
+    p = sub.add_parser("lm-eval", prefix_chars="+", add_help=False,
+                       help="the lm-evaluation-harness CLI on a model folder ('lm-eval --help')")
+    p.add_argument("harness_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 

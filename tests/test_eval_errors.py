@@ -120,8 +120,8 @@ CASES = {
     "adapter on a non-model": (lambda: JaxLM(object(), t()), "model must be a jax_unlearn.models.CausalLM"),
     "adapter batch_size 0": (lambda: JaxLM(m(), t(), batch_size=0), "batch_size must be >= 1"),
     "adapter add_bos_token not a bool": (lambda: JaxLM(m(), t(), add_bos_token="maybe"), "expected true/false"),
-    "unsupported generation argument": (lambda: JaxLM(m(), t())._generation_settings({"top_p": 0.9}),
-                                        r"unsupported generation arguments \['top_p'\]"),
+    "unsupported generation argument": (lambda: JaxLM(m(), t())._generation_settings({"repetition_penalty": 1.1}),
+                                        r"unsupported generation arguments \['repetition_penalty'\]"),
     "until not strings": (lambda: JaxLM(m(), t())._generation_settings({"until": [1]}),
                           "'until' must be a string or a list of strings"),
 }

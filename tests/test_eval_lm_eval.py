@@ -76,7 +76,7 @@ def test_registered_name_two_shot_agrees_with_our_multiple_choice(tmp_path):
 
 def test_rolling_loglikelihood_and_generate_until_equal_transformers():
     _, model, tok, hf = exported()
-    lm = JaxLM(model, tok, batch_size=4, max_length=6)
+    lm = JaxLM(model, tok, batch_size=4, max_length=6, add_bos_token=False)  # BOS on/off: tests/test_eval_lm_eval_hf.py
     rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(TEXTS[:3])])
     for text, got in zip(TEXTS, rolling):
         ids, expect = tok(text, add_special_tokens=False)["input_ids"], 0.0

@@ -1,8 +1,9 @@
 """Batched text generation for evaluation: prompts in, continuations cut at stop strings out.
 
-Prompts are tokenised (`tokens.encode`), left-truncated to ``max_length - max_new_tokens``
-tokens, sorted longest first and run ``batch_size`` at a time, left-padded to a bucketed
-length, through `jax_unlearn.models.generate` (greedy unless ``temperature > 0``). Generation
+Prompts (strings, tokenised with `tokens.encode`, or token-id lists) are left-truncated to
+``max_length - max_new_tokens`` tokens, sorted longest first and run ``batch_size`` at a time,
+left-padded to a bucketed length, through `jax_unlearn.models.generate` (greedy unless
+``temperature > 0``; sampling optionally limited by ``top_k`` and ``top_p``). Generation
 of a row ends at EOS or at a token whose decoded text contains a stop string (such a token
 would be cut anyway); the decoded text is cut before the first stop string.
 """
@@ -33,10 +34,14 @@ def cut_at(text: str, stop_strings: Sequence[str]) -> str:
     return text[:end]
 
 
-def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int,
                   stop_strings: Sequence[str] = (), batch_size: int = 16, max_length: int | None = None,
-                  temperature: float = 0.0, seed: int = 0, add_special_tokens: bool | None = None) -> list[str]:
-    """Continuations of ``prompts`` (decoded without special tokens, cut at ``stop_strings``, unstripped)."""
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                  add_special_tokens: bool | None = None) -> list[str]:
+    """Continuations of ``prompts`` (decoded without special tokens, cut at ``stop_strings``, unstripped).
+
+    A prompt is a string (encoded with ``add_special_tokens``) or a list of token ids (used as
+    they are); ``temperature``, ``top_k`` and ``top_p`` are those of `jax_unlearn.models.generate`."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(stop_strings, str):
@@ -45,7 +50,12 @@ def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new
     keep = max_length - max_new_tokens
     if keep < 1:
         raise ValueError(f"max_length={max_length} leaves no room for a prompt before {max_new_tokens} new tokens")
-    rows = [r[-keep:] for r in encode_many(tokenizer, list(prompts), add_special_tokens)]
+    prompts = list(prompts)
+    strings = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    rows = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    for i, ids in zip(strings, encode_many(tokenizer, [prompts[i] for i in strings], add_special_tokens)):
+        rows[i] = ids
+    rows = [r[-keep:] for r in rows]
     for i, r in enumerate(rows):
         if not r:
             raise ValueError(f"prompt {i} has no tokens")
@@ -60,8 +70,8 @@ def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new
         fill = np.where(idx >= 0, idx, idx[0])  # filler rows repeat the batch's first (real) row
         ids, mask = pad_rows([rows[i] for i in fill], length, pad_id, side="left")
         rng, sub = jax.random.split(rng)
-        gen = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                       stop_ids=stops, pad_id=pad_id, rng=sub)
+        gen = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, stop_ids=stops, pad_id=pad_id, rng=sub)
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
         for j, i in enumerate(idx):
             if i >= 0:

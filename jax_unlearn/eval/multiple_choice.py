@@ -1,22 +1,33 @@
-"""Multiple-choice accuracy by per-choice log-likelihood, in the lm-evaluation-harness MMLU/WMDP format.
+"""Multiple-choice accuracy by per-choice log-likelihood, in the lm-evaluation-harness formats.
 
-A question with choices ``c_0..c_{C-1}`` is shown as (the harness's ``doc_to_text``)::
+Two styles, each the layout of a harness task family:
 
-    {question.strip()}
-    A. {c_0}
-    B. {c_1}
-    ...
-    Answer:
+* ``"letters"`` (MMLU/WMDP): a question with choices ``c_0..c_{C-1}`` is shown as::
 
-and each choice is scored by the continuation ``" A"``, ``" B"``, ...:
-``score_c = log p(" " + letter_c | prompt)`` (summed over its tokens); the prediction is
-``argmax_c score_c`` (first on ties) and accuracy the fraction equal to the gold ``answer``.
-With a subject, the prompt starts with the MMLU description
-``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"``;
+      {question.strip()}
+      A. {c_0}
+      B. {c_1}
+      ...
+      Answer:
+
+  and choice ``c`` is scored by the continuation ``" " + letter_c`` (``" A"``, ``" B"``, ...).
+* ``"cloze"`` (``mmlu_continuation``, ARC, and other tasks whose choices are the answer texts):
+  the prompt is ``"Question: {question.strip()}\\nAnswer:"`` and choice ``c`` is scored by its
+  own text, ``" " + c_c``.
+
+``score_c = log p(continuation_c | prompt)`` (summed over its tokens); the prediction is
+``argmax_c score_c`` (first on ties) and ``accuracy`` the fraction equal to the gold
+``answer`` (the harness's ``acc``). ``accuracy_norm`` is the harness's ``acc_norm``: the
+argmax of ``score_c / len(c_c)``, the choice text's length in characters (the delimiting space
+not counted; a letter has length 1, so with letters it equals ``accuracy``).
+
+With a subject, the prompt starts with the harness's description
+``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"``
+(letters) or ``"The following are questions (with answers) about {subject}.\\n\\n"`` (cloze);
 k-shot prompts put the first k examples of the few-shot set (of the same subject when the
 examples carry subjects; the question itself excluded) before the question, each as
-``doc_to_text + " " + letter``, separated by ``"\\n\\n"`` -- the harness's MMLU ``first_n``
-few-shot layout.
+``prompt + " " + answer`` (its letter, or its answer's text), separated by ``"\\n\\n"`` -- the
+harness's ``first_n`` few-shot layout.
 
 When every choice's continuation is one token (letters with LLaMA, Mistral, GPT-2 style
 tokenizers), one forward pass per question scores all choices from the last position;
@@ -39,13 +50,16 @@ from .tokens import encode_pairs
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
+CLOZE_DESCRIPTION = "The following are questions (with answers) about {}.\n\n"
+STYLES = ("letters", "cloze")
 
 
 @dataclasses.dataclass(frozen=True)
 class MultipleChoiceResult:
     """``accuracy``; per question ``predictions [n]`` (chosen index), ``answers [n]``,
     ``loglikelihoods [n, max_choices]`` (``-inf`` past a question's choices) and ``prompts``;
-    ``by_subject`` accuracy when questions carry a subject."""
+    ``by_subject`` accuracy when questions carry a subject; ``accuracy_norm`` and
+    ``predictions_norm [n]`` by length-normalised log-likelihood (see the module docstring)."""
 
     accuracy: float
     predictions: np.ndarray
@@ -53,28 +67,48 @@ class MultipleChoiceResult:
     loglikelihoods: np.ndarray
     prompts: tuple[str, ...]
     by_subject: dict[str, float]
+    accuracy_norm: float
+    predictions_norm: np.ndarray
+    style: str = "letters"
 
     @property
     def correct(self) -> np.ndarray:
         return self.predictions == self.answers
 
 
-def format_question(question: str, choices: Sequence[str]) -> str:
-    """``"{question.strip()}\\nA. {choices[0]}\\n...\\nAnswer:"`` (the harness's MMLU/WMDP ``doc_to_text``)."""
+def _check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}")
+    return style
+
+
+def format_question(question: str, choices: Sequence[str], style: str = "letters") -> str:
+    """The prompt of one question: ``"{question.strip()}\\nA. {choices[0]}\\n...\\nAnswer:"`` (letters,
+    the harness's MMLU/WMDP ``doc_to_text``) or ``"Question: {question.strip()}\\nAnswer:"`` (cloze)."""
+    if _check_style(style) == "cloze":
+        return f"Question: {question.strip()}\nAnswer:"
     return question.strip() + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
 
 
-def format_description(subject: str | None) -> str:
-    """The MMLU header for ``subject`` (underscores read as spaces); ``""`` without a subject."""
-    return "" if not subject else DESCRIPTION.format(subject.replace("_", " "))
+def format_description(subject: str | None, style: str = "letters") -> str:
+    """The harness's header for ``subject`` (underscores read as spaces); ``""`` without a subject."""
+    template = CLOZE_DESCRIPTION if _check_style(style) == "cloze" else DESCRIPTION
+    return "" if not subject else template.format(subject.replace("_", " "))
 
 
-def format_prompt(item: Any, shots: Sequence[Any] = (), subject: str | None = None) -> str:
+def answer_text(item: MultipleChoice, index: int, style: str = "letters") -> str:
+    """What choice ``index`` is scored as, without the delimiting space: its letter or its text."""
+    return item.choices[index] if _check_style(style) == "cloze" else LETTERS[index]
+
+
+def format_prompt(item: Any, shots: Sequence[Any] = (), subject: str | None = None, style: str = "letters") -> str:
     """Description (for ``item.subject``, else ``subject``), the solved ``shots``, then the question."""
     item = as_multiple_choice(item, "question 0")
     shots = [as_multiple_choice(s, f"few-shot example {i}") for i, s in enumerate(shots)]
-    solved = "".join(format_question(s.question, s.choices) + " " + LETTERS[s.answer] + "\n\n" for s in shots)
-    return format_description(item.subject or subject) + solved + format_question(item.question, item.choices)
+    solved = "".join(format_question(s.question, s.choices, style) + " " + answer_text(s, s.answer, style) + "\n\n"
+                     for s in shots)
+    return (format_description(item.subject or subject, style) + solved
+            + format_question(item.question, item.choices, style))
 
 
 def select_shots(item: MultipleChoice, pool: Sequence[MultipleChoice], k: int) -> list[MultipleChoice]:
@@ -91,9 +125,14 @@ def select_shots(item: MultipleChoice, pool: Sequence[MultipleChoice], k: int) -
 
 
 def build_prompts(items: Sequence[Any], *, num_fewshot: int = 0, fewshot: Sequence[Any] | None = None,
-                  subject: str | None = None) -> tuple[list[MultipleChoice], list[str]]:
+                  subject: str | None = None, style: str = "letters") -> tuple[list[MultipleChoice], list[str]]:
     """Validated items and their prompts (see the module docstring)."""
+    _check_style(style)
     items = [as_multiple_choice(it, f"question {i}") for i, it in enumerate(nonempty(items, "multiple-choice questions"))]
+    if style == "cloze":
+        for i, it in enumerate(items):
+            if not all(it.choices):
+                raise ValueError(f"question {i}: an empty choice cannot be scored as a cloze continuation")
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ValueError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
     if num_fewshot and fewshot is None:
@@ -102,19 +141,21 @@ def build_prompts(items: Sequence[Any], *, num_fewshot: int = 0, fewshot: Sequen
     prompts = []
     for it in items:
         shots = select_shots(it, pool, num_fewshot)
-        prompts.append(format_prompt(it, shots, subject))
+        prompts.append(format_prompt(it, shots, subject, style))
     return items, prompts
 
 
 def evaluate_multiple_choice(model: Any, tokenizer: Any, items: Sequence[Any], *, num_fewshot: int = 0,
                              fewshot: Sequence[Any] | None = None, subject: str | None = None,
                              batch_size: int = 32, max_length: int | None = None,
-                             add_special_tokens: bool | None = None,
-                             single_pass: bool | None = None) -> MultipleChoiceResult:
+                             add_special_tokens: bool | None = None, single_pass: bool | None = None,
+                             style: str = "letters") -> MultipleChoiceResult:
     """Zero- or k-shot multiple-choice accuracy of ``model`` (a `CausalLM`) with ``tokenizer``.
 
     Args:
       items: records with ``question``, ``choices``, integer ``answer`` and optional ``subject``.
+      style: ``"letters"`` scores " A", " B", ... after the lettered MMLU layout; ``"cloze"``
+        scores each choice's text after ``Question: ...\\nAnswer:`` (see the module docstring).
       num_fewshot, fewshot: k solved examples from ``fewshot`` precede each question.
       subject: description subject for questions that carry none (e.g. ``"biology"`` for WMDP-Bio).
       batch_size: rows per jitted forward pass (fixed; the last batch is filled).
@@ -124,9 +165,9 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, items: Sequence[Any], *
       single_pass: ``None`` scores all choices in one pass when every continuation is one
         token; ``False`` always scores one row per choice; ``True`` requires the single pass.
     """
-    items, prompts = build_prompts(items, num_fewshot=num_fewshot, fewshot=fewshot, subject=subject)
+    items, prompts = build_prompts(items, num_fewshot=num_fewshot, fewshot=fewshot, subject=subject, style=style)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    flat_pairs = [(p, " " + LETTERS[c]) for it, p in zip(items, prompts) for c in range(len(it.choices))]
+    flat_pairs = [(p, " " + answer_text(it, c, style)) for it, p in zip(items, prompts) for c in range(len(it.choices))]
     flat_ids = iter(encode_pairs(tokenizer, flat_pairs, add_special_tokens))
     encoded = [[next(flat_ids) for _ in it.choices] for it in items]
     one_pass = all(len(cont) == 1 and ctx == pairs[0][0] for pairs in encoded for ctx, cont in pairs)
@@ -154,10 +195,15 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, items: Sequence[Any], *
             ll[i, :len(it.choices)] = scores[start:start + len(it.choices)]
             start += len(it.choices)
     predictions = np.argmax(ll, axis=1)
+    lengths = np.ones_like(ll)  # -inf / 1 stays -inf past a question's choices
+    for i, it in enumerate(items):
+        lengths[i, :len(it.choices)] = [len(answer_text(it, c, style)) for c in range(len(it.choices))]
+    predictions_norm = np.argmax(ll / lengths, axis=1)
     answers = np.array([it.answer for it in items])
     correct = predictions == answers
     by_subject: dict[str, float] = {}
     for s in sorted({it.subject for it in items if it.subject}):
         sel = np.array([it.subject == s for it in items])
         by_subject[s] = float(correct[sel].mean())
-    return MultipleChoiceResult(float(correct.mean()), predictions, answers, ll, tuple(prompts), by_subject)
+    return MultipleChoiceResult(float(correct.mean()), predictions, answers, ll, tuple(prompts), by_subject,
+                                float(np.mean(predictions_norm == answers)), predictions_norm, style)

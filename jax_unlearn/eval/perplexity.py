@@ -1,7 +1,16 @@
 """Token-weighted perplexity of a set of texts.
 
 Each text ``x_1..x_n`` is scored after the prefix token (BOS, else EOS), every token exactly
-once: ``PPL = exp(sum_texts sum_t -log p(x_t | x_<t) / sum_texts n)``. A text longer than
+once: ``PPL = exp(sum_texts sum_t -log p(x_t | x_<t) / sum_texts n)``.
+
+Tokenisation (``add_special_tokens``): by default (``False``) ``x`` holds the text's own tokens
+only, so no BOS is counted. ``None`` keeps the tokenizer's default and ``True`` asks for its
+special tokens: with a LLaMA tokenizer ``x`` then starts with BOS, which is itself scored after
+the prefix token and counted -- what lm-eval's ``hf`` backend computes for
+``loglikelihood_rolling`` with ``add_bos_token`` unset (``None``) or ``True``; ``False`` is its
+``add_bos_token=False``. A text that already starts with the BOS string gets no second one.
+
+A text longer than
 ``max_length`` is cut into the harness's rolling windows (``loglikelihood_rolling`` with
 context 1): the first window predicts ``x_1..x_L`` after the prefix, each later one predicts
 the next ``<= L`` tokens with a full window of ``L`` tokens before them as context.
@@ -55,13 +64,17 @@ def rolling_windows(tokens: Sequence[int], prefix: int, max_length: int) -> list
 
 
 def text_loglikelihoods(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8,
-                        max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(sum_t log p(x_t | x_<t) [n], tokens [n])`` of each text over its rolling windows."""
+                        max_length: int | None = None, add_special_tokens: bool | None = False,
+                        prefix: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum_t log p(x_t | x_<t) [n], tokens [n])`` of each text over its rolling windows.
+
+    ``add_special_tokens``: see the module docstring; ``prefix``: the token the first window is
+    conditioned on (default BOS, else EOS)."""
     max_length = scoring.default_max_length(model, max_length)
-    prefix = prefix_token_id(tokenizer)
+    prefix = prefix_token_id(tokenizer) if prefix is None else int(prefix)
     pairs, owner = [], []
     counts = np.zeros(len(texts), np.int64)
-    for i, ids in enumerate(encode_many(tokenizer, list(texts), add_special_tokens=False)):
+    for i, ids in enumerate(encode_many(tokenizer, list(texts), add_special_tokens=add_special_tokens)):
         counts[i] = len(ids)
         for w in rolling_windows(ids, prefix, max_length):
             pairs.append(w)
@@ -75,10 +88,12 @@ def text_loglikelihoods(model: Any, tokenizer: Any, texts: Sequence[str], *, bat
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[Any], *, batch_size: int = 8,
-               max_length: int | None = None) -> PerplexityResult:
-    """Token-weighted perplexity of ``texts`` (strings or records with ``text``)."""
+               max_length: int | None = None, add_special_tokens: bool | None = False) -> PerplexityResult:
+    """Token-weighted perplexity of ``texts`` (strings or records with ``text``); by default of
+    the texts' own tokens, without BOS (``add_special_tokens``: see the module docstring)."""
     texts = [as_text(t, f"text {i}") for i, t in enumerate(nonempty(texts, "texts for perplexity"))]
-    logp, counts = text_loglikelihoods(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    logp, counts = text_loglikelihoods(model, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                                       add_special_tokens=add_special_tokens)
     total = int(counts.sum())
     if total == 0:
         raise ValueError("the texts for perplexity contain no tokens")
