@@ -306,6 +306,10 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
         print(f"world {w['seed']}: model {'reused from' if w['cached'] else 'pretrained into'} {w['path']} "
               f"({p['steps']} steps; forget {p['forget_acc']:.2f}, retain {p['retain_acc']:.2f}, "
               f"held-out {p['heldout_acc']:.2f}, general {p['general_acc']:.2f}, unseen {p['unseen_acc']:.2f})")
+        g = w["gold"]
+        print(f"world {w['seed']}: gold model {'reused from' if g['cached'] else 'retrained into'} {g['path']} "
+              f"({g['pretrain']['steps']} steps without the forget people; forget {g['forget_acc']:.2f}, "
+              f"retain {g['retain_acc']:.2f}, held-out {g['retain_heldout_acc']:.2f}, general {g['general_acc']:.2f})")
     print(bench_table(results))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".pareto.png.tmp.png"

@@ -25,10 +25,10 @@ from jax_unlearn.token_math import IGNORE
 
 TINY_WORLD = WorldConfig(people=24, forget=4, retain=10, unseen=4, first_names=6, last_names=6)
 TINY_MODEL = bc.ModelSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
-TINY_PRE = bc.PretrainConfig(max_steps=400, batch_size=32, lr=1e-2, warmup=20, eval_every=100)
+TINY_PRE = bc.PretrainConfig(max_steps=800, batch_size=32, lr=1e-2, warmup=20, eval_every=100)
 TINY = ["world.people=24", "world.forget=4", "world.retain=10", "world.unseen=4", "world.first_names=6",
         "world.last_names=6", "model.hidden=32", "model.layers=2", "model.heads=2", "model.kv_heads=1",
-        "model.intermediate=64", "pretrain.max_steps=400", "pretrain.batch_size=32", "pretrain.lr=1e-2",
+        "model.intermediate=64", "pretrain.max_steps=800", "pretrain.batch_size=32", "pretrain.lr=1e-2",
         "pretrain.warmup=20", "pretrain.eval_every=100", "grid.values=[4e-3,2e-3]", "grid.steps=6",
         "grid.evals=3", "batch_size=8"]
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -87,6 +87,15 @@ def test_texts_and_probes_cover_every_fact_and_keep_unseen_people_out_of_pretrai
     # general facts are about the same cities and animals the people's facts name
     assert {s for rel, s, _ in w.general_facts if rel in ("country", "food", "sound")} == (
         set(VALUES["city"]) | set(VALUES["pet"]))
+
+
+def test_default_world_has_at_least_100_probes_per_group():
+    """One probe is at most one point of any group's accuracy."""
+    from collections import Counter
+
+    counts = Counter(p.group for p in make_world(WorldConfig()).probes())
+    assert set(counts) == {"forget", "retain", "heldout_neighbour", "heldout_other", "unseen", "general"}
+    assert min(counts.values()) >= 100, counts
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -204,18 +213,20 @@ def test_runner_trajectory_points_equal_shorter_runs_and_reuse_one_compiled_step
 # ----------------------------------------------------------------------------- sweep logic
 
 
-def _run(o, c, steps, f, h, g=0.5, world=0):
+def _run(o, c, steps, f, h, g=0.5, world=0, fq=None):
     return {"world": world, "objective": o, "combiner": c, "lr": 1e-3, "steps": steps, "forget_acc": f,
             "retain_acc": 0.9, "retain_heldout_acc": h, "heldout_neighbour_acc": h, "heldout_other_acc": h,
-            "general_acc": g, "mia_auroc": 0.5}
+            "general_acc": g, "mia_auroc": 0.5, "forget_quality": fq, "privleak": 0.0, "retain_heldout_rel": h,
+            "general_rel": g}
 
 
 def test_best_run_respects_the_threshold_and_breaks_ties():
-    runs = [_run("grad_diff", "sago", 10, 0.30, 0.99), _run("grad_diff", "sago", 20, 0.10, 0.70),
-            _run("grad_diff", "sago", 30, 0.05, 0.70, g=0.9), _run("grad_diff", "sago", 40, 0.00, 0.60)]
+    runs = [_run("grad_diff", "sago", 10, 0.30, 0.99, fq=0.2), _run("grad_diff", "sago", 20, 0.10, 0.70, fq=0.9),
+            _run("grad_diff", "sago", 30, 0.05, 0.70, g=0.9, fq=0.01), _run("grad_diff", "sago", 40, 0.00, 0.60)]
     assert sweep.best_run(runs, 0.10)["steps"] == 30  # 0.99 forgot too little; tie on held-out -> general
     assert sweep.best_run(runs, 0.0)["steps"] == 40
     assert sweep.best_run(runs[:1], 0.10) is None
+    assert sweep.best_run(runs, None)["steps"] == 20  # threshold None: the highest forget quality
 
 
 def test_summary_means_and_paired_differences_over_worlds():
@@ -223,7 +234,7 @@ def test_summary_means_and_paired_differences_over_worlds():
     held = {0: (0.5, 0.6), 1: (0.4, 0.7), 2: (0.6, 0.65)}
     runs = [_run("grad_diff", c, 10, 0.05, held[w][i], world=w)
             for w in held for i, c in enumerate(["weighted_sum", "sago"])]
-    by_world = {w: sweep.summarize([r for r in runs if r["world"] == w], cfg) for w in held}
+    by_world = {w: sweep.summarize([r for r in runs if r["world"] == w], cfg, 0.1) for w in held}
     mean = sweep.mean_summary(by_world, cfg)
     assert mean["grad_diff"]["sago"]["retain_heldout_acc"] == pytest.approx(np.mean([0.6, 0.7, 0.65]))
     assert mean["grad_diff"]["sago"]["worlds"] == 3
@@ -233,10 +244,54 @@ def test_summary_means_and_paired_differences_over_worlds():
     from scipy.stats import wilcoxon
 
     assert paired["wilcoxon_p"] == pytest.approx(wilcoxon([0.1, 0.3, 0.05]).pvalue)
+    # the 95% t-interval, written out: mean +- t_{0.975, n-1} * sd / sqrt(n)
+    d = np.array([0.1, 0.3, 0.05])
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    np.testing.assert_allclose(paired["ci95"], [d.mean() - half, d.mean() + half], rtol=1e-9)
     # a world where one combiner never forgot enough drops out of the pair
     by_world[1]["grad_diff"]["sago"] = None
     assert sweep.paired_differences(by_world, cfg)["grad_diff"]["sago - weighted_sum"]["n"] == 2
     assert sweep.mean_summary(by_world, cfg)["grad_diff"]["sago"]["worlds"] == 2
+
+
+def test_gold_matched_criterion_uses_each_worlds_gold_level():
+    cfg = bc.BenchConfig(objectives=["grad_diff"], combiners=["sago"], worlds=[0, 1], gold_tolerance=0.02,
+                         forget_threshold=0.1)
+    worlds = [{"seed": s, "gold": {k: 0.5 for k in sweep.GOLD_KEYS} | {"forget_acc": f}}
+              for s, f in ((0, 0.20), (1, 0.30))]
+    runs = [_run("grad_diff", "sago", 10, 0.21, 0.8, world=0, fq=0.5), _run("grad_diff", "sago", 20, 0.05, 0.6, world=0),
+            _run("grad_diff", "sago", 10, 0.33, 0.9, world=1, fq=0.7), _run("grad_diff", "sago", 20, 0.25, 0.7, world=1)]
+    res = sweep.summarize_sweep(cfg, worlds, runs, 1.0)
+    per_world = {s: res["summary_by_world"][s]["gold"]["grad_diff"]["sago"]["steps"] for s in (0, 1)}
+    assert per_world == {0: 10, 1: 20}  # 0.21 <= 0.20 + 0.02, but 0.33 > 0.30 + 0.02
+    assert res["summary"]["gold"]["grad_diff"]["sago"]["retain_heldout_acc"] == pytest.approx(0.75)
+    assert res["summary"]["fixed"]["grad_diff"]["sago"]["worlds"] == 1  # only world 0 reached 0.1
+    assert res["best_forget_quality"]["grad_diff"]["sago"]["forget_quality"] == pytest.approx(0.6)
+    assert res["gold"]["forget_acc"] == pytest.approx(0.25) and set(res["paired"]) == {"gold", "fixed"}
+
+
+def test_forget_quality_privleak_and_relative_retention_against_gold(tiny, cache):
+    """Each metric against a scipy / brute-force restatement, on the tiny world's two models."""
+    from scipy.stats import ks_2samp
+
+    gold_model = pt.pretrained(TINY_WORLD, TINY_MODEL, TINY_PRE, cache, gold=True)
+    assert gold_model.path != tiny.path and not gold_model.info.get("forget_acc", 0) > 0.8
+    probes = probe_rows(tiny.tokenizer, tiny.world.probes())
+    gold = bench_eval.gold_reference(gold_model.model, probes)
+    out = bench_eval.evaluate(tiny.model, probes, gold)
+    forget = probes.group == "forget"
+    p_model = np.exp(-bench_eval.probe_predictions(tiny.model, probes)[1][forget])
+    p_gold = np.exp(-bench_eval.probe_predictions(gold_model.model, probes)[1][forget])
+    assert out["forget_quality"] == pytest.approx(ks_2samp(p_model, p_gold).pvalue)
+    # brute force: the KS statistic is the largest gap between the two empirical CDFs
+    grid = np.concatenate([p_model, p_gold])
+    gap = max(abs((p_model <= x).mean() - (p_gold <= x).mean()) for x in grid)
+    assert ks_2samp(p_model, p_gold).statistic == pytest.approx(gap)
+    assert out["privleak"] == pytest.approx((out["mia_auroc"] - gold.metrics["mia_auroc"]) / gold.metrics["mia_auroc"])
+    assert out["heldout_rel"] == pytest.approx(out["heldout_acc"] / gold.metrics["heldout_acc"])
+    assert out["forget_acc"] > gold.metrics["forget_acc"] + 0.3  # the pretrained model knows them; gold does not
+    same = bench_eval.evaluate(gold_model.model, probes, gold)
+    assert same["forget_quality"] == 1.0 and same["privleak"] == 0.0  # gold against itself
 
 
 def test_lower_learning_rates_get_proportionally_more_steps():
@@ -276,6 +331,7 @@ def test_demo_yaml_is_the_built_in_demo_config():
     ("batch_size=2000", "'batch_size'=2000 exceeds the 300 forget rows"),
     ("world.first_names=6", "needs held-out people both sharing and not sharing a name"),
     ("objectives=[rmu]", "'objectives' has 'rmu', which the benchmark does not run: RMU steers one layer"),
+    ("gold_tolerance=2", "'gold_tolerance' must lie in [0, 1], got 2"),
 ])
 def test_bench_config_errors_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("(", r"\(")):
@@ -300,19 +356,28 @@ def test_demo_end_to_end(tmp_path, tiny, cache, capsys):
     assert len(results["runs"]) == 2 * 3 * n_points
     assert {(r["objective"], r["combiner"]) for r in results["runs"]} == {
         (o, c) for o in ("grad_diff", "simnpo") for c in ("weighted_sum", "pcgrad", "sago")}
-    for o in ("grad_diff", "simnpo"):
-        for c in ("weighted_sum", "pcgrad", "sago"):
-            s = results["summary"][o][c]
-            mine = [r for r in results["runs"] if r["objective"] == o and r["combiner"] == c]
-            best = sweep.best_run(mine, 0.10)
-            if s is None:
-                assert best is None
-                assert re.search(rf"{o}\s+{c}\s+no run reached forget <= 0.1", printed)
-            else:
-                for k in ("forget_acc", "retain_acc", "retain_heldout_acc", "general_acc"):
-                    assert s[k] == best[k]
-                assert s["forget_acc"] <= 0.10
-    assert "Best held-out retain accuracy" in printed and "results.json" in printed
+    gold_forget = results["worlds"][0]["gold"]["forget_acc"]
+    assert results["gold"]["forget_acc"] == gold_forget and "(gold)" in printed
+    bars = {"gold": gold_forget + cfg.gold_tolerance, "fixed": 0.10}
+    for criterion, bar in bars.items():
+        for o in ("grad_diff", "simnpo"):
+            for c in ("weighted_sum", "pcgrad", "sago"):
+                s = results["summary"][criterion][o][c]
+                mine = [r for r in results["runs"] if r["objective"] == o and r["combiner"] == c]
+                best = sweep.best_run(mine, bar)
+                if s is None:
+                    assert best is None
+                    assert re.search(rf"{o}\s+{c}\s+no run reached forget accuracy", printed)
+                else:
+                    for k in ("forget_acc", "retain_acc", "retain_heldout_acc", "general_acc", "forget_quality",
+                              "privleak"):
+                        assert s[k] == best[k]
+                    assert s["forget_acc"] <= bar + 1e-9
+    for r in results["runs"]:  # every evaluation point is judged against the gold model
+        assert r["forget_quality"] is not None and 0.0 <= r["forget_quality"] <= 1.0 and r["privleak"] is not None
+    assert "[gold-matched] best held-out" in printed and "[fixed bar] best held-out" in printed
+    assert "results.json" in printed
+    assert results["worlds"][0]["gold"]["cached"]  # the gold model of the first test came from the cache
     assert results["worlds"][0]["cached"]  # the tiny model came from the cache fixture
 
 
@@ -328,8 +393,9 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     results = json.loads((out / "results.json").read_text())
     assert [w["seed"] for w in results["worlds"]] == [0, 1]
     assert set(results["summary_by_world"]) == {"0", "1"}
-    assert "sago - weighted_sum" in results["paired"]["grad_diff"]
-    assert "Paired differences" in printed
+    for criterion in ("gold", "fixed"):
+        assert "sago - weighted_sum" in results["paired"][criterion]["grad_diff"]
+        assert f"({criterion} criterion" in printed
     before = (out / "results.json").read_bytes()
     assert cli.main(["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "combiners=[nope]"]) == 2
     assert "allowed values" in capsys.readouterr().err

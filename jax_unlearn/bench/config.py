@@ -98,7 +98,8 @@ class BenchConfig:
     beta: float = 1.0  # SimNPO / NPO beta
     delta: float = 2.0  # SimNPO delta
     batch_size: int = 32
-    forget_threshold: float = 0.10
+    forget_threshold: float = 0.10  # the "fixed" criterion's bar on forget accuracy
+    gold_tolerance: float = 0.02  # the "gold" criterion: forget accuracy <= the gold model's + this
     seed: int = 0  # data order
 
     def check(self) -> None:
@@ -129,6 +130,8 @@ class BenchConfig:
                           "'batch_size'": self.batch_size})
         if not 0.0 <= self.forget_threshold <= 1.0:
             raise ValueError(f"'forget_threshold' must lie in [0, 1], got {self.forget_threshold}")
+        if not 0.0 <= self.gold_tolerance <= 1.0:
+            raise ValueError(f"'gold_tolerance' must lie in [0, 1], got {self.gold_tolerance}")
         rows = 3 * len(ATTRIBUTES)  # texts per person
         for split in ("forget", "retain"):
             n = getattr(self.world, split)

@@ -1,4 +1,8 @@
-"""Pretrains the benchmark's tiny LLaMA on its world and caches it in the user cache.
+"""Pretrains the benchmark's tiny LLaMA on its world, and its gold model, and caches them.
+
+The *gold* model is exact unlearning: the same recipe and seed on everything but the forget
+people (`World.gold_texts`), stopped by the same rule without the forget group. Unlearned models
+are judged against it (`jax_unlearn.bench.evaluate`).
 
 The cache folder (``$JAX_UNLEARN_CACHE`` or ``~/.cache/jax_unlearn``) holds one Hugging Face
 folder per benchmark config under ``bench/<key>``, where ``key`` hashes the world, model and
@@ -34,7 +38,8 @@ from jax_unlearn.train import Every, run_steps
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the generator or the training changes what a key produces
+CACHE_VERSION = 3  # bump when the generator or the training changes what a key produces
+TARGET_GROUPS = ("forget", "retain", "heldout", "general")  # pretraining stops when all reach the target
 
 
 @dataclasses.dataclass
@@ -51,10 +56,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("JAX_UNLEARN_CACHE") or Path.home() / ".cache" / "jax_unlearn")
 
 
-def cache_key(world: WorldConfig, size: ModelSize, pre: PretrainConfig) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "world": dataclasses.asdict(world), "size": dataclasses.asdict(size),
-                       "pretrain": dataclasses.asdict(pre)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def cache_key(world: WorldConfig, size: ModelSize, pre: PretrainConfig, gold: bool = False) -> str:
+    blob = {"v": CACHE_VERSION, "world": dataclasses.asdict(world), "size": dataclasses.asdict(size),
+            "pretrain": dataclasses.asdict(pre)}
+    if gold:
+        blob["gold"] = True
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_config(size: ModelSize, vocab: int) -> ModelConfig:
@@ -64,12 +71,16 @@ def model_config(size: ModelSize, vocab: int) -> ModelConfig:
                        bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD)
 
 
-def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bool) -> tuple[CausalLM, dict]:
+def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bool,
+           gold: bool = False) -> tuple[CausalLM, dict]:
     """Pretrains with the library's single-task step and loop: seeded epochs of ``batch_size``
-    rows, AdamW with linear warmup and cosine decay, evaluation every ``eval_every`` steps."""
+    rows, AdamW with linear warmup and cosine decay, evaluation every ``eval_every`` steps,
+    stopping once every group of `TARGET_GROUPS` (the gold model: all but ``forget``) reaches
+    the target."""
     from tqdm import tqdm
 
-    rows = text_rows(tok, world.pretraining_texts(), name="pretraining")
+    texts, groups = (world.gold_texts(), TARGET_GROUPS[1:]) if gold else (world.pretraining_texts(), TARGET_GROUPS)
+    rows = text_rows(tok, texts, name="pretraining")
     probes = probe_rows(tok, world.probes())
     model = CausalLM(model_config(size, len(tok)), rngs=nnx.Rngs(cfg.seed))
     tx = build_optimizer(OptimConfig(lr=cfg.lr, schedule="cosine", warmup_steps=cfg.warmup,
@@ -82,9 +93,10 @@ def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bo
     def check(done: int, state, metrics) -> bool:
         last.update(evaluate(st.merge_model(defs, state, copy=False), probes), loss=float(metrics["loss"]))
         log.info("pretrain step %d: %s", done, ", ".join(f"{k} {v:.3f}" for k, v in last.items() if v is not None))
-        return all(last[f"{g}_acc"] >= cfg.target for g in ("forget", "retain", "heldout", "general"))
+        return all(last[f"{g}_acc"] >= cfg.target for g in groups)
 
-    bar = tqdm(total=cfg.max_steps, desc=f"pretraining world {world.config.seed}", unit="step", disable=not progress)
+    what = "gold model of world" if gold else "pretraining world"
+    bar = tqdm(total=cfg.max_steps, desc=f"{what} {world.config.seed}", unit="step", disable=not progress)
     state, done, _ = run_steps(step, state, lambda t: (data(t),), 0, cfg.max_steps, [Every(cfg.eval_every, check)], bar)
     bar.close()
     info = {"steps": done, "seconds": round(time.perf_counter() - start, 1), "final_loss": last.pop("loss"), **last}
@@ -93,16 +105,17 @@ def _train(world: World, tok, size: ModelSize, cfg: PretrainConfig, progress: bo
 
 def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSize(),
                pre: PretrainConfig = PretrainConfig(), cache: Path | None = None,
-               progress: bool = False) -> Pretrained:
-    """The pretrained benchmark model of these configs: loaded from the cache, or trained and
-    saved there (``save_hf`` with the tokenizer, plus ``world.json`` and ``pretrain.json``)."""
+               progress: bool = False, gold: bool = False) -> Pretrained:
+    """The pretrained benchmark model of these configs (``gold``: the model that never saw the
+    forget people): loaded from the cache, or trained and saved there (``save_hf`` with the
+    tokenizer, plus ``world.json`` and ``pretrain.json``)."""
     world = make_world(world_cfg)
-    folder = (cache or cache_root()) / "bench" / cache_key(world_cfg, size, pre)
+    folder = (cache or cache_root()) / "bench" / cache_key(world_cfg, size, pre, gold)
     if (folder / "pretrain.json").is_file():
         info = json.loads((folder / "pretrain.json").read_text())
         return Pretrained(load_hf(folder), load_tokenizer(folder), world, folder, info, cached=True)
     tok = train_tokenizer(world.all_texts())
-    model, info = _train(world, tok, size, pre, progress)
+    model, info = _train(world, tok, size, pre, progress, gold)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
@@ -111,7 +124,7 @@ def pretrained(world_cfg: WorldConfig = WorldConfig(), size: ModelSize = ModelSi
             f.rename(tmp / f.name)
         (tmp / "m").rmdir()
         (tmp / "world.json").write_text(json.dumps(dataclasses.asdict(world_cfg), indent=1))
-        (tmp / "pretrain.json").write_text(json.dumps({"size": dataclasses.asdict(size),
+        (tmp / "pretrain.json").write_text(json.dumps({"size": dataclasses.asdict(size), "gold": gold,
                                                        "pretrain": dataclasses.asdict(pre), **info}, indent=1))
         try:
             tmp.rename(folder)

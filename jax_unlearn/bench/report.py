@@ -1,4 +1,4 @@
-"""The sweep's table (text) and Pareto plot (matplotlib)."""
+"""The sweep's tables (text) and Pareto plot (matplotlib)."""
 
 from __future__ import annotations
 
@@ -9,56 +9,87 @@ import numpy as np
 
 COLUMNS = (("forget", "forget_acc"), ("retain", "retain_acc"), ("held-out", "retain_heldout_acc"),
            ("neighbours", "heldout_neighbour_acc"), ("others", "heldout_other_acc"), ("general", "general_acc"),
-           ("MIA AUROC", "mia_auroc"))
+           ("MIA AUROC", "mia_auroc"), ("forget quality", "forget_quality"), ("PrivLeak", "privleak"))
 
 
 def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns; a row of 3 cells is ``objective, combiner, note``."""
+    widths = [max(len(str(r[i])) for r in [head, *rows] if i < len(r) and not (len(r) == 3 and i == 2))
+              for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() if len(r) > 3 else "  ".join(
+        [str(r[0]).ljust(widths[0]), str(r[1]).ljust(widths[1]), r[2]])
+    return [fmt(head), *(fmt(r) for r in rows)]
+
+
+def summary_table(results: dict, criterion: str) -> list[str]:
+    """The best run per objective x combiner under ``criterion`` (``"gold"`` or ``"fixed"``),
+    with the gold model's row and the starting model's row."""
+    cfg = results["config"]
+    param = cfg["grid"]["param"]
+    multi = len(results["worlds"]) > 1
+    gold = results["gold"]
+    bar = (f"<= the gold model's {gold['forget_acc']:.3f} + {cfg['gold_tolerance']:g}" if criterion == "gold"
+           else f"<= {cfg['forget_threshold']:g}")
+    head = ["objective", "combiner", *(c for c, _ in COLUMNS)] + (["worlds"] if multi else [param, "steps"])
+    rows = []
+    for o, by_c in results["summary"][criterion].items():
+        for c, s in by_c.items():
+            if s is None:
+                rows.append([o, c, f"no run reached forget accuracy {bar}"])
+                continue
+            extra = [f"{s['worlds']}/{len(results['worlds'])}"] if multi else [f"{s[param]:g}", str(s["steps"])]
+            rows.append([o, c, *(_cell(s[k]) for _, k in COLUMNS), *extra])
+    rows.append(["(gold)", "retrained", *(_cell(gold.get(k)) for _, k in COLUMNS[:7]), "1", "0",
+                 *([""] if multi else ["", ""])])
+    start = [r for r in results["runs"] if r["steps"] == 0]
+    if start:
+        mean = lambda k: None if any(r.get(k) is None for r in start) else float(np.mean([r[k] for r in start]))
+        rows.append(["(start)", "", *(_cell(mean(k)) for _, k in COLUMNS), *([""] if multi else ["", "0"])])
+    seeds = ", ".join(str(w["seed"]) for w in results["worlds"])
+    title = "gold-matched" if criterion == "gold" else "fixed bar"
+    return [f"[{title}] best held-out retain accuracy among runs with forget accuracy {bar} "
+            f"(world{'s' if multi else ''} {seeds}{'; means over worlds' if multi else ''}):", *_table(head, rows)]
+
+
+def paired_lines(results: dict, criterion: str) -> list[str]:
+    """Paired per-world differences of held-out retain accuracy under ``criterion``."""
+    lines = [f"Paired differences of held-out retain accuracy over worlds ({criterion} criterion; a - b, "
+             "mean [95% interval]):"]
+    for o, pairs in results["paired"][criterion].items():
+        for name, e in pairs.items():
+            if not e["n"]:
+                lines.append(f"  {o:10s} {name:24s} no world where both forgot enough")
+                continue
+            ci = f" [{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}]" if "ci95" in e else ""
+            p = f", Wilcoxon p={e['wilcoxon_p']:.3f}" if "wilcoxon_p" in e else ""
+            lines.append(f"  {o:10s} {name:24s} mean {100 * e['mean']:+.1f} points{ci}, "
+                         f"positive in {e['positive']}/{e['n']}{p}")
+    return lines
 
 
 def format_table(results: dict) -> str:
-    """One row per objective x combiner of ``results["summary"]``, then the paired differences."""
-    cfg = results["config"]
-    param = cfg["grid"]["param"]
-    threshold = cfg["forget_threshold"]
-    multi = len(results["worlds"]) > 1
-    head = ["objective", "combiner", *(c for c, _ in COLUMNS)] + (["worlds"] if multi else [param, "steps"])
-    rows = []
-    for o, by_c in results["summary"].items():
-        for c, s in by_c.items():
-            if s is None:
-                rows.append([o, c, f"no run reached forget <= {threshold:g}"])
-                continue
-            cells = [_cell(s[k]) for _, k in COLUMNS]
-            extra = [f"{s['worlds']}/{len(results['worlds'])}"] if multi else [f"{s[param]:g}", str(s["steps"])]
-            rows.append([o, c, *cells, *extra])
-    widths = [max(len(str(r[i])) for r in [head, *rows] if i < len(r) and not (len(r) == 3 and i == 2))
-              for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)) if len(r) > 3 else "  ".join(
-        [str(r[0]).ljust(widths[0]), str(r[1]).ljust(widths[1]), r[2]])
-    seeds = ", ".join(str(w["seed"]) for w in results["worlds"])
-    lines = [f"Best held-out retain accuracy among runs with forget accuracy <= {threshold:g} "
-             f"(world{'s' if multi else ''} {seeds}{'; means over worlds' if multi else ''}):", fmt(head)]
-    lines += [fmt(r) for r in rows]
-    start = [r for r in results["runs"] if r["steps"] == 0]
-    if start:
-        mean = lambda k: float(np.mean([r[k] for r in start]))
-        lines.append(fmt(["(start)", "", *(_cell(mean(k)) for _, k in COLUMNS)]
-                         + ([""] if multi else ["", "0"])))
-        lines.append(f"unseen people (never trained on; what a model that never saw the forget people would "
-                     f"score on them): accuracy {mean('unseen_acc'):.3f}")
-    if multi:
-        lines.append("")
-        lines.append("Paired differences of held-out retain accuracy over worlds (a - b):")
-        for o, pairs in results["paired"].items():
-            for name, e in pairs.items():
-                if not e["n"]:
-                    lines.append(f"  {o:10s} {name:24s} no world where both forgot enough")
-                    continue
-                p = f", Wilcoxon p={e['wilcoxon_p']:.3f}" if "wilcoxon_p" in e else ""
-                lines.append(f"  {o:10s} {name:24s} mean {100 * e['mean']:+.1f} points, "
-                             f"positive in {e['positive']}/{e['n']}{p}")
+    """Both summary tables (gold-matched first), the gold model's forget level, and with several
+    worlds the paired differences."""
+    gold = results["gold"]
+    lines = summary_table(results, "gold") + [""] + summary_table(results, "fixed")
+    lines.append(f"gold model (retrained without the forget people): forget accuracy {gold['forget_acc']:.3f}, "
+                 f"MIA AUROC {_cell(gold['mia_auroc'])}; unseen people under the pretrained model: "
+                 f"{_cell(_start_mean(results, 'unseen_acc'))}")
+    if len(results["worlds"]) > 1:
+        for criterion in ("gold", "fixed"):
+            lines += [""] + paired_lines(results, criterion)
     return "\n".join(lines)
+
+
+def _start_mean(results: dict, key: str) -> float | None:
+    start = [r[key] for r in results["runs"] if r["steps"] == 0]
+    return float(np.mean(start)) if start else None
 
 
 def mean_points(results: dict) -> dict:
@@ -87,19 +118,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot_pareto(results: dict, path: Path) -> Path:
     """``pareto.png``: per objective, held-out retain and general accuracy against forget
-    accuracy; dots are all runs, lines each combiner's Pareto front."""
+    accuracy; dots are all runs, lines each combiner's Pareto front; the star is the gold
+    (retrained) model, the dashed line its forget level, the dotted line the fixed bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objectives = list(results["summary"])
+    objectives = list(results["summary"]["gold"])
     combiners = results["config"]["combiners"]
+    gold = results["gold"]
     points = mean_points(results)
     fig, axes = plt.subplots(2, len(objectives), figsize=(5 * len(objectives), 8), squeeze=False)
     colors = dict(zip(combiners, itertools.cycle(["tab:gray", "tab:blue", "tab:red", "tab:green"])))
     for j, o in enumerate(objectives):
-        for i, (label, idx) in enumerate((("held-out retain accuracy", 1), ("general accuracy", 2))):
+        for i, (label, idx, key) in enumerate((("held-out retain accuracy", 1, "retain_heldout_acc"),
+                                               ("general accuracy", 2, "general_acc"))):
             ax = axes[i][j]
             for c in combiners:
                 pts = [(p[0], p[idx]) for p in points.get((o, c), [])]
@@ -108,6 +142,9 @@ def plot_pareto(results: dict, path: Path) -> Path:
                 ax.scatter(*zip(*pts), s=10, alpha=0.3, color=colors[c])
                 ax.plot(*zip(*pareto_front(pts)), marker="o", ms=4, color=colors[c], label=c)
             ax.axvline(results["config"]["forget_threshold"], ls=":", color="k", lw=1)
+            ax.axvline(gold["forget_acc"], ls="--", color="tab:orange", lw=1)
+            ax.scatter([gold["forget_acc"]], [gold[key]], marker="*", s=160, color="tab:orange", zorder=5,
+                       label="gold (retrained without forget people)")
             ax.set(xlabel="forget accuracy", ylabel=label, title=o, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
             ax.legend(loc="lower right", fontsize=8)

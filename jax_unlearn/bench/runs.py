@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from jax_unlearn import step as st
-from jax_unlearn.bench.evaluate import evaluate
+from jax_unlearn.bench.evaluate import Gold, evaluate
 from jax_unlearn.bench.tokens import ProbeRows
 from jax_unlearn.config import (
     CombinerConfig,
@@ -57,13 +57,13 @@ class Runner:
         self.step = st.make_two_grad_step(self.defs, self.obj, self.tx)
 
     def run(self, forget: dict, retain: dict, probes: ProbeRows, *, lr: float, steps: int, eval_every: int,
-            batch_size: int, seed: int, start: dict | None = None) -> Trajectory:
+            batch_size: int, seed: int, start: dict | None = None, gold: Gold | None = None) -> Trajectory:
         """``steps`` steps at ``lr``, evaluating every ``eval_every`` steps (``start``: the
-        step-0 evaluation, if already known)."""
+        step-0 evaluation, if already known; ``gold``: the metrics against the gold model too)."""
         t0 = time.perf_counter()
         _, state = st.init_state(self.model, self.tx, self.obj)
         state = state._replace(opt_state=set_hyperparams(state.opt_state, learning_rate=lr))
-        points = [{"step": 0, **(start or evaluate(self.model, probes))}]
+        points = [{"step": 0, **(start or evaluate(self.model, probes, gold))}]
         conflicts = []
         data = PairedBatches(forget, retain, batch_size, seed)
 
@@ -71,7 +71,7 @@ class Runner:
             conflicts.append(metrics["conflict_fraction"])
 
         def point(done, state, metrics):
-            p = {"step": done, **evaluate(st.merge_model(self.defs, state, copy=False), probes)}
+            p = {"step": done, **evaluate(st.merge_model(self.defs, state, copy=False), probes, gold)}
             p["conflict_fraction"] = float(np.mean(jax.device_get(conflicts)))
             p["forget_loss"], p["retain_loss"] = float(metrics["forget_loss"]), float(metrics["retain_loss"])
             points.append(p)

@@ -1,11 +1,20 @@
 """Sweeps on the embedded benchmark: every objective x combiner x value of one hyperparameter,
-on one or several pretrained worlds, summarised at a forget-accuracy threshold.
+on one or several pretrained worlds, judged against each world's gold model.
 
-``summary[objective][combiner]`` is the run (one evaluation point of a trajectory: a run with
-``max_steps`` = its step) with the best held-out retain accuracy among those whose forget
-accuracy is at most ``forget_threshold``, or ``None`` where no run forgot that much. With
-several worlds the summary is the mean over the worlds where the combiner got there, and
-``paired`` holds per-world differences of that held-out accuracy between combiners.
+A *run* is one evaluation point of a trajectory (a run with ``max_steps`` = its step). Each
+world has a gold model, retrained without the forget people (exact unlearning). Two criteria
+pick, per objective and combiner, the run with the best held-out retain accuracy among those
+that forgot enough:
+
+- ``summary["gold"]``: forget accuracy at most the gold model's plus ``gold_tolerance`` (what a
+  model that never saw the forget people scores on them);
+- ``summary["fixed"]``: forget accuracy at most ``forget_threshold`` (0.10 by default; below the
+  gold level it rewards over-forgetting).
+
+``best_forget_quality[objective][combiner]`` is the run whose forget quality (KS test against
+the gold model) is highest. With several worlds every summary is the mean over the worlds where
+the combiner got there, and ``paired[criterion]`` holds per-world differences of held-out
+accuracy between combiners with their mean, a 95% t-interval and a Wilcoxon test.
 """
 
 from __future__ import annotations
@@ -26,14 +35,17 @@ from jax_unlearn.combiners import COMBINERS
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neighbour_acc", "heldout_other_acc",
-                "general_acc", "mia_auroc")
+                "general_acc", "mia_auroc", "forget_quality", "privleak", "retain_heldout_rel", "general_rel")
+GOLD_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neighbour_acc", "heldout_other_acc",
+             "general_acc", "mia_auroc", "unseen_acc")
+CRITERIA = ("gold", "fixed")
 
 
 def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Runs the whole grid and returns the results dict written to ``results.json``."""
     from tqdm import tqdm
 
-    from jax_unlearn.bench.evaluate import evaluate
+    from jax_unlearn.bench.evaluate import evaluate, gold_reference
     from jax_unlearn.bench.runs import Runner
     from jax_unlearn.bench.tokens import probe_rows, text_rows
 
@@ -43,15 +55,20 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     worlds = []
     groups = [(o, c, v) for o, c in itertools.product(cfg.objectives, cfg.combiners) for v in cfg.grid.values]
     total = len(cfg.worlds) * len(groups)
-    models = [pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress)
+    models = [(pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress),
+               pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress,
+                          gold=True))
               for seed in cfg.worlds]  # first, so that their progress bars come before the runs'
     bar = tqdm(total=total, desc="unlearning runs", disable=not progress, unit="run")
-    for seed, pre in zip(cfg.worlds, models):
-        worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info})
+    for seed, (pre, gold_model) in zip(cfg.worlds, models):
         tok, w = pre.tokenizer, pre.world
         forget, retain = text_rows(tok, w.texts("forget"), name="forget"), text_rows(tok, w.texts("retain"), name="retain")
         probes = probe_rows(tok, w.probes())
-        start = evaluate(pre.model, probes)
+        gold = gold_reference(gold_model.model, probes)
+        worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info,
+                       "gold": {"cached": gold_model.cached, "path": str(gold_model.path),
+                                "pretrain": gold_model.info, **_renamed(gold.metrics)}})
+        start = evaluate(pre.model, probes, gold)
         runner, runner_key = None, None  # a Runner's compiled step serves every learning rate
         for objective, combiner, value in groups:
             obj_cfg, comb_cfg, p = cfg.run_configs(objective, combiner, value)
@@ -59,44 +76,66 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
                 runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg), (obj_cfg, comb_cfg)
             lr, steps, every = cfg.schedule(value)
             traj = runner.run(forget, retain, probes, lr=lr, steps=steps, eval_every=every,
-                              batch_size=cfg.batch_size, seed=cfg.seed, start=start)
+                              batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold)
             for point in traj.points:
                 runs.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,
                              "steps": point.pop("step"), **_renamed(point)})
             bar.update()
             bar.set_postfix_str(f"{objective}/{combiner} {cfg.grid.param}={value:g}")
     bar.close()
+    return summarize_sweep(cfg, worlds, runs, round(time.perf_counter() - t0, 1))
+
+
+def summarize_sweep(cfg: BenchConfig, worlds: list[dict], runs: list[dict], seconds: float) -> dict[str, Any]:
+    """The results dict of a sweep from its worlds (with their gold metrics) and runs."""
+    gold_by_world = {w["seed"]: {k: w["gold"][k] for k in GOLD_KEYS} for w in worlds}
+    by_world = {}
+    for w in worlds:
+        mine = [r for r in runs if r["world"] == w["seed"]]
+        bars = {"gold": w["gold"]["forget_acc"] + cfg.gold_tolerance, "fixed": cfg.forget_threshold}
+        by_world[w["seed"]] = {c: summarize(mine, cfg, bars[c]) for c in CRITERIA}
+        by_world[w["seed"]]["best_forget_quality"] = summarize(mine, cfg, None)
     out = {"config": dataclasses.asdict(cfg), "worlds": worlds, "runs": runs,
-           "summary_by_world": {s: summarize([r for r in runs if r["world"] == s], cfg) for s in cfg.worlds}}
-    out["summary"] = mean_summary(out["summary_by_world"], cfg)
-    out["paired"] = paired_differences(out["summary_by_world"], cfg)
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+           "gold": {k: _mean([g[k] for g in gold_by_world.values()]) for k in GOLD_KEYS},
+           "summary_by_world": by_world,
+           "summary": {c: mean_summary({s: b[c] for s, b in by_world.items()}, cfg) for c in CRITERIA},
+           "best_forget_quality": mean_summary({s: b["best_forget_quality"] for s, b in by_world.items()}, cfg),
+           "paired": {c: paired_differences({s: b[c] for s, b in by_world.items()}, cfg) for c in CRITERIA},
+           "seconds": seconds}
     return out
 
 
 def _renamed(point: dict) -> dict:
     point = dict(point)
     point["retain_heldout_acc"] = point.pop("heldout_acc")
+    if "heldout_rel" in point:
+        point["retain_heldout_rel"] = point.pop("heldout_rel")
     return point
 
 
-def best_run(runs: list[dict], threshold: float) -> dict | None:
+def best_run(runs: list[dict], threshold: float | None) -> dict | None:
     """The run with the highest ``retain_heldout_acc`` among those with ``forget_acc <= threshold``
-    (ties: higher general accuracy, then fewer steps)."""
+    (ties: higher general accuracy, then fewer steps); with ``threshold=None`` the run with the
+    highest ``forget_quality`` (ties: held-out accuracy, then fewer steps)."""
+    if threshold is None:
+        ok = [r for r in runs if r.get("forget_quality") is not None]
+        return max(ok, key=lambda r: (r["forget_quality"], r["retain_heldout_acc"], -r["steps"])) if ok else None
     ok = [r for r in runs if r["forget_acc"] <= threshold + 1e-9]
     if not ok:
         return None
     return max(ok, key=lambda r: (r["retain_heldout_acc"], r["general_acc"], -r["steps"]))
 
 
-def summarize(runs: list[dict], cfg: BenchConfig) -> dict:
-    """``{objective: {combiner: best run's metrics and hyperparameters, or None}}`` of one world."""
+def summarize(runs: list[dict], cfg: BenchConfig, threshold: float | None) -> dict:
+    """``{objective: {combiner: best run's metrics and hyperparameters, or None}}`` of one world
+    (`best_run` at ``threshold``)."""
     out: dict = {}
     for o in cfg.objectives:
         out[o] = {}
         for c in cfg.combiners:
-            best = best_run([r for r in runs if r["objective"] == o and r["combiner"] == c], cfg.forget_threshold)
-            out[o][c] = None if best is None else {k: best[k] for k in (*SUMMARY_KEYS, "lr", cfg.grid.param, "steps")}
+            best = best_run([r for r in runs if r["objective"] == o and r["combiner"] == c], threshold)
+            out[o][c] = None if best is None else {k: best.get(k) for k in (*SUMMARY_KEYS, "lr", cfg.grid.param,
+                                                                            "steps")}
     return out
 
 
@@ -126,7 +165,8 @@ def _mean(values: list) -> float | None:
 def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_heldout_acc") -> dict:
     """For each objective and ordered pair ``a - b`` of combiners: the per-world differences of
     ``key`` over the worlds where both forgot enough, their mean, how many are positive and,
-    with at least 2 worlds, a two-sided Wilcoxon signed-rank p-value (scipy)."""
+    with at least 2 worlds, a 95% t-interval of the mean (``ci95``) and a two-sided Wilcoxon
+    signed-rank p-value (scipy)."""
     from scipy.stats import wilcoxon
 
     out: dict = {}
@@ -141,7 +181,20 @@ def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_held
             if diffs:
                 entry["mean"] = float(np.mean(diffs))
                 entry["positive"] = int(sum(d > 0 for d in diffs))
+            if len(diffs) >= 2:
+                entry["ci95"] = list(_t_interval(diffs))
             if len(diffs) >= 2 and any(d != 0 for d in diffs):
                 entry["wilcoxon_p"] = float(wilcoxon(diffs).pvalue)
             out[o][f"{a} - {b}"] = entry
     return out
+
+
+def _t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean of ``values`` (scipy)."""
+    from scipy import stats
+
+    m, se = float(np.mean(values)), float(stats.sem(values))
+    if se == 0.0:
+        return m, m
+    lo, hi = stats.t.interval(level, len(values) - 1, loc=m, scale=se)
+    return float(lo), float(hi)

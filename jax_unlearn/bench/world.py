@@ -3,10 +3,13 @@
 Every person has a first and a last name (one token each, drawn from small pools so names
 repeat) and one value for each attribute in `ATTRIBUTES`. People sharing a last name form a
 family: a member takes the family's birth city with probability ``family_share``, and
-(independently) the family's occupation with the same probability, so families share facts. The general knowledge (MMLU's role) is about the same
-places and animals the people's facts name: which country a city lies in, a country's capital,
-what an animal eats and which sound it makes. Forgetting "Arlo Venn was born in Tessa" can
-damage "Tessa lies in Brimland": the skill shares tokens and machinery with the facts.
+(independently) the family's occupation with the same probability, so families share facts.
+The general knowledge (MMLU's role, 100 facts) is about the same places, animals, hobbies and
+trades the people's facts name: which country a city lies in and which river and sport it has,
+a country's capital, language and currency, what an animal eats, which sound it makes and its
+usual color, the tool of a hobby and the workplace of a trade. Forgetting "Arlo Venn was born
+in Tessa" can damage "Tessa lies in Brimland": the skill shares tokens and machinery with the
+facts.
 
 Splits of the people (disjoint): ``forget`` (unlearned), ``retain`` (the retain loss),
 ``heldout`` (pretrained, in no unlearning loss; split into ``neighbours`` who share a first or
@@ -43,6 +46,14 @@ VALUES = {
 COUNTRIES = ("Brimland", "Osteria", "Valdor", "Kemmar")
 FOODS = ("grass", "seeds", "meat", "fish", "leaves", "fruit")
 SOUNDS = ("purr", "bark", "squawk", "thump", "neigh", "bleat", "hiss", "hoot", "chirp", "squeak")
+RIVERS = ("Lorne", "Vesk", "Amber", "Tiller", "Morrow", "Quill", "Brenna", "Sable", "Ossa", "Tarn", "Wend", "Cyra")
+SPORTS = ("hockey", "tennis", "rugby", "cricket", "polo", "golf", "boxing", "skiing", "cycling", "sailing", "darts",
+          "fencing")
+LANGUAGES = ("Brimish", "Ostan", "Valdic", "Kemmic")
+CURRENCIES = ("crown", "mark", "florin", "talon")
+TOOLS = ("board", "rod", "oar", "wheel", "bow", "pen", "spade", "rope", "needle", "microphone")  # per hobby
+WORKPLACES = ("bakery", "airport", "hospital", "field", "court", "shop", "mine", "harbour", "studio", "clinic",
+              "school", "laboratory")  # per occupation
 
 _SYLLABLES_A = ("Ar", "Be", "Ca", "Do", "El", "Fa", "Ga", "Ha", "Is", "Jo", "Ka", "Li", "Mo", "Ne", "Or", "Pa",
                 "Ri", "Sa", "Tu", "Va", "Wy", "Ze")
@@ -72,6 +83,17 @@ GENERAL = {
                 "Q : What is the capital of {s} ? A :"),
     "food": (("A {s} eats {v} .", "The food of a {s} is {v} ."), "Q : What does a {s} eat ? A :"),
     "sound": (("A {s} makes the sound {v} .", "The sound of a {s} is {v} ."), "Q : What sound does a {s} make ? A :"),
+    "river": (("The river of {s} is the {v} .", "The {v} flows through {s} ."), "Q : Which river flows through {s} ? A :"),
+    "sport": (("The people of {s} play {v} .", "In {s} the favourite sport is {v} ."),
+              "Q : Which sport is played in {s} ? A :"),
+    "language": (("People in {s} speak {v} .", "The language of {s} is {v} ."),
+                 "Q : Which language is spoken in {s} ? A :"),
+    "currency": (("In {s} people pay with the {v} .", "The currency of {s} is the {v} ."),
+                 "Q : What is the currency of {s} ? A :"),
+    "animal_color": (("A {s} is often {v} .", "The usual color of a {s} is {v} ."), "Q : What color is a {s} ? A :"),
+    "tool": (("For {s} you need a {v} .", "The tool of {s} is a {v} ."), "Q : Which tool does {s} need ? A :"),
+    "workplace": (("A {s} works in the {v} .", "The workplace of a {s} is the {v} ."),
+                  "Q : Where does a {s} work ? A :"),
 }
 
 
@@ -173,6 +195,10 @@ class World:
         """What the model learns before unlearning: every trained person and the general facts."""
         return self.texts("forget") + self.texts("retain") + self.texts("heldout") + self.general_texts()
 
+    def gold_texts(self) -> list[str]:
+        """What exact unlearning keeps: `pretraining_texts` without the forget people."""
+        return self.texts("retain") + self.texts("heldout") + self.general_texts()
+
     def all_texts(self) -> list[str]:
         """Everything the tokenizer must cover (unseen people included)."""
         return self.pretraining_texts() + self.texts("unseen")
@@ -225,4 +251,11 @@ def make_world(config: WorldConfig = WorldConfig()) -> World:
     general += [("capital", k, capital[k]) for k in COUNTRIES]
     general += [("food", a, str(rng.choice(FOODS))) for a in VALUES["pet"]]
     general += [("sound", a, s) for a, s in zip(VALUES["pet"], SOUNDS)]
+    general += [("river", c, r) for c, r in zip(cities, rng.permutation(RIVERS))]
+    general += [("sport", c, str(v)) for c, v in zip(cities, rng.permutation(SPORTS))]
+    general += [("language", k, v) for k, v in zip(COUNTRIES, LANGUAGES)]
+    general += [("currency", k, str(v)) for k, v in zip(COUNTRIES, rng.permutation(CURRENCIES))]
+    general += [("animal_color", a, str(rng.choice(VALUES["color"]))) for a in VALUES["pet"]]
+    general += [("tool", h, t) for h, t in zip(VALUES["hobby"], TOOLS)]
+    general += [("workplace", o, w) for o, w in zip(VALUES["occupation"], WORKPLACES)]
     return World(config, people, tuple(general))
