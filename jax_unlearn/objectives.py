@@ -22,13 +22,14 @@ does (sustech-nlp/SAGO on locuslab/open-unlearning; docs/reference.md, section 4
 differences). In that mode:
 
 * NLL: the token mean of a micro-batch without any label token is NaN (0/0, as torch's
-  ``CrossEntropyLoss``), not 0;
+  ``CrossEntropyLoss``), not 0; its gradient is zero in both modes;
 * KL: over every position, unshifted, padding and the last position included, divided by
   ``b*s`` (``kl_div(..., reduction="batchmean")`` of ``[b*s, vocab]`` rows);
 * NPO: the mean over all rows (a row without label tokens has log-ratio 0 and still counts);
 * SimNPO: the length is the count of *unshifted* labels ``!= -100`` (one more than the
   predicted tokens when ``labels[:, 0]`` is a label; equal when it is masked, as the
-  reference's chunks with a masked BOS); an empty row makes the micro-batch's loss NaN;
+  reference's chunks with a masked BOS); an empty row makes the micro-batch's loss NaN
+  (its gradient is zero, as torch's);
 * RMU: tokens are ``labels != -100`` (unshifted), and the per-row normalisation has the
   reference's broadcasting quirk: ``mean_ij s_j / n_i = mean(s) * mean(1/n)``.
 
@@ -68,11 +69,17 @@ def check_compat(compat: str | None) -> None:
         raise ValueError(f"compat={compat!r} is not supported; expected None or one of {COMPAT_MODES}")
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array, guard: bool = True) -> tuple[jax.Array, jax.Array]:
-    """``(sum(values*mask)/max(sum(mask), 1), sum(mask))``; without ``guard`` the denominator is
-    ``sum(mask)`` itself (NaN when it is 0)."""
+def _masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum(values*mask)/max(sum(mask), 1), sum(mask))``."""
     weight = jnp.sum(mask)
-    return jnp.sum(values * mask) / (jnp.maximum(weight, 1.0) if guard else weight), weight
+    return jnp.sum(values * mask) / jnp.maximum(weight, 1.0), weight
+
+
+def _nan_if(empty: jax.Array) -> jax.Array:
+    """0, or NaN where ``empty``: added to a guarded loss, it reports the NaN that the reference
+    computes as 0/0, while the gradient stays the guarded one (zero from the empty part), as
+    torch's, whose ignored targets give zero gradient whatever the loss value."""
+    return jax.lax.stop_gradient(jnp.where(empty, jnp.nan, 0.0).astype(jnp.float32))
 
 
 def _rows(batch: Batch) -> jax.Array:
@@ -84,7 +91,8 @@ def nll_loss(logit_chunk: int | None = None, compat: str | None = None) -> LossF
     """Token-mean negative log-likelihood of the label tokens: ``-sum(logp)/n_tokens``.
 
     ``n_tokens`` pools the rows (a micro-batch's token mean, as the Hugging Face loss). With no
-    label token the loss is 0, or NaN with ``compat="open_unlearning"`` (torch's 0/0).
+    label token the loss is 0 with zero gradient; with ``compat="open_unlearning"`` its value
+    is NaN (torch's ``CrossEntropyLoss`` computes 0/0) and its gradient still zero (as torch's).
     """
     check_chunk(logit_chunk)
     check_compat(compat)
@@ -92,7 +100,9 @@ def nll_loss(logit_chunk: int | None = None, compat: str | None = None) -> LossF
     def loss_fn(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
         del ref
         logp, mask = model_label_logprobs(model, batch, logit_chunk)
-        loss, n = _masked_mean(-logp, mask, guard=compat is None)
+        loss, n = _masked_mean(-logp, mask)
+        if compat:
+            loss = loss + _nan_if(n == 0)
         return loss, {"nll": loss, "weight": n}
 
     return loss_fn
@@ -184,8 +194,9 @@ def simnpo_loss(beta: float, delta: float, logit_chunk: int | None = None, compa
 
     Default: ``|y|`` counts the predicted label tokens (``labels[:, 1:] != -100``) and the mean
     is over the rows that have one. ``compat="open_unlearning"``: ``|y|`` counts the *unshifted*
-    labels (``labels != -100``, position 0 included) and the mean is over every row, so a row
-    without labels makes the loss NaN (0/0), as in the reference.
+    labels (``labels != -100``, position 0 included) and the mean is over every row; a row
+    without labels makes the loss value NaN (0/0, as in the reference) while its gradient is
+    the reference's too: zero from that row, ``1/b`` per other row.
     """
     check_chunk(logit_chunk)
     check_compat(compat)
@@ -193,13 +204,13 @@ def simnpo_loss(beta: float, delta: float, logit_chunk: int | None = None, compa
     def loss_fn(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
         del ref
         logp, mask = model_label_logprobs(model, batch, logit_chunk)
-        if compat:
-            length = jnp.sum(batch["labels"] != IGNORE, axis=-1).astype(jnp.float32)
-        else:
-            length = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-        avg_nll = -jnp.sum(logp, axis=-1) / length  # [b]
+        length = jnp.sum(batch["labels"] != IGNORE, axis=-1) if compat else jnp.sum(mask, axis=-1)
+        length = length.astype(jnp.float32)
+        avg_nll = -jnp.sum(logp, axis=-1) / jnp.maximum(length, 1.0)  # [b]
         seq = _row_mask(mask, compat)
         loss, n = _masked_mean(-(2.0 / beta) * jax.nn.log_sigmoid(beta * (avg_nll - delta)), seq)
+        if compat:
+            loss = loss + _nan_if(jnp.any(length == 0))
         return loss, {"nll": _masked_mean(avg_nll, seq)[0], "weight": n}
 
     return loss_fn
