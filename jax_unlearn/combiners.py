@@ -237,7 +237,8 @@ def _total(stats: list[LeafStats]) -> LeafStats:
     """Sums per-tensor stats over tensors and leaves (zeros for an empty tree)."""
     if not stats:
         return LeafStats(*(jnp.zeros((), _F32) for _ in LeafStats._fields))
-    totals = [[jnp.sum(x, dtype=jnp.result_type(x)) for x in column] for column in zip(*stats)]
+    totals = [[x if jnp.ndim(x) == 0 else jnp.sum(x, dtype=jnp.result_type(x)) for x in column]
+              for column in zip(*stats)]
     return LeafStats(*[sum(column[1:], column[0]) for column in totals])
 
 
