@@ -215,7 +215,7 @@ def _pair_stats(f: chex.Array, r: chex.Array, stack: int = 0) -> tuple[chex.Arra
     """
     fw, rw = _wide(f), _wide(r)
     conflicts = -_sum(jnp.minimum(jnp.sign(fw) * jnp.sign(rw), 0), stack)
-    size = jnp.full(jnp.shape(f)[:stack], jnp.size(f) // max(1, int(np.prod(jnp.shape(f)[:stack]))), fw.dtype)
+    size = jnp.full(jnp.shape(f)[:stack], int(np.prod(jnp.shape(f)[stack:])), fw.dtype)  # coordinates per tensor
     return (size, conflicts, _sum(fw * rw, stack), _sum(fw * fw, stack), _sum(rw * rw, stack))
 
 

@@ -29,7 +29,7 @@ differences). In that mode:
 * SimNPO: the length is the count of *unshifted* labels ``!= -100`` (one more than the
   predicted tokens when ``labels[:, 0]`` is a label; equal when it is masked, as the
   reference's chunks with a masked BOS); an empty row makes the micro-batch's loss NaN
-  (its gradient is zero, as torch's);
+  while the gradient is torch's: the other rows' (``1/b`` each), nothing from the empty row;
 * RMU: tokens are ``labels != -100`` (unshifted), and the per-row normalisation has the
   reference's broadcasting quirk: ``mean_ij s_j / n_i = mean(s) * mean(1/n)``.
 
