@@ -135,9 +135,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
     d = cfg.data
     forget, retain = data.load_unlearning_sets(d.forget, d.retain, tok, d.max_length, mode=d.mode,
-                                               forget_format=d.forget_format, retain_format=d.retain_format)
+                                               forget_format=d.forget_format, retain_format=d.retain_format,
+                                               options=data.TokenizeOptions(chunk_bos=d.chunk_bos))
     print(f"forget: {forget['input_ids'].shape[0]} rows, retain: {retain['input_ids'].shape[0]} rows "
-          f"of {d.max_length} tokens")
+          f"of {forget['input_ids'].shape[1]} tokens")
     result = train.unlearn(model, forget, retain, cfg.train_config(), tokenizer=tok)
     if result.interrupted:
         print(f"interrupted after step {result.steps_done}/{result.total_steps}; checkpoints in "

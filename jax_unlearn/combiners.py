@@ -12,6 +12,12 @@ the params, so any optax transform can follow it in ``optax.chain``:
   ``u = where(c, alpha*g_r, gamma*g_f)`` (``agree="forget"``) or
   ``where(c, alpha*g_r, gamma*g_f + alpha*g_r)`` (``agree="sum"``).
 
+A *tensor* is one leaf, or one slice of a stacked leaf: a gradient tree of Flax NNX variables
+whose logical axes (the ``out_sharding`` metadata) begin with ``"layers"`` (a model built with
+``scan_layers=True`` stacks every layer's tensor along that leading axis) holds one tensor per
+index of that axis. ``pcgrad(scope="module")`` and `per_leaf_diagnostics` work per tensor, so a
+scanned model is combined exactly as the same model with one leaf per layer.
+
 Every leaf keeps its dtype; each leaf is combined, and its dot products and norms accumulate,
 in ``promote_types(float32, leaf dtype)`` (bfloat16 in float32, float64 stays float64). The
 state holds the last update's global diagnostics (float32) (``conflict_fraction``, ``cos_forget_retain``,
@@ -30,10 +36,14 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 from jax_unlearn.registry import Registry
 
+STACK_AXIS = "layers"  # logical axis name of the stacked layers of a scan_layers=True model
+_AXIS_METADATA = ("out_sharding", "sharding_names", "sharding")  # where Flax versions keep logical axes
 PCGRAD_EPS = 1e-10  # added to |g_r|^2 in the PCGrad projection, as in the reference
 _COS_EPS = 1e-30  # guards the cosines against 0/0 (an all-zero tree gives cosine 0)
 _F32 = jnp.float32
@@ -58,8 +68,8 @@ class CombinerState(NamedTuple):
 
 
 class LeafStats(NamedTuple):
-    """The sums behind the diagnostics (in the leaf's accumulation dtype), one value per leaf
-    or summed over leaves."""
+    """The sums behind the diagnostics (in the leaf's accumulation dtype): one value per tensor
+    (shaped like a leaf's stacked axes, ``[]`` for an unstacked leaf) or summed over leaves."""
 
     size: chex.Array  # number of coordinates
     conflicts: chex.Array  # number of coordinates with opposite non-zero signs
@@ -114,6 +124,54 @@ def _split(grads: Any, combiner: str) -> tuple[list, list, jax.tree_util.PyTreeD
     return f_leaves, r_leaves, f_def
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _leading(names: Any, axis: str) -> int:
+    """How many of the logical axis ``names`` (a tuple, or anything else = none) lead with ``axis``."""
+    if not isinstance(names, (tuple, list)):
+        return 0
+    k = 0
+    while k < len(names) and names[k] == axis:
+        k += 1
+    return k
+
+
+def stacked_axes(tree: Any, axis: str | None = STACK_AXIS) -> list[int]:
+    """For each array leaf of ``tree`` (in ``jax.tree.leaves`` order), the number of its leading
+    axes that stack separate tensors: those named ``axis`` at the start of the leaf's logical
+    axes (Flax NNX variable metadata, e.g. ``("layers", "embed", "mlp")`` -> 1). Leaves that
+    are not held by an NNX variable, and every leaf when ``axis`` is None, count 0.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> w = nnx.Param(jnp.ones((3, 2)), out_sharding=("layers", "embed"), eager_sharding=False)
+    >>> stacked_axes({"w": w, "b": jnp.ones(2)})
+    [0, 1]
+    """
+    out: list[int] = []
+    for x in jax.tree.leaves(tree, is_leaf=_is_variable):
+        if not _is_variable(x):
+            out.append(0)
+            continue
+        meta = x.get_metadata()
+        names = next((meta[k] for k in _AXIS_METADATA if isinstance(meta.get(k), (tuple, list))), ())
+        for leaf in jax.tree.leaves(x):
+            out.append(0 if axis is None else min(_leading(names, axis), jnp.ndim(leaf)))
+    return out
+
+
+def _stacks(grads: TwoTaskGrads, params: Any, n: int, axis: str | None) -> list[int]:
+    """`stacked_axes` of the forget gradients or, when they carry no NNX metadata, of ``params``."""
+    for tree in (grads.forget, params):
+        if tree is not None and any(_is_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_variable)):
+            dims = stacked_axes(tree, axis)
+            if len(dims) == n:
+                return dims
+    return [0] * n
+
+
 # ----------------------------------------------------------------------------- maths
 
 
@@ -137,20 +195,28 @@ def _conflict(f: chex.Array, r: chex.Array) -> chex.Array:
     return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
 
 
-def _sum(x: chex.Array) -> chex.Array:
-    return jnp.sum(x, dtype=x.dtype)
+def _sum(x: chex.Array, stack: int = 0) -> chex.Array:
+    """Sum over every axis but the ``stack`` leading ones (in ``x``'s dtype)."""
+    return jnp.sum(x, axis=tuple(range(stack, jnp.ndim(x))), dtype=x.dtype)
 
 
-def _pair_stats(f: chex.Array, r: chex.Array) -> tuple[chex.Array, ...]:
-    """(size, conflicts, <f,r>, |f|^2, |r|^2) of one leaf in its accumulation dtype.
+def _per_tensor(b: chex.Array, like: chex.Array) -> chex.Array:
+    """A per-tensor value ``b`` (shaped like ``like``'s stacked axes) broadcastable against ``like``."""
+    return jnp.reshape(b, jnp.shape(b) + (1,) * (jnp.ndim(like) - jnp.ndim(b)))
+
+
+def _pair_stats(f: chex.Array, r: chex.Array, stack: int = 0) -> tuple[chex.Array, ...]:
+    """(size, conflicts, <f,r>, |f|^2, |r|^2) of one leaf in its accumulation dtype, one value
+    per tensor: shaped ``f.shape[:stack]`` (scalars for an unstacked leaf).
 
     The conflict count is ``-sum(min(sign f * sign r, 0))``: on XLA:CPU this sums as fast as a
     product, while a boolean count is twice as slow; no intermediate is shared between the
     four sums, so XLA reads ``f`` and ``r`` once for all of them.
     """
     fw, rw = _wide(f), _wide(r)
-    conflicts = -_sum(jnp.minimum(jnp.sign(fw) * jnp.sign(rw), 0))
-    return (jnp.asarray(jnp.size(f), fw.dtype), conflicts, _sum(fw * rw), _sum(fw * fw), _sum(rw * rw))
+    conflicts = -_sum(jnp.minimum(jnp.sign(fw) * jnp.sign(rw), 0), stack)
+    size = jnp.full(jnp.shape(f)[:stack], int(np.prod(jnp.shape(f)[stack:])), fw.dtype)  # coordinates per tensor
+    return (size, conflicts, _sum(fw * rw, stack), _sum(fw * fw, stack), _sum(rw * rw, stack))
 
 
 def _linear_stats(pair: tuple, g: chex.Array, b: chex.Array) -> LeafStats:
@@ -160,17 +226,20 @@ def _linear_stats(pair: tuple, g: chex.Array, b: chex.Array) -> LeafStats:
     return LeafStats(size, conflicts, fr, ff, rr, g * fr + b * rr, g * g * ff + 2 * g * b * fr + b * b * rr)
 
 
-def leaf_stats(f: chex.Array, r: chex.Array, u: chex.Array) -> LeafStats:
-    """All diagnostic sums of one leaf from its forget, retain and update arrays."""
+def leaf_stats(f: chex.Array, r: chex.Array, u: chex.Array, stack: int = 0) -> LeafStats:
+    """All diagnostic sums of one leaf from its forget, retain and update arrays, one value per
+    tensor (``stack`` leading axes of stacked tensors; 0: the leaf is one tensor)."""
     uw, rw = _wide(u), _wide(r)
-    return LeafStats(*_pair_stats(f, r), ur=_sum(uw * rw), uu=_sum(uw * uw))
+    return LeafStats(*_pair_stats(f, r, stack), ur=_sum(uw * rw, stack), uu=_sum(uw * uw, stack))
 
 
 def _total(stats: list[LeafStats]) -> LeafStats:
-    """Sums per-leaf stats over leaves (zeros for an empty tree)."""
+    """Sums per-tensor stats over tensors and leaves (zeros for an empty tree)."""
     if not stats:
         return LeafStats(*(jnp.zeros((), _F32) for _ in LeafStats._fields))
-    return LeafStats(*[sum(column[1:], column[0]) for column in zip(*stats)])
+    totals = [[x if jnp.ndim(x) == 0 else jnp.sum(x, dtype=jnp.result_type(x)) for x in column]
+              for column in zip(*stats)]
+    return LeafStats(*[sum(column[1:], column[0]) for column in totals])
 
 
 def _diagnostics(s: LeafStats | None) -> CombinerState:
@@ -187,9 +256,10 @@ def _diagnostics(s: LeafStats | None) -> CombinerState:
         fn, rn, un)))
 
 
-def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool):
-    """Wraps ``combine(forget_leaves, retain_leaves, alpha, gamma) -> (update_leaves, stats)``
-    into an ``optax.GradientTransformation`` whose update takes a ``TwoTaskGrads``."""
+def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None):
+    """Wraps ``combine(forget_leaves, retain_leaves, alpha, gamma, stacks) -> (update_leaves, stats)``
+    into an ``optax.GradientTransformation`` whose update takes a ``TwoTaskGrads``; ``stacks``
+    holds each leaf's number of stacked leading axes (`stacked_axes` over ``stack_axis``)."""
     _check_weight("alpha", alpha)
     _check_weight("gamma", gamma)
     if not isinstance(diagnostics, bool):
@@ -200,9 +270,10 @@ def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool):
         return CombinerState(*(jnp.zeros((), _F32) for _ in CombinerState._fields))
 
     def update_fn(updates, state, params=None):
-        del state, params
+        del state
         f, r, treedef = _split(updates, name)
-        u, stats = combine(f, r, alpha, gamma)
+        stacks = _stacks(updates, params, len(f), stack_axis) if stack_axis is not None else [0] * len(f)
+        u, stats = combine(f, r, alpha, gamma, stacks)
         return jax.tree.unflatten(treedef, u), _diagnostics(_total(stats) if diagnostics else None)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -239,7 +310,8 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
       [2.0, 0.0]
     """
 
-    def combine(fs, rs, a, g):
+    def combine(fs, rs, a, g, stacks):
+        del stacks  # element-wise: the same for any split into tensors
         us, stats = [], []
         for f, r in zip(fs, rs):
             aw, gw = _weight(a, f), _weight(g, f)
@@ -251,7 +323,8 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
 
 
 def pcgrad(
-    alpha: float = 1.0, gamma: float = 1.0, scope: str = "module", diagnostics: bool = True
+    alpha: float = 1.0, gamma: float = 1.0, scope: str = "module", diagnostics: bool = True,
+    stack_axis: str | None = STACK_AXIS,
 ) -> optax.GradientTransformation:
     """PCGrad for unlearning: project the forget gradient off the retain gradient on conflict.
 
@@ -264,9 +337,16 @@ def pcgrad(
     Args:
       alpha: weight of the retain gradient (>= 0).
       gamma: weight of the forget gradient (>= 0).
-      scope: ``"module"`` projects each leaf (parameter tensor) on its own; ``"global"``
-        uses dot products and norms over all parameters at once.
+      scope: ``"module"`` projects each parameter tensor on its own (one leaf, or one slice of
+        a stacked leaf, see ``stack_axis``); ``"global"`` uses dot products and norms over all
+        parameters at once.
       {diagnostics}
+      stack_axis: the logical axis name that stacks separate tensors along a leaf's leading
+        axes (``"layers"``: the stacked layers of a ``scan_layers=True`` model, found in the
+        NNX variable metadata of the gradients, or of the ``params`` given to ``update``).
+        With ``scope="module"`` each slice ``leaf[i]`` is projected as its own tensor, so a
+        scanned model gets the per-tensor PCGrad of the same model unscanned (the paper's).
+        Leaves without NNX metadata are one tensor each; ``None`` makes every leaf one tensor.
 
     {returns}
 
@@ -279,20 +359,26 @@ def pcgrad(
       [1.0, 1.0]
     """
     _check_choice("scope", scope, ("module", "global"))
+    if stack_axis is not None and not (isinstance(stack_axis, str) and stack_axis):
+        raise TypeError(f"pcgrad: stack_axis must be a logical axis name or None, got {stack_axis!r}")
 
-    def combine(fs, rs, a, g):
-        pairs = [_pair_stats(f, r) for f, r in zip(fs, rs)]
+    def combine(fs, rs, a, g, stacks):
+        if scope == "global":
+            stacks = [0] * len(fs)  # one projection for everything: slicing changes nothing
+        pairs = [_pair_stats(f, r, k) for f, r, k in zip(fs, rs, stacks)]
         if scope == "global":
             tot = _total([LeafStats(*p, 0.0, 0.0) for p in pairs])
             shared = _weight(a, tot.fr) - _weight(g, tot.fr) * jnp.minimum(tot.fr, 0.0) / (tot.rr + PCGRAD_EPS)
             betas = [shared.astype(p[2].dtype) for p in pairs]
-        else:
+        else:  # one beta per tensor: [] per leaf, or [layers] per stacked leaf
             betas = [_weight(a, f) - _weight(g, f) * jnp.minimum(p[2], 0.0) / (p[4] + PCGRAD_EPS)
                      for f, p in zip(fs, pairs)]
-        us = [(_weight(g, f) * _wide(f) + b * _wide(r)).astype(f.dtype) for f, r, b in zip(fs, rs, betas)]
+        us = [(_weight(g, f) * _wide(f) + _per_tensor(b, f) * _wide(r)).astype(f.dtype)
+              for f, r, b in zip(fs, rs, betas)]
         return us, [_linear_stats(p, _weight(g, f), b) for f, p, b in zip(fs, pairs, betas)]
 
-    return _combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics)
+    return _combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics,
+                     stack_axis if scope == "module" else None)
 
 
 def sago(
@@ -325,7 +411,8 @@ def sago(
     """
     _check_choice("agree", agree, ("forget", "sum"))
 
-    def combine(fs, rs, a, g):
+    def combine(fs, rs, a, g, stacks):
+        del stacks  # element-wise: the same for any split into tensors
         us = []
         for f, r in zip(fs, rs):
             fw, rw, aw, gw = _wide(f), _wide(r), _weight(a, f), _weight(g, f)
@@ -348,19 +435,23 @@ for _fn in (weighted_sum, pcgrad, sago):
 # ----------------------------------------------------------------------------- reports
 
 
-def per_leaf_diagnostics(grads: TwoTaskGrads, updates: Any) -> Any:
-    """The diagnostics of ``CombinerState`` for each leaf (parameter tensor) separately.
+def per_leaf_diagnostics(grads: TwoTaskGrads, updates: Any, stack_axis: str | None = STACK_AXIS) -> Any:
+    """The diagnostics of ``CombinerState`` for each parameter tensor separately.
 
     Args:
       grads: the ``TwoTaskGrads`` given to a combiner.
       updates: the tree it returned.
+      stack_axis: as in `pcgrad`: a leaf stacked along ``"layers"`` (``scan_layers=True``)
+        reports each layer's slice as its own tensor.
 
     Returns:
-      A tree shaped like the params whose leaves are ``CombinerState`` records.
+      A tree shaped like the params whose leaves are ``CombinerState`` records, with scalar
+      fields, or fields shaped like the stacked axes (``[layers]``) for a stacked leaf.
     """
     f, r, treedef = _split(grads, "per_leaf_diagnostics")
     u = treedef.flatten_up_to(updates)
-    return jax.tree.unflatten(treedef, [_diagnostics(leaf_stats(*x)) for x in zip(f, r, u)])
+    stacks = _stacks(grads, None, len(f), stack_axis) if stack_axis is not None else [0] * len(f)
+    return jax.tree.unflatten(treedef, [_diagnostics(leaf_stats(*x, k)) for *x, k in zip(f, r, u, stacks)])
 
 
 def global_diagnostics(grads: TwoTaskGrads, updates: Any) -> CombinerState:

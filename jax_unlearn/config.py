@@ -75,7 +75,8 @@ class CombinerConfig:
 class ObjectiveConfig:
     """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
     ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
-    SimNPO, ``layer``/``steering``/``trainable``/``seed`` for RMU."""
+    SimNPO, ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat`` for all
+    (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
 
     name: str = "grad_diff"
     retain: Literal["nll", "kl"] = "nll"
@@ -86,6 +87,7 @@ class ObjectiveConfig:
     trainable: str | None = None
     seed: int = 0
     logit_chunk: int | None = None
+    compat: Literal["open_unlearning"] | None = None
 
     def __post_init__(self):
         _known(OBJECTIVES, "objective", self.name)

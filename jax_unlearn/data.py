@@ -26,7 +26,9 @@ malformed record raises `DataError` naming where it is (file and line, element, 
 Tokenising (a Hugging Face fast tokenizer, e.g. ``load_tokenizer(folder)``):
 
 * `pack_texts`: texts joined by ``"\\n\\n"``, tokenised once without special tokens and cut
-  into ``max_length`` chunks (the paper's reference); loss on every token.
+  into ``max_length`` chunks; loss on every token. With ``TokenizeOptions(chunk_bos=True)``
+  each chunk is rebuilt as the paper's reference builds it: decoded, re-encoded with the
+  tokenizer's special tokens (a BOS), its first token(s) masked.
 * `tokenize_texts`: one row per text, right-padded; loss on every real token.
 * `tokenize_qa`: one row per pair, ``prompt + answer``, right-padded; loss on the answer
   tokens only.
@@ -368,8 +370,15 @@ class TokenizeOptions:
     Attributes:
       separator: `pack_texts` joins texts with it before tokenising (the reference's ``"\\n\\n"``).
       drop_remainder: `pack_texts` drops the last, shorter chunk instead of padding it.
+      chunk_bos: `pack_texts` rebuilds every chunk as the reference (open-unlearning's
+        ``PretrainingDataset``) does: decode it (``skip_special_tokens=True``), encode the
+        text again with the tokenizer's special tokens (BOS + text for LLaMA/Mistral) and keep
+        at most ``len(prefix) + max_length`` tokens, ``prefix`` being what the tokenizer makes
+        of ``""`` (``[BOS]``); the first ``max(len(prefix), 1)`` tokens get no loss. Rows are
+        then ``len(prefix) + max_length`` wide (513 for 512-token chunks). Only for packed
+        text sets.
       add_special_tokens: `tokenize_texts` / `tokenize_qa` let the tokenizer add its special
-        tokens (a LLaMA tokenizer's BOS); packing never adds them (as the reference).
+        tokens (a LLaMA tokenizer's BOS); packing adds them only with ``chunk_bos``.
       qa_prompt: the prompt of a QA pair, formatted with ``question``; no loss on it.
       qa_answer: the answer part, formatted with ``answer``; the loss is on its tokens.
       append_eos: `tokenize_qa` ends each answer with the tokenizer's EOS (with loss).
@@ -380,6 +389,7 @@ class TokenizeOptions:
 
     separator: str = "\n\n"
     drop_remainder: bool = False
+    chunk_bos: bool = False
     add_special_tokens: bool = True
     qa_prompt: str = "Question: {question}\nAnswer:"
     qa_answer: str = " {answer}"
@@ -475,6 +485,8 @@ def pack_texts(texts: Sequence[str], tokenizer, max_length: int, options: Tokeni
     Returns a `Dataset` of ``[ceil(T / max_length), max_length]`` int32 arrays for ``T`` tokens
     (``floor`` with ``drop_remainder``); loss on every token; the last chunk is right-padded
     (no loss on padding) and dropped if it holds a single token (nothing to predict).
+    With ``options.chunk_bos`` every chunk is decoded and re-encoded with a BOS (masked), and
+    the rows are ``len(tokenizer("")) + max_length`` wide (see `TokenizeOptions`).
     """
     _check_length(max_length)
     if not texts:
@@ -486,7 +498,22 @@ def pack_texts(texts: Sequence[str], tokenizer, max_length: int, options: Tokeni
     if not chunks:
         raise DataError(f"the {name} set is empty after packing: {len(tokens)} tokens make no chunk of "
                         f"max_length={max_length}" + (" (drop_remainder=True)" if options.drop_remainder else ""))
+    if options.chunk_bos:
+        return _bos_chunks(chunks, tokenizer, max_length, name)
     return _rows(chunks, [[True] * len(c) for c in chunks], max_length, _pad_id(tokenizer), name)
+
+
+def _bos_chunks(chunks: list[list[int]], tokenizer, max_length: int, name: str) -> dict[str, np.ndarray]:
+    """The reference's chunk rows (open-unlearning ``PretrainingDataset.__getitem__`` and
+    ``preprocess_pretraining_instance`` with an empty prefix): ``decode`` without special
+    tokens, encode with them, cut at ``len(prefix) + max_length``, no loss on the first
+    ``max(len(prefix), 1)`` tokens; right-padded to ``len(prefix) + max_length``."""
+    prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    masked = max(prefix, 1)
+    width = prefix + max_length
+    texts = tokenizer.batch_decode(chunks, skip_special_tokens=True)
+    seqs = [list(ids)[:width] for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+    return _rows(seqs, [[i >= masked for i in range(len(seq))] for seq in seqs], width, _pad_id(tokenizer), name)
 
 
 def tokenize_texts(texts: Sequence[str], tokenizer, max_length: int, options: TokenizeOptions = TokenizeOptions(),
@@ -577,6 +604,10 @@ def load_set(source, tokenizer, max_length: int, *, mode: Literal["auto", "pack"
     records = _nonempty(list(_records(source)), source, name)
     if format == "auto":
         format = _detect(records, source)
+    if options.chunk_bos and (format == "qa" or mode == "truncate"):
+        why = "holds QA pairs" if format == "qa" else "is not packed (mode='truncate')"
+        raise DataError(f"chunk_bos=True rebuilds packed chunks, but the {name} set {why}; "
+                        "use mode='pack' (or 'auto') on text records, or chunk_bos=False")
     if format == "qa":
         if mode == "pack":
             raise DataError(f"the {name} set holds QA pairs, which cannot be packed: use mode='truncate'")

@@ -63,7 +63,8 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """Forget and retain files (``.jsonl``/``.json`` text or QA records, ``.txt``), see `data.load_set`."""
+    """Forget and retain files (``.jsonl``/``.json`` text or QA records, ``.txt``), see `data.load_set`;
+    ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`)."""
 
     forget: str = MISSING
     retain: str = MISSING
@@ -71,6 +72,7 @@ class DataSection:
     mode: Literal["auto", "pack", "truncate"] = "auto"
     forget_format: Literal["auto", "text", "qa"] = "auto"
     retain_format: Literal["auto", "text", "qa"] = "auto"
+    chunk_bos: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

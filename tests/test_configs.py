@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jax_unlearn import config
 from jax_unlearn import run_config as rc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,65 +38,69 @@ REFERENCE_EXPERIMENTS = {
 # Forget-only trainers (GradAscent, NPOForget, SimNPOForget): "sum" with alpha 0.
 # micro = micro-batches per step of batch 32: 16 (2 rows per GPU, scripts/wmdp_unlearn.sh) or 8 (4 rows,
 # the other scripts); clip = 1.0 under DDP (wmdp_unlearn.sh), None under DeepSpeed ZeRO-3 (the others).
+# compat / weighting / chunk_bos: the reference's code paths that every experiment takes
+# (docs/reference.md sections 4, 5, 8): open-unlearning losses, uniform mean of micro-batch means,
+# PretrainingDataset's chunks with a masked BOS.
 COLUMNS = ("path", "ref", "objective", "combiner", "alpha", "gamma", "beta", "delta", "lr", "steps", "epochs",
-           "micro", "clip", "warmup", "schedule")
+           "micro", "clip", "warmup", "schedule", "compat", "weighting", "chunk_bos")
+OU = "open_unlearning"
 _ = None
 TABLE = [
     # WMDP baselines: scripts/wmdp_baselines.sh (DeepSpeed ZeRO-3, 4 rows x 2 accumulation x 4 GPUs, no clipping)
-    ("wmdp/gradascent_bio", "wmdp/GradAscent_bio", "grad_ascent", "sum", 0.0, 1.0, _, _, 5e-7, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/gradascent_cyber", "wmdp/GradAscent_cyber", "grad_ascent", "sum", 0.0, 1.0, _, _, 5e-7, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/npo_forget_bio", "wmdp/NPOForget_bio", "npo", "sum", 0.0, 1.0, 0.05, _, 5e-6, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/npo_forget_cyber", "wmdp/NPOForget_cyber", "npo", "sum", 0.0, 1.0, 0.05, _, 5e-6, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/simnpo_forget_bio", "wmdp/SimNPOForget_bio", "simnpo", "sum", 0.0, 1.0, 5.0, 0.1, 5e-6, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/simnpo_forget_cyber", "wmdp/SimNPOForget_cyber", "simnpo", "sum", 0.0, 1.0, 3.0, 0.1, 5e-6, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/graddiff_sum_bio", "wmdp/GradDiff_bio", "grad_diff", "sum", 1.0, 1.0, _, _, 3e-6, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/graddiff_sum_cyber", "wmdp/GradDiff_cyber", "grad_diff", "sum", 1.0, 1.0, _, _, 5e-6, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/npo_sum_bio", "wmdp/NPO_bio", "npo", "sum", 0.1, 1.0, 0.01, _, 1e-5, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/npo_sum_cyber", "wmdp/NPO_cyber", "npo", "sum", 0.1, 1.0, 0.01, _, 1e-5, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/simnpo_sum_bio", "wmdp/SimNPO_bio", "simnpo", "sum", 0.1, 1.0, 0.7, 0.1, 1e-5, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/simnpo_sum_cyber", "wmdp/SimNPO_cyber", "simnpo", "sum", 0.1, 1.0, 0.75, 0.1, 1e-5, 100, _, 8, _, 0.1, "linear"),
-    ("wmdp/rmu_bio", "wmdp/RMU_bio", "rmu", "sum", 2.5, 1.0, _, _, 5e-5, 80, _, 8, _, 0.0, "constant"),
-    ("wmdp/rmu_cyber", "wmdp/RMU_cyber", "rmu", "sum", 1.0, 1.0, _, _, 5e-5, 80, _, 8, _, 0.0, "constant"),
+    ("wmdp/gradascent_bio", "wmdp/GradAscent_bio", "grad_ascent", "sum", 0.0, 1.0, _, _, 5e-7, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/gradascent_cyber", "wmdp/GradAscent_cyber", "grad_ascent", "sum", 0.0, 1.0, _, _, 5e-7, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_forget_bio", "wmdp/NPOForget_bio", "npo", "sum", 0.0, 1.0, 0.05, _, 5e-6, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_forget_cyber", "wmdp/NPOForget_cyber", "npo", "sum", 0.0, 1.0, 0.05, _, 5e-6, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_forget_bio", "wmdp/SimNPOForget_bio", "simnpo", "sum", 0.0, 1.0, 5.0, 0.1, 5e-6, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_forget_cyber", "wmdp/SimNPOForget_cyber", "simnpo", "sum", 0.0, 1.0, 3.0, 0.1, 5e-6, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_sum_bio", "wmdp/GradDiff_bio", "grad_diff", "sum", 1.0, 1.0, _, _, 3e-6, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_sum_cyber", "wmdp/GradDiff_cyber", "grad_diff", "sum", 1.0, 1.0, _, _, 5e-6, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_sum_bio", "wmdp/NPO_bio", "npo", "sum", 0.1, 1.0, 0.01, _, 1e-5, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_sum_cyber", "wmdp/NPO_cyber", "npo", "sum", 0.1, 1.0, 0.01, _, 1e-5, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_sum_bio", "wmdp/SimNPO_bio", "simnpo", "sum", 0.1, 1.0, 0.7, 0.1, 1e-5, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_sum_cyber", "wmdp/SimNPO_cyber", "simnpo", "sum", 0.1, 1.0, 0.75, 0.1, 1e-5, 100, _, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/rmu_bio", "wmdp/RMU_bio", "rmu", "sum", 2.5, 1.0, _, _, 5e-5, 80, _, 8, _, 0.0, "constant", OU, "uniform", True),
+    ("wmdp/rmu_cyber", "wmdp/RMU_cyber", "rmu", "sum", 1.0, 1.0, _, _, 5e-5, 80, _, 8, _, 0.0, "constant", OU, "uniform", True),
     # WMDP combined runs: scripts/wmdp_unlearn.sh (DDP, 2 rows x 4 accumulation x 4 GPUs, clip 1.0)
-    ("wmdp/graddiff_pcgrad_bio", "wmdp/GradDiff_pcgrad_bio", "grad_diff", "pcgrad", 1.0, 1.0, _, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/graddiff_pcgrad_cyber", "wmdp/GradDiff_pcgrad_cyber", "grad_diff", "pcgrad", 1.0, 1.0, _, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/graddiff_pcgrad_global_bio", "wmdp/GradDiff_pcgrad_global_bio", "grad_diff", "pcgrad_global", 1.0, 1.0, _, _, 1e-5, 300, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/graddiff_pcgrad_global_cyber", "wmdp/GradDiff_pcgrad_global_cyber", "grad_diff", "pcgrad_global", 1.0, 1.0, _, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/graddiff_sago_bio", "wmdp/GradDiff_sago_bio", "grad_diff", "sago", 0.5, 1.0, _, _, 1e-5, 500, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/graddiff_sago_cyber", "wmdp/GradDiff_sago_cyber", "grad_diff", "sago", 1.0, 1.0, _, _, 1e-5, 500, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/npo_pcgrad_bio", "wmdp/NPO_pcgrad_bio", "npo", "pcgrad", 1.0, 0.1, 1e-4, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/npo_pcgrad_cyber", "wmdp/NPO_pcgrad_cyber", "npo", "pcgrad", 0.1, 1.0, 0.005, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/npo_sago_bio", "wmdp/NPO_sago_bio", "npo", "sago", 1.0, 0.1, 1e-4, _, 1e-5, 150, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/npo_sago_cyber", "wmdp/NPO_sago_cyber", "npo", "sago", 0.1, 1.0, 1e-3, _, 1e-5, 300, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/simnpo_pcgrad_bio", "wmdp/SimNPO_pcgrad_bio", "simnpo", "pcgrad", 0.1, 1.0, 0.02, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/simnpo_pcgrad_cyber", "wmdp/SimNPO_pcgrad_cyber", "simnpo", "pcgrad", 0.1, 1.0, 1.0, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/simnpo_sago_bio", "wmdp/SimNPO_sago_bio", "simnpo", "sago", 0.1, 1.0, 0.02, 0.1, 1e-5, 150, _, 16, 1.0, 0.1, "linear"),
-    ("wmdp/simnpo_sago_cyber", "wmdp/SimNPO_sago_cyber", "simnpo", "sago", 0.1, 1.0, 0.1, 0.1, 1e-5, 200, _, 16, 1.0, 0.1, "linear"),
+    ("wmdp/graddiff_pcgrad_bio", "wmdp/GradDiff_pcgrad_bio", "grad_diff", "pcgrad", 1.0, 1.0, _, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_pcgrad_cyber", "wmdp/GradDiff_pcgrad_cyber", "grad_diff", "pcgrad", 1.0, 1.0, _, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_pcgrad_global_bio", "wmdp/GradDiff_pcgrad_global_bio", "grad_diff", "pcgrad_global", 1.0, 1.0, _, _, 1e-5, 300, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_pcgrad_global_cyber", "wmdp/GradDiff_pcgrad_global_cyber", "grad_diff", "pcgrad_global", 1.0, 1.0, _, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_sago_bio", "wmdp/GradDiff_sago_bio", "grad_diff", "sago", 0.5, 1.0, _, _, 1e-5, 500, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/graddiff_sago_cyber", "wmdp/GradDiff_sago_cyber", "grad_diff", "sago", 1.0, 1.0, _, _, 1e-5, 500, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_pcgrad_bio", "wmdp/NPO_pcgrad_bio", "npo", "pcgrad", 1.0, 0.1, 1e-4, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_pcgrad_cyber", "wmdp/NPO_pcgrad_cyber", "npo", "pcgrad", 0.1, 1.0, 0.005, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_sago_bio", "wmdp/NPO_sago_bio", "npo", "sago", 1.0, 0.1, 1e-4, _, 1e-5, 150, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/npo_sago_cyber", "wmdp/NPO_sago_cyber", "npo", "sago", 0.1, 1.0, 1e-3, _, 1e-5, 300, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_pcgrad_bio", "wmdp/SimNPO_pcgrad_bio", "simnpo", "pcgrad", 0.1, 1.0, 0.02, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_pcgrad_cyber", "wmdp/SimNPO_pcgrad_cyber", "simnpo", "pcgrad", 0.1, 1.0, 1.0, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_sago_bio", "wmdp/SimNPO_sago_bio", "simnpo", "sago", 0.1, 1.0, 0.02, 0.1, 1e-5, 150, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("wmdp/simnpo_sago_cyber", "wmdp/SimNPO_sago_cyber", "simnpo", "sago", 0.1, 1.0, 0.1, 0.1, 1e-5, 200, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
     # No reference experiment: pcgrad_global analogues of NPO_pcgrad_* / SimNPO_pcgrad_* (same values and launch)
-    ("extra/wmdp/npo_pcgrad_global_bio", _, "npo", "pcgrad_global", 1.0, 0.1, 1e-4, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("extra/wmdp/npo_pcgrad_global_cyber", _, "npo", "pcgrad_global", 0.1, 1.0, 0.005, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("extra/wmdp/simnpo_pcgrad_global_bio", _, "simnpo", "pcgrad_global", 0.1, 1.0, 0.02, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
-    ("extra/wmdp/simnpo_pcgrad_global_cyber", _, "simnpo", "pcgrad_global", 0.1, 1.0, 1.0, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear"),
+    ("extra/wmdp/npo_pcgrad_global_bio", _, "npo", "pcgrad_global", 1.0, 0.1, 1e-4, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("extra/wmdp/npo_pcgrad_global_cyber", _, "npo", "pcgrad_global", 0.1, 1.0, 0.005, _, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("extra/wmdp/simnpo_pcgrad_global_bio", _, "simnpo", "pcgrad_global", 0.1, 1.0, 0.02, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
+    ("extra/wmdp/simnpo_pcgrad_global_cyber", _, "simnpo", "pcgrad_global", 0.1, 1.0, 1.0, 0.1, 1e-5, 100, _, 16, 1.0, 0.1, "linear", OU, "uniform", True),
     # RWKU baselines: scripts/rwku_baselines.sh (DeepSpeed ZeRO-3, 4 rows x 2 x 4 GPUs, no clipping), 2 epochs
-    ("rwku/gradascent_batch50", "rwku/Batch50_GradAscent", "grad_ascent", "sum", 0.0, 1.0, _, _, 7e-7, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/npo_forget_batch50", "rwku/Batch50_NPOForget", "npo", "sum", 0.0, 1.0, 1e-3, _, 3e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/simnpo_forget_batch50", "rwku/Batch50_SimNPOForget", "simnpo", "sum", 0.0, 1.0, 0.5, 0.1, 3e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/graddiff_sum_batch50", "rwku/Batch50_GradDiff", "grad_diff", "sum", 1.0, 1.0, _, _, 8e-7, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/npo_sum_batch50", "rwku/Batch50_NPO", "npo", "sum", 1.0, 1.0, 1e-3, _, 3e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/simnpo_sum_batch50", "rwku/Batch50_SimNPO", "simnpo", "sum", 1.0, 1.0, 0.5, 0.1, 8e-6, _, 2, 8, _, 0.1, "linear"),
+    ("rwku/gradascent_batch50", "rwku/Batch50_GradAscent", "grad_ascent", "sum", 0.0, 1.0, _, _, 7e-7, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/npo_forget_batch50", "rwku/Batch50_NPOForget", "npo", "sum", 0.0, 1.0, 1e-3, _, 3e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/simnpo_forget_batch50", "rwku/Batch50_SimNPOForget", "simnpo", "sum", 0.0, 1.0, 0.5, 0.1, 3e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/graddiff_sum_batch50", "rwku/Batch50_GradDiff", "grad_diff", "sum", 1.0, 1.0, _, _, 8e-7, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/npo_sum_batch50", "rwku/Batch50_NPO", "npo", "sum", 1.0, 1.0, 1e-3, _, 3e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/simnpo_sum_batch50", "rwku/Batch50_SimNPO", "simnpo", "sum", 1.0, 1.0, 0.5, 0.1, 8e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
     # RWKU combined runs: scripts/rwku_unlearn.sh (DeepSpeed ZeRO-3, same batch, no clipping), 2 epochs
-    ("rwku/graddiff_pcgrad_global_batch50", "rwku/Batch50_PCGrad_global", "grad_diff", "pcgrad_global", 1.0, 1.0, _, _, 4e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/graddiff_pcgrad_batch50", "rwku/Batch50_PCGrad", "grad_diff", "pcgrad", 1.0, 1.0, _, _, 3e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/npo_pcgrad_batch50", "rwku/Batch50_PCGrad_NPO", "npo", "pcgrad", 1.0, 1.0, 1e-3, _, 8e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/simnpo_pcgrad_batch50", "rwku/Batch50_PCGrad_SimNPO", "simnpo", "pcgrad", 0.5, 1.0, 0.5, 0.1, 8e-6, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/graddiff_sago_batch50", "rwku/Batch50_SAGO", "grad_diff", "sago", 1.0, 1.0, _, _, 1e-5, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/npo_sago_batch50", "rwku/Batch50_SAGO_NPO", "npo", "sago", 1.0, 1.0, 1e-3, _, 1e-5, _, 2, 8, _, 0.1, "linear"),
-    ("rwku/simnpo_sago_batch50", "rwku/Batch50_SAGO_SimNPO", "simnpo", "sago", 0.1, 1.0, 0.1, 0.1, 1e-5, _, 2, 8, _, 0.1, "linear"),
+    ("rwku/graddiff_pcgrad_global_batch50", "rwku/Batch50_PCGrad_global", "grad_diff", "pcgrad_global", 1.0, 1.0, _, _, 4e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/graddiff_pcgrad_batch50", "rwku/Batch50_PCGrad", "grad_diff", "pcgrad", 1.0, 1.0, _, _, 3e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/npo_pcgrad_batch50", "rwku/Batch50_PCGrad_NPO", "npo", "pcgrad", 1.0, 1.0, 1e-3, _, 8e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/simnpo_pcgrad_batch50", "rwku/Batch50_PCGrad_SimNPO", "simnpo", "pcgrad", 0.5, 1.0, 0.5, 0.1, 8e-6, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/graddiff_sago_batch50", "rwku/Batch50_SAGO", "grad_diff", "sago", 1.0, 1.0, _, _, 1e-5, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/npo_sago_batch50", "rwku/Batch50_SAGO_NPO", "npo", "sago", 1.0, 1.0, 1e-3, _, 1e-5, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
+    ("rwku/simnpo_sago_batch50", "rwku/Batch50_SAGO_SimNPO", "simnpo", "sago", 0.1, 1.0, 0.1, 0.1, 1e-5, _, 2, 8, _, 0.1, "linear", OU, "uniform", True),
 ]
 ROWS = [dict(zip(COLUMNS, row)) for row in TABLE]
 COMBINERS = {"sum": ("weighted_sum", None, None), "pcgrad": ("pcgrad", "module", None),
              "pcgrad_global": ("pcgrad", "global", None), "sago": ("sago", None, "forget")}
-PENDING_KEYS = ("objective.compat=open_unlearning", "micro_batch_weighting=uniform", "data.chunk_bos=true")
+REFERENCE_KEYS = ("objective.compat=open_unlearning", "micro_batch_weighting=uniform", "data.chunk_bos=true")
 
 
 def load(rel: str) -> rc.RunConfig:
@@ -144,7 +149,8 @@ def test_effective_hyperparameters_match_the_reference(row):
     name, scope, agree = COMBINERS[row["combiner"]]
     got = dict(objective=cfg.objective.name, combiner=cfg.combiner.name, alpha=cfg.combiner.alpha,
                gamma=cfg.combiner.gamma, lr=cfg.optim.lr, steps=cfg.max_steps, micro=cfg.micro_batches,
-               clip=cfg.optim.clip_norm, warmup=cfg.optim.warmup_ratio, schedule=cfg.optim.schedule)
+               clip=cfg.optim.clip_norm, warmup=cfg.optim.warmup_ratio, schedule=cfg.optim.schedule,
+               compat=cfg.objective.compat, weighting=cfg.micro_batch_weighting, chunk_bos=cfg.data.chunk_bos)
     want = {k: row[k] for k in got}
     want["combiner"] = name
     for key, value in want.items():
@@ -163,10 +169,13 @@ def test_effective_hyperparameters_match_the_reference(row):
         assert cfg.objective.retain == "nll"  # retain_loss_type NLL in every reference trainer config
     # 32 rows per step, micro-batches of the reference's per-GPU rows (2 under DDP, 4 under ZeRO-3)
     assert 32 // cfg.micro_batches == (2 if row["clip"] == 1.0 else 4)
+    # the reference semantics reach what the run builds
+    assert config.build_objective(cfg.objective, hidden_size=16).compat == row["compat"]
+    assert config.step_config(cfg.train_config()).weighting == row["weighting"]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["path"] for r in ROWS])
-def test_header_cites_the_reference_and_the_pending_keys(row):
+def test_header_cites_the_reference_and_the_reference_semantics(row):
     text = header(CONFIGS / (row["path"] + ".yaml"))
     if row["ref"] is None:
         assert "NOT A PAPER RUN" in text and "no experiment for this combination" in text
@@ -177,7 +186,7 @@ def test_header_cites_the_reference_and_the_pending_keys(row):
               "scripts/wmdp_baselines.sh" if row["path"].startswith("wmdp/") else
               "scripts/rwku_unlearn.sh" if row["combiner"] != "sum" else "scripts/rwku_baselines.sh")
     assert script in text
-    for key in PENDING_KEYS:
+    for key in REFERENCE_KEYS:
         assert key in text
 
 
@@ -185,7 +194,7 @@ def test_reference_doc_lists_every_config():
     doc = (ROOT / "docs" / "reference.md").read_text()
     for row in ROWS:
         assert f"`configs/{row['path']}.yaml`" in doc, row["path"]
-    for key in PENDING_KEYS:
+    for key in REFERENCE_KEYS:
         assert key.split("=")[0] in doc
 
 
