@@ -219,18 +219,18 @@ def _pair_stats(f: chex.Array, r: chex.Array, stack: int = 0) -> tuple[chex.Arra
     return (size, conflicts, _sum(fw * rw, stack), _sum(fw * fw, stack), _sum(rw * rw, stack))
 
 
-def _linear_stats(pair: tuple, g: chex.Array, b: chex.Array) -> LeafStats:
-    """Stats of ``u = g*f + b*r`` from the pair sums alone: ``<u,r> = g<f,r> + b|r|^2`` and
-    ``|u|^2 = g^2|f|^2 + 2gb<f,r> + b^2|r|^2`` (no second pass over the leaf)."""
-    size, conflicts, fr, ff, rr = pair
-    return LeafStats(size, conflicts, fr, ff, rr, g * fr + b * rr, g * g * ff + 2 * g * b * fr + b * b * rr)
+def _with_update(pair: tuple, u: chex.Array, r: chex.Array, stack: int = 0) -> LeafStats:
+    """The pair sums plus ``<u,r>`` and ``|u|^2`` of the stored update ``u``. (Deriving them from
+    the pair sums, e.g. ``|u|^2 = g^2|f|^2 + 2gb<f,r> + b^2|r|^2``, would save a pass but cancels
+    catastrophically when ``g*f`` nearly opposes ``b*r``, as after a PCGrad projection.)"""
+    uw, rw = _wide(u), _wide(r)
+    return LeafStats(*pair, ur=_sum(uw * rw, stack), uu=_sum(uw * uw, stack))
 
 
 def leaf_stats(f: chex.Array, r: chex.Array, u: chex.Array, stack: int = 0) -> LeafStats:
     """All diagnostic sums of one leaf from its forget, retain and update arrays, one value per
     tensor (``stack`` leading axes of stacked tensors; 0: the leaf is one tensor)."""
-    uw, rw = _wide(u), _wide(r)
-    return LeafStats(*_pair_stats(f, r, stack), ur=_sum(uw * rw, stack), uu=_sum(uw * uw, stack))
+    return _with_update(_pair_stats(f, r, stack), u, r, stack)
 
 
 def _total(stats: list[LeafStats]) -> LeafStats:
@@ -316,7 +316,7 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
         for f, r in zip(fs, rs):
             aw, gw = _weight(a, f), _weight(g, f)
             us.append((gw * _wide(f) + aw * _wide(r)).astype(f.dtype))
-            stats.append(_linear_stats(_pair_stats(f, r), gw, aw))
+            stats.append(_with_update(_pair_stats(f, r), us[-1], r))
         return us, stats
 
     return _combiner("weighted_sum", combine, alpha, gamma, diagnostics)
@@ -375,7 +375,7 @@ def pcgrad(
                      for f, p in zip(fs, pairs)]
         us = [(_weight(g, f) * _wide(f) + _per_tensor(b, f) * _wide(r)).astype(f.dtype)
               for f, r, b in zip(fs, rs, betas)]
-        return us, [_linear_stats(p, _weight(g, f), b) for f, p, b in zip(fs, pairs, betas)]
+        return us, [_with_update(p, u, r, k) for p, u, r, k in zip(pairs, us, rs, stacks)]
 
     return _combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics,
                      stack_axis if scope == "module" else None)
