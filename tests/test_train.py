@@ -162,7 +162,7 @@ def test_bad_data_and_config_are_rejected(tmp_path):
         PairedBatches(ragged, retain, 4, 0)
     with pytest.raises(ValueError, match="batch_size=4 must be divisible by the mesh's data x fsdp = 8"):
         train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, batch_size=4))
-    with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+    with pytest.raises(ValueError, match="'batch_size'=8 is not divisible by 'micro_batches'=3"):
         train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, micro_batches=3))
     with pytest.raises(ValueError, match="optim.schedule='step'"):
         config.build_schedule(config.OptimConfig(schedule="step"), 10)
