@@ -231,11 +231,11 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), s
             msg = getattr(err, "msg", str(err)).splitlines()[0]
             expected = f"; expected {describe(tp)}" if tp is not None and "expected" not in msg else ""
             raise ConfigError(f"{source}: '{key}': {msg}{expected}") from None
-    missing = sorted(k for k in _missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{path or 'config'}: required value(s) not set: {', '.join(missing)}; "
-                          f"pass them as overrides, e.g. {missing[0]}=...")
     try:
+        missing = sorted(k for k in _missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{path or 'config'}: required value(s) not set: {', '.join(missing)}; "
+                              f"pass them as overrides, e.g. {missing[0]}=...")
         cfg = OmegaConf.to_object(merged)
     except oc_errors.InterpolationResolutionError as err:  # ${...} that names no key or an unset variable
         key = getattr(err, "full_key", None) or "?"

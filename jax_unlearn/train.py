@@ -267,23 +267,25 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _handlers() -> dict:
-    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-
-
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        directory.absolute(), item_handlers=_handlers(),
+        directory.absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
     )
 
 
 def _reader(directory: Path) -> ocp.CheckpointManager:
     """A manager that only reads (creates, cleans and deletes nothing)."""
-    return ocp.CheckpointManager(
-        directory.absolute(), item_handlers=_handlers(),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False),
-    )
+    absl = logging.getLogger("absl")  # Orbax warns that a read-only manager is read-only
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(
+            directory.absolute(),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False),
+        )
+    finally:
+        absl.setLevel(level)
 
 
 def _saved(state: st.TrainState) -> dict:
@@ -291,21 +293,25 @@ def _saved(state: st.TrainState) -> dict:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
+def _tree_spec(tree: Any) -> dict[str, list]:
+    """``name -> [shape, dtype]`` of every array of a checkpoint's tree (recorded in its ``meta``,
+    so a restore can tell a checkpoint of another configuration from a corrupt one)."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): [list(x.shape), jnp.dtype(x.dtype).name]
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _mismatch(expected: dict, found: dict) -> list[str]:
-    """Where a checkpoint's tree (``found``: Orbax metadata) differs from ``expected`` (abstract
-    arrays), both as `ocp.tree.to_flat_dict` mappings."""
-    name = lambda key: ".".join(map(str, key))
-    out = [f"{name(k)}: not in the checkpoint" for k in expected if k not in found]
-    out += [f"{name(k)}: in the checkpoint, not in this run" for k in found if k not in expected]
-    for k, want in expected.items():
-        have = found.get(k)
-        shape, dtype = getattr(have, "shape", None), getattr(have, "dtype", None)
-        if shape is not None and tuple(shape) != tuple(want.shape):
-            out.append(f"{name(k)}: shape {tuple(shape)} in the checkpoint, {tuple(want.shape)} in this run")
-        elif dtype is not None and jnp.dtype(dtype) != jnp.dtype(want.dtype):
-            out.append(f"{name(k)}: dtype {jnp.dtype(dtype).name} in the checkpoint, {jnp.dtype(want.dtype).name} "
-                       "in this run")
+    """Where a checkpoint's recorded `_tree_spec` (``found``) differs from this run's (``expected``)."""
+    out = [f"{k}: not in the checkpoint" for k in expected if k not in found]
+    out += [f"{k}: in the checkpoint, not in this run" for k in found if k not in expected]
+    for k, (shape, dtype) in expected.items():
+        if k in found and [list(found[k][0]), found[k][1]] != [shape, dtype]:
+            out.append(f"{k}: {tuple(found[k][0])} {found[k][1]} in the checkpoint, {tuple(shape)} {dtype} in this run")
     return out
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def _restore_latest(directory: Path, target: dict, shardings: dict | None, move_aside: bool):
@@ -322,7 +328,7 @@ def _restore_latest(directory: Path, target: dict, shardings: dict | None, move_
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
         shardings if shardings is not None else jax.tree.map(lambda x: x.sharding, target),
     )
-    expected = ocp.tree.to_flat_dict(abstract)
+    expected = _tree_spec(abstract)
     skipped: set[int] = set()
     while True:
         reader = _reader(directory)
@@ -332,12 +338,11 @@ def _restore_latest(directory: Path, target: dict, shardings: dict | None, move_
             return None, None
         step = steps[0]
         try:
-            meta = reader.item_metadata(step)["state"]
-            found = None if meta is None else ocp.tree.to_flat_dict(getattr(meta, "tree", meta))
-        except Exception as err:  # noqa: BLE001 - metadata that cannot be read means "unreadable"
-            problem = err
+            meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            diff = _mismatch(expected, meta["tree"]) if isinstance(meta, dict) and "tree" in meta else []
+        except Exception as err:  # noqa: BLE001 - a meta file that cannot be read means "unreadable"
+            problem = _describe(err)  # not the exception: its frames would keep Orbax's pending reads alive
         else:
-            diff = [] if found is None else _mismatch(expected, found)
             if diff:
                 reader.close()
                 raise ResumeError(
@@ -350,16 +355,16 @@ def _restore_latest(directory: Path, target: dict, shardings: dict | None, move_
                 reader.close()
                 return restored.state, restored.meta
             except Exception as err:  # noqa: BLE001 - data that cannot be read means "unreadable"
-                problem = err
+                problem = _describe(err)
         reader.close()
         if not move_aside:
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one (nothing is moved)",
-                        directory / str(step), type(problem).__name__, str(problem)[:200])
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one (nothing is moved)",
+                        directory / str(step), problem)
             skipped.add(step)
             continue
         aside = directory.parent / f"{directory.name}.unreadable" / f"{step}.{int(time.time())}"
-        log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s and trying the previous one",
-                    directory / str(step), type(problem).__name__, str(problem)[:200], aside)
+        log.warning("checkpoint %s is unreadable (%s); moving it to %s and trying the previous one",
+                    directory / str(step), problem, aside)
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(directory / str(step)), str(aside))
@@ -437,23 +442,44 @@ class RunResult:
     continued_from: int | None = None
 
 
-def _check_fit(cfg: TrainConfig, model: nnx.Module, forget: Dataset, retain: Dataset, total: int) -> None:
-    """Raises `ConfigError` naming the key when the data or the run's length do not fit."""
-    positions = model.config.max_position_embeddings
+def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Dataset) -> tuple[int, Any]:
+    """The checks of a run that need its data and the model's `ModelConfig`; writes nothing.
+
+    Returns ``(total steps, mesh)``. Raises `ConfigError` naming the key: a value out of range
+    (`jax_unlearn.config.check`), a batch larger than the forget set, rows longer than the
+    model's positions or token ids outside its vocabulary, warmup steps not fewer than the run's,
+    a mesh the devices or the batch do not divide; `DataError` for sets that cannot be batched.
+    """
+    check(cfg)
+    n_forget = len(forget["input_ids"]) if "input_ids" in forget else 0
+    if 0 < n_forget < cfg.batch_size:
+        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {n_forget} rows; "
+                          f"use batch_size <= {n_forget} or more forget data")
+    data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
+    total = total_steps(cfg, data.steps_per_epoch)
+    positions = model_config.max_position_embeddings
     for name, rows in (("forget", forget), ("retain", retain)):
         ids = np.asarray(rows["input_ids"])
         if ids.shape[1] > positions:
             raise ConfigError(f"the {name} rows hold {ids.shape[1]} tokens, more than the model's "
                               f"max_position_embeddings={positions}; use data.max_length <= {positions}")
-        top = int(ids.max()) if ids.size else 0
-        if top >= model.config.vocab_size or (ids.size and int(ids.min()) < 0):
-            raise ConfigError(f"the {name} set holds token id {top}, outside the model's vocab_size="
-                              f"{model.config.vocab_size}: the tokenizer does not belong to this model "
+        if ids.size and (int(ids.max()) >= model_config.vocab_size or int(ids.min()) < 0):
+            raise ConfigError(f"the {name} set holds token id {int(ids.max())}, outside the model's vocab_size="
+                              f"{model_config.vocab_size}: the tokenizer does not belong to this model "
                               "(set model.tokenizer to the model's own)")
     if total <= 0:
         raise ConfigError(f"nothing to do: max_steps={cfg.max_steps}, epochs={cfg.epochs}")
     if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps >= total:
         raise ConfigError(f"'optim.warmup_steps' is {cfg.optim.warmup_steps}, not fewer than the run's {total} steps")
+    try:
+        mesh = sh.make_mesh(cfg.mesh)
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % shards:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the mesh's data x fsdp = {shards} "
+                          "batch shards (set mesh.data / mesh.fsdp / mesh.tensor)")
+    return total, mesh
 
 
 def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, tokenizer: Any = None, *,
@@ -480,22 +506,8 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     """
     out = Path(cfg.output_dir)
     export_dir = out / "model"
-    check(cfg)
-    n_forget = len(forget["input_ids"]) if "input_ids" in forget else 0
-    if 0 < n_forget < cfg.batch_size:
-        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {n_forget} rows; "
-                          f"use batch_size <= {n_forget} or more forget data")
+    total, mesh = check_run(cfg, model.config, forget, retain)
     data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
-    total = total_steps(cfg, data.steps_per_epoch)
-    _check_fit(cfg, model, forget, retain, total)
-    try:
-        mesh = sh.make_mesh(cfg.mesh)
-    except ValueError as err:
-        raise ConfigError(f"mesh: {err}") from None
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % shards:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the mesh's data x fsdp = {shards} "
-                          "batch shards (set mesh.data / mesh.fsdp / mesh.tensor)")
     check_output_dir(out)
     fingerprint = fpr.run_fingerprint(cfg, model.config, getattr(model, "options", None), forget, retain,
                                       weights=fpr.params_checksum(model), extra=identity)
@@ -595,10 +607,12 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         bar.set_postfix(forget=f"{metrics['forget_loss']:.3f}", retain=f"{metrics['retain_loss']:.3f}")
         return stopped()
 
+    spec = _tree_spec(_saved(state))
+
     def save(done: int, state, metrics=None) -> bool:
         if not finite_state(done, state):  # a non-finite state is never checkpointed
             return True
-        meta = {"position": list(data.position(done)), "total_steps": total}
+        meta = {"position": list(data.position(done)), "total_steps": total, "tree": spec}
         mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()

@@ -389,7 +389,8 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
 def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: bool = False,
                  what: str = "export") -> Path:
     """Create folder ``path`` atomically: ``fill(tmp)`` writes into a temporary sibling folder that
-    is then renamed into place, so a failed write never destroys existing output.
+    is then renamed into place, so a failed write never destroys existing output. The folder and
+    its files get the usual permissions (``0777`` / ``0666`` less the umask).
 
     Raises:
       FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
@@ -405,6 +406,8 @@ def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: b
     backup = None
     try:
         fill(tmp)
+        for file in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
+            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~_umask())
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             path.rename(backup)
