@@ -545,6 +545,10 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     # ---- everything is validated: from here on the run writes
     metrics_path = out / METRICS_FILE
     is_main = jax.process_index() == 0
+    if jax.process_count() > 1:  # every host has read the run folder before process 0 writes into it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jax_unlearn: run folder checked")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         for name, text in (record or {}).items():
@@ -554,6 +558,9 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         _write_atomic(out / FINGERPRINT_FILE, json.dumps({"fingerprint": fingerprint, "total_steps": total},
                                                          indent=1, sort_keys=True) + "\n")
         _rewind_log(metrics_path, start)
+        (out / "checkpoints").mkdir(exist_ok=True)
+    if jax.process_count() > 1:  # every host sees the written folder before going on
+        multihost_utils.sync_global_devices("jax_unlearn: run folder written")
     mngr = _manager(out / "checkpoints", cfg.keep)
 
     tokens = {"n": 0, "since": time.perf_counter()}

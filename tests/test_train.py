@@ -76,11 +76,16 @@ def test_sigkill_midway_then_rerun_is_bit_identical(reference_run, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "model").exists()
+    logged_before = logged_steps(tmp_path)
     result = finish(worker(tmp_path, max_steps=8))
     assert result["steps_done"] == 8 and result["resumed_from"] in (4, 6)
     assert_bit_identical(weights(tmp_path), weights(reference_run))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # recomputed steps are logged once
+    superseded = tmp_path / "metrics.superseded.jsonl"  # their first lines: moved there, not lost
+    moved = superseded.read_text().splitlines() if superseded.exists() else []
+    assert all(json.loads(line)["step"] > result["resumed_from"] for line in moved if line.endswith("}"))  # whole lines
+    assert len(steps) + len(moved) == logged_before + 8 - result["resumed_from"]
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
@@ -109,6 +114,9 @@ def _config(out: Path, **kw) -> config.TrainConfig:
     return config.TrainConfig(output_dir=str(out), **{**base, **kw})
 
 
+# Orbax leaves some reads of the unreadable checkpoint pending when its restore fails; they report to
+# an event loop that is closed by then (harmless: the checkpoint is moved aside).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_latest_checkpoint_falls_back_and_deletes_nothing(reference_run, tmp_path, caplog):
     from step_fixtures import tiny_model
 
