@@ -292,6 +292,8 @@ CASES = [
      ["model.safetensors", "truncated"]),
     ("lm_eval_truncated", ["lm-eval", "--model-path", "@X@", "--tasks", "x"], broken_model(truncate), USAGE,
      ["model.safetensors", "truncated"]),
+    ("lm_eval_unknown_task", ["lm-eval", "--model-path", "@WS@/base", "--tasks", "no_such_task_xyz"], None, FAILURE,
+     ["error: ValueError: Tasks not found: no_such_task_xyz"]),
     ("sweep_bad_key", ["sweep", "@REPO@/configs/demo.yaml", "bogus=1", "--out", "@TMP@/s"], None, USAGE, ["bogus"]),
     ("demo_out_file", ["demo", "--out", "@X@"], a_file, USAGE, ["--out", "not a folder"]),
 ]

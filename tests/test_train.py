@@ -259,3 +259,26 @@ def test_end_to_end_from_text_and_qa_files(tmp_path):
     after = float(objectives.nll(reloaded, rows(forget))[0]), float(objectives.nll(reloaded, rows(retain))[0])
     assert after[0] > before[0] and after[1] < before[1]
     assert (result.export_dir / "tokenizer.json").is_file()
+
+
+def test_a_rerun_resumes_only_the_same_run_and_changes_nothing_otherwise(reference_run, tmp_path):
+    import shutil
+
+    from step_fixtures import tiny_model
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    snapshot = lambda: {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = snapshot()
+    forget, retain = _tiny_data()
+    with pytest.raises(train.ResumeError, match=r"optim.lr: 0.01 -> 0.02"):
+        train.unlearn(tiny_model(), forget, retain, _config(run, max_steps=8, optim=config.OptimConfig(lr=0.02)))
+    with pytest.raises(train.ResumeError, match=r"model.weights: 'bits:"):
+        train.unlearn(tiny_model(seed=1), forget, retain, _config(run, max_steps=8))
+    with pytest.raises(train.ResumeError, match=r"data.retain.tokens"):
+        train.unlearn(tiny_model(), forget, {k: v[:16] for k, v in retain.items()}, _config(run, max_steps=8))
+    with pytest.raises(train.ResumeError, match=r"'max_steps' gives 6 steps, but .* step 8"):
+        train.unlearn(tiny_model(), forget, retain, _config(run, max_steps=6))
+    assert snapshot() == before
+    again = train.unlearn(tiny_model(), forget, retain, _config(run, max_steps=8, save_every=4, log_every=2))
+    assert again.resumed_from == 8 and again.steps_done == 8  # how often it saves or logs does not define it
