@@ -571,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser(
-        "demo", formatter_class=_formatter, parents=[common], epilog=EPILOG, help="the embedded benchmark, end to end (minutes on a CPU)",
+        "demo", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="the embedded benchmark, end to end (minutes on a CPU)",
         description=textwrap.dedent(f"""\
             Build (first run: about 1.5 min of the ~3.5 on 2 CPU cores) or reuse the cached model: a
             0.27M-parameter LLaMA pretrained on a seeded world of invented people (names,
@@ -589,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "sweep", formatter_class=_formatter, parents=[common], epilog=EPILOG, help="benchmark grid over combiners and one hyperparameter",
+        "sweep", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="benchmark grid over combiners and one hyperparameter",
         description=textwrap.dedent("""\
             Run the embedded benchmark over every objective x combiner x value of grid.param
             (lr, alpha, gamma, beta or delta) on each world seed in 'worlds' (each world's
@@ -606,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "unlearn", formatter_class=_formatter, parents=[common], epilog=EPILOG, help="run an unlearning config",
+        "unlearn", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="run an unlearning config",
         description=textwrap.dedent(f"""\
             Load the model, tokenizer and data named in CONFIG, unlearn, export the model to
             OUTPUT_DIR/model and (if the config's eval section names files) evaluate it.
@@ -632,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser(
-        "eval", formatter_class=_formatter, parents=[common], epilog=EPILOG, help="evaluate a Hugging Face model folder",
+        "eval", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="evaluate a Hugging Face model folder",
         description=textwrap.dedent("""\
             Evaluate a model folder: multiple-choice accuracy (--mc, records with question,
             choices, answer), QA ROUGE-L recall (--qa, records with question, answer, level) and
@@ -655,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "export", formatter_class=_formatter, parents=[common], epilog=EPILOG, help="export a run's newest checkpoint as a Hugging Face folder",
+        "export", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="export a run's newest checkpoint as a Hugging Face folder",
         description=textwrap.dedent("""\
             Restore the newest readable Orbax checkpoint of an unlearn run (RUN_DIR/checkpoints,
             e.g. of an interrupted run) on top of the starting model named in RUN_DIR/config.yaml
