@@ -310,6 +310,22 @@ def _mismatch(expected: dict, found: dict) -> list[str]:
     return out
 
 
+def _recorded_tree(reader: ocp.CheckpointManager, directory: Path, step: int) -> dict[str, list]:
+    """The `_tree_spec` a checkpoint was saved with: from its ``meta``, or (checkpoints written
+    before ``meta`` recorded it) from Orbax's array metadata. Raises when neither can be read."""
+    meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if isinstance(meta, dict) and isinstance(meta.get("tree"), dict):
+        return meta["tree"]
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        arrays = handler.metadata((directory / str(step)).absolute() / "state")
+    finally:
+        handler.close()
+    flat = ocp.tree.to_flat_dict(getattr(arrays, "tree", arrays))
+    return {".".join(map(str, k)): [list(v.shape), jnp.dtype(v.dtype).name] for k, v in flat.items()
+            if getattr(v, "shape", None) is not None}
+
+
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err)[:200]}"
 
@@ -338,8 +354,7 @@ def _restore_latest(directory: Path, target: dict, shardings: dict | None, move_
             return None, None
         step = steps[0]
         try:
-            meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            diff = _mismatch(expected, meta["tree"]) if isinstance(meta, dict) and "tree" in meta else []
+            diff = _mismatch(expected, _recorded_tree(reader, directory, step))
         except Exception as err:  # noqa: BLE001 - a meta file that cannot be read means "unreadable"
             problem = _describe(err)  # not the exception: its frames would keep Orbax's pending reads alive
         else:

@@ -177,6 +177,14 @@ def forget_fingerprint(ws: Path, tmp: Path) -> Path:
     return tmp / "run"
 
 
+def older_run(ws: Path, tmp: Path) -> Path:
+    """As a version before fingerprints left it: no fingerprint.json, checkpoints without their tree."""
+    forget_fingerprint(ws, tmp)
+    for meta in (tmp / "run" / "checkpoints").glob("*/meta/metadata"):
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "tree"}))
+    return tmp / "run"
+
+
 def moved_model(ws: Path, tmp: Path) -> Path:
     config = tmp / "run" / "config.yaml"
     config.write_text(config.read_text().replace(f"path: {ws / 'base'}", f"path: {tmp / 'moved_away'}"))
@@ -269,6 +277,8 @@ CASES = [
     ("max_steps_below", UNLEARN + ["max_steps=2"], None, USAGE, ["'max_steps' gives 2 steps", "step 3"]),
     ("damaged_fingerprint", UNLEARN, damage_fingerprint, USAGE, ["fingerprint.json is damaged"]),
     ("checkpoint_of_other_shapes", UNLEARN + ["model.path=@WS@/other"], forget_fingerprint, USAGE,
+     ["does not fit", "nothing was moved", "(32, 16) float32 in the checkpoint, (32, 32) float32 in this run"]),
+    ("older_checkpoint_of_other_shapes", UNLEARN + ["model.path=@WS@/other"], older_run, USAGE,
      ["does not fit", "nothing was moved", "(32, 16) float32 in the checkpoint, (32, 32) float32 in this run"]),
     # export
     ("export_out_file", ["export", "--checkpoint", "@RUN@", "--out", "@X@"], a_file, USAGE, ["--out", "not a folder"]),
@@ -461,3 +471,11 @@ def test_sigterm_exits_75_after_saving(ws, tmp_path):
     done = train.checkpoint_steps(out)
     assert len(done) == 1 and f"interrupted after step {done[0]}/100000" in stdout
     assert not (out / "model").exists()
+
+
+def test_a_run_of_an_older_version_resumes_and_gets_its_fingerprint(ws, run, tmp_path, capsys, caplog):
+    older_run(ws, tmp_path)
+    assert run_cli(["unlearn", ws / "run.yaml", f"output_dir={run}"]) == 0
+    assert "done: 3/3 steps (resumed from step 3)" in capsys.readouterr().out
+    assert "no fingerprint.json" in caplog.text
+    assert train.read_record(run)["fingerprint"] == train.read_record(ws / "run")["fingerprint"]
