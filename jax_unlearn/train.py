@@ -521,6 +521,9 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     """
     out = Path(cfg.output_dir)
     export_dir = out / "model"
+    for name in record or {}:
+        if Path(name).name != name or name in (FINGERPRINT_FILE, METRICS_FILE, SUPERSEDED_FILE):
+            raise ValueError(f"record file name {name!r} must be a plain file name of the caller's own")
     total, mesh = check_run(cfg, model.config, forget, retain)
     data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
     check_output_dir(out)
@@ -567,8 +570,6 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         for name, text in (record or {}).items():
-            if Path(name).name != name:
-                raise ValueError(f"record file name {name!r} must be a plain file name")
             _write_atomic(out / name, text)
         _write_atomic(out / FINGERPRINT_FILE, json.dumps({"fingerprint": fingerprint, "total_steps": total},
                                                          indent=1, sort_keys=True) + "\n")
