@@ -8,16 +8,24 @@
     jax-unlearn export --checkpoint runs/gd_sago_bio --out exported/
     jax-unlearn lm-eval --model-path exported/ --tasks mmlu --num_fewshot 5 --batch_size 32
 
-Errors in the config, the data or a checkpoint print one line to stderr and exit with status 2.
+Exit status: 0 done; 1 the run failed (a non-finite step, an I/O error, an unexpected error);
+2 a usage or input error (command line, config, model folder, tokenizer, data files, output
+folder, a run folder holding another run), reported before anything was written; 75 (EX_TEMPFAIL)
+interrupted by SIGTERM/SIGINT after saving a checkpoint: rerun the same command to resume;
+130 Ctrl-C outside the training loop (which saves first). Every error prints one short message naming the file,
+key, tensor or value and what was expected; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 import textwrap
+import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +33,10 @@ from typing import Any
 
 PROG = "jax-unlearn"
 CONFIG_NAME = "config.yaml"  # the resolved config, written into every run folder
+EXIT_FAILURE = 1  # the run failed (non-finite step, I/O, unexpected error)
+EXIT_USAGE = 2  # command line, config or input error, found before anything was written
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, a checkpoint was saved; rerun to resume
+EXIT_SIGINT = 130  # Ctrl-C outside the training loop
 
 
 class CLIError(Exception):
@@ -40,15 +52,41 @@ def _dtype(name: str | None):
     return None if name is None else jnp.dtype(name)
 
 
-def _load_model(path: str, dtype: str = "float32", **options):
-    from jax_unlearn.models import load_hf
+def _model_options(dtype: str = "float32", **options):
+    """`jax_unlearn.models.ModelOptions` from a config's dtype names."""
+    from jax_unlearn.models import ModelOptions
 
-    if not (Path(path) / "config.json").is_file():
-        raise CLIError(f"{path} is not a Hugging Face model folder (no config.json)")
     options = dict(options)
     if options.get("compute_dtype") is not None:
         options["compute_dtype"] = _dtype(options["compute_dtype"])
-    return load_hf(path, dtype=_dtype(dtype), **options)
+    return ModelOptions(param_dtype=_dtype(dtype), **options)
+
+
+def _load_model(path: str, dtype: str = "float32", **options):
+    from jax_unlearn.models import load_hf
+
+    opts = _model_options(dtype, **options)
+    return load_hf(path, dtype=opts.param_dtype, compute_dtype=opts.compute_dtype,
+                   attention_impl=opts.attention_impl, scan_layers=opts.scan_layers, remat_policy=opts.remat_policy)
+
+
+def _check_writable(path: Path, what: str, folder: bool) -> None:
+    """Raises CLIError when ``path`` (a folder, or a file with ``folder=False``) cannot be
+    written: something of the other kind in the way, or a parent that may not be written."""
+    if path.exists() and path.is_dir() != folder:
+        raise CLIError(f"{what} {path} exists and is not a {'folder' if folder else 'file'}")
+    probe = path if path.exists() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{what} {path} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {path}: cannot write into {probe} (permission denied)")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.absolute().resolve(), folder.absolute().resolve()
+    return path == folder or folder in path.parents
 
 
 def _load_tokenizer(path: str):
@@ -117,33 +155,104 @@ def _write_json(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+def _check_eval_files(e) -> None:
+    """Reads the eval section's files before the run (a typo found after hours of training is late)."""
+    from jax_unlearn import data
+
+    for key, paths, read in (("eval.mc", e.mc, data.read_multiple_choice), ("eval.qa", e.qa, data.read_qa),
+                             ("eval.mia_forget", [e.mia_forget] if e.mia_forget else [], data.read_texts),
+                             ("eval.mia_holdout", [e.mia_holdout] if e.mia_holdout else [], data.read_texts)):
+        for path in paths:
+            if not Path(path).is_file():
+                raise CLIError(f"'{key}': file {path} does not exist")
+            read(path)
+
+
+def _restart_dir(out: Path, fp: dict, total: int, length_key: str) -> Path:
+    """The first ``out/restart-N`` that is new or holds this same run."""
+    from jax_unlearn import train
+
+    for k in range(1, 10_000):
+        sub = out / f"restart-{k}"
+        if not sub.exists():
+            return sub
+        try:
+            train.check_resume(sub, fp, total, length_key)
+            return sub
+        except train.ResumeError:
+            continue
+    raise CLIError(f"no free restart-N sub-directory in {out}")
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
+    """Validates everything (config, output folder, model folder, tokenizer, data, eval files,
+    the run folder's fingerprint), then loads the model and runs; `train.unlearn` writes
+    config.yaml and fingerprint.json only once its own checks passed too."""
     from jax_unlearn import sharding
 
     sharding.maybe_initialize_distributed()  # multi-host: before any other JAX call
     import jax
 
     from jax_unlearn import data, train
-    from jax_unlearn.run_config import load_config, to_yaml
+    from jax_unlearn import fingerprint as fpr
+    from jax_unlearn.config import ConfigError
+    from jax_unlearn.models import check_hf
+    from jax_unlearn.run_config import check_model_fit, load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(cfg.output_dir)
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(to_yaml(cfg))
-    tok = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
+    train.check_output_dir(cfg.output_dir)
+    model_cfg = check_hf(cfg.model.path)  # config.json, tensor names, shapes and files: no tensor data read
+    check_model_fit(cfg, model_cfg)
+    tok_path = cfg.model.tokenizer or cfg.model.path
+    tok = _load_tokenizer(tok_path)
     d = cfg.data
     forget, retain = data.load_unlearning_sets(d.forget, d.retain, tok, d.max_length, mode=d.mode,
                                                forget_format=d.forget_format, retain_format=d.retain_format,
                                                options=data.TokenizeOptions(chunk_bos=d.chunk_bos))
-    print(f"forget: {forget['input_ids'].shape[0]} rows, retain: {retain['input_ids'].shape[0]} rows "
+    rows = forget["input_ids"].shape[0]
+    print(f"forget: {rows} rows, retain: {retain['input_ids'].shape[0]} rows "
           f"of {forget['input_ids'].shape[1]} tokens")
-    result = train.unlearn(model, forget, retain, cfg.train_config(), tokenizer=tok)
+    if rows < cfg.batch_size:
+        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {rows} rows (data.forget="
+                          f"{d.forget} with data.max_length={d.max_length}, data.mode={d.mode}); "
+                          f"use batch_size <= {rows} or more forget data")
+    for name, rows_ in (("data.forget", forget), ("data.retain", retain)):
+        top = int(rows_["input_ids"].max())
+        if top >= model_cfg.vocab_size:
+            raise ConfigError(f"'{name}' tokenised by {tok_path} holds token id {top}, outside the model's "
+                              f"vocab_size={model_cfg.vocab_size} ({cfg.model.path}/config.json): the tokenizer "
+                              "does not belong to the model; set model.tokenizer to the model's own")
+    _check_eval_files(cfg.eval)
+
+    tcfg = cfg.train_config()
+    identity = {"data.forget.file": fpr.file_digest(d.forget), "data.retain.file": fpr.file_digest(d.retain),
+                **{f"data.{k}": v for k, v in dataclasses.asdict(d).items() if k not in ("forget", "retain")}}
+    length_key = "max_steps" if tcfg.max_steps is not None else "epochs"
+    total, _ = train.check_run(tcfg, model_cfg, forget, retain)  # the rest of the checks that need the data
+    options = _model_options(cfg.model.dtype, **cfg.model.options())
+    early = fpr.run_fingerprint(tcfg, model_cfg, options, forget, retain, extra=identity)  # no weights yet
+    out = Path(cfg.output_dir)
+    try:
+        train.check_resume(out, early, total, length_key)
+    except train.ResumeError as err:
+        if not args.restart:
+            raise train.ResumeError(f"{err}, or pass --restart to run in a new sub-directory of it") from None
+        out = _restart_dir(out, early, total, length_key)
+        print(f"{cfg.output_dir} holds another run; --restart: this run goes to {out} "
+              f"(pass output_dir={out} to resume it later)")
+        train.check_output_dir(out)
+        cfg = dataclasses.replace(cfg, output_dir=str(out))
+        tcfg = cfg.train_config()
+
+    model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
+    result = train.unlearn(model, forget, retain, tcfg, tokenizer=tok, identity=identity,
+                           record={CONFIG_NAME: to_yaml(cfg)})
+    if result.continued_from is not None:
+        print(f"continued: the run had {result.continued_from} steps, {length_key} now gives {result.total_steps}")
     if result.interrupted:
         print(f"interrupted after step {result.steps_done}/{result.total_steps}; checkpoints in "
-              f"{out / 'checkpoints'}; rerun the same command to resume")
-        return 0
+              f"{out / 'checkpoints'}; rerun the same command to resume (exit status {EXIT_INTERRUPTED})")
+        return EXIT_INTERRUPTED
     print(f"done: {result.steps_done}/{result.total_steps} steps"
           + (f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""))
     print(f"metrics: {out / 'metrics.jsonl'}")
@@ -168,6 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in [*args.mc, *args.qa, *filter(None, [args.mia_forget, args.mia_holdout])]:
         if not Path(path).is_file():
             raise CLIError(f"eval: file {path} does not exist")
+    if args.out:
+        _check_writable(Path(args.out), "eval: --out", folder=False)
     tok = _load_tokenizer(args.tokenizer or args.model)
     model = _load_model(args.model, args.dtype)
     results = evaluate(model, tok, mc=args.mc, qa=args.qa, mia_forget=args.mia_forget, mia_holdout=args.mia_holdout,
@@ -180,30 +291,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def restore_run(run_dir: Path, model_path: str | None = None):
-    """The model of the newest checkpoint of a ``jax-unlearn unlearn`` run folder, with its
-    tokenizer and step: ``(model, tokenizer, step)``.
-
-    The checkpoint holds only what training changed; the rest comes from the starting model
-    named in the run's ``config.yaml`` (or ``model_path``).
-    """
+def _run_config_file(run_dir: Path) -> Path:
+    """``RUN_DIR/config.yaml`` of a run folder holding checkpoints (else CLIError)."""
     from jax_unlearn import train
-    from jax_unlearn.run_config import load_config
 
     config_file = run_dir / CONFIG_NAME
     if not config_file.is_file():
         raise CLIError(f"export: {config_file} does not exist; --checkpoint takes the output_dir of a "
                        "'jax-unlearn unlearn' run")
-    ckpt_dir = run_dir / "checkpoints"
-    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-        raise CLIError(f"export: {ckpt_dir} holds no checkpoint")
-    overrides = [] if model_path is None else [f"model.path={model_path}"]
-    cfg = load_config(config_file, overrides)
+    if not train.checkpoint_steps(run_dir):
+        raise CLIError(f"export: {run_dir / 'checkpoints'} holds no checkpoint")
+    return config_file
+
+
+def restore_run(run_dir: Path, model_path: str | None = None):
+    """The model of the newest checkpoint of a ``jax-unlearn unlearn`` run folder, with its
+    tokenizer and step: ``(model, tokenizer, step)``.
+
+    The checkpoint holds only what training changed; the rest comes from the starting model
+    named in the run's ``config.yaml`` (or ``model_path``), which must match the model recorded
+    in the run's fingerprint (its config.json and a checksum of its weights). Reads only: the
+    run folder may have been moved or copied, and nothing in it changes (an unreadable newest
+    checkpoint is skipped, not moved).
+    """
+    from jax_unlearn import fingerprint as fpr
+    from jax_unlearn import train
+    from jax_unlearn.models import check_hf
+    from jax_unlearn.run_config import load_config
+    from jax_unlearn.sharding import MeshConfig
+
+    cfg = load_config(_run_config_file(run_dir))
+    if model_path is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_path)))
+    # this folder, on this machine's devices (the run's recorded output_dir and mesh may not apply)
+    cfg = dataclasses.replace(cfg, output_dir=str(run_dir), mesh=MeshConfig())
+    try:
+        model_cfg = check_hf(cfg.model.path)
+    except FileNotFoundError as err:
+        hint = "" if model_path is not None else "; if the starting model moved, pass --model DIR"
+        raise CLIError(f"export: the run's starting model: {err}{hint}") from None
+    options = _model_options(cfg.model.dtype, **cfg.model.options())
+    record = train.read_record(run_dir)
+    recorded = {} if record is None else record["fingerprint"]
+
+    def refuse(diff: list[str]) -> None:
+        raise CLIError(f"export: {cfg.model.path} is not the model {run_dir} started from (recorded -> this "
+                       "model):\n  " + "\n  ".join(diff) + "\npass --model with the run's starting model")
+
+    diff = fpr.differences(recorded, fpr.model_keys(model_cfg, options))
+    if diff:
+        refuse(diff)
     tok = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
-    restored = train.restore_latest(model, cfg.train_config())
+    diff = fpr.differences(recorded, {"model.weights": fpr.params_checksum(model)})
+    if diff:
+        refuse(diff)
+    restored = train.restore_latest(model, cfg.train_config(), run_dir)
     if restored is None:
-        raise CLIError(f"export: no readable checkpoint in {ckpt_dir}")
+        raise CLIError(f"export: no readable checkpoint in {run_dir / 'checkpoints'}")
     model, step = restored
     return model, tok, step
 
@@ -212,8 +357,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jax_unlearn import train
 
     run_dir, out = Path(args.checkpoint), Path(args.out)
+    _run_config_file(run_dir)
+    _check_writable(out, "export: --out", folder=True)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"export: {out} is not empty; pass --overwrite to replace it")
+    if run_dir.is_dir() and _inside(out, run_dir):
+        raise CLIError(f"export: --out {out} lies inside the run folder {run_dir}, which export never changes; "
+                       "choose a folder outside it")
     model, tok, step = restore_run(run_dir, args.model)
     path = train.export_model(model, out, tok, overwrite=True)
     if path is not None:
@@ -247,6 +397,7 @@ def _lm_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-M", dest="harness_model", metavar="NAME",
                    help="the harness model: always jax_unlearn (set by this command)")
     p.add_argument("-h", "--help", action="store_true", help="this help, then the harness's")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p
 
 
@@ -255,6 +406,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     after importing `jax_unlearn.eval.lm_eval_adapter` (which registers the model name)."""
     parser = _lm_eval_parser()
     ours, rest = parser.parse_known_args(args.harness_args)
+    args.debug = args.debug or ours.debug
     subcommand = rest[0] if rest and rest[0] in ("run", "ls", "validate") else "run"
     rest = rest[1:] if rest and rest[0] == subcommand else rest
     if ours.help:
@@ -266,8 +418,10 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
                            "'jax_unlearn' model; use lm_eval itself for other backends")
         if ours.model_path is None and not any("pretrained" in a for a in rest):
             raise CLIError("lm-eval: give the model folder with --model-path DIR")
-        if ours.model_path is not None and not (Path(ours.model_path) / "config.json").is_file():
-            raise CLIError(f"lm-eval: {ours.model_path} is not a Hugging Face model folder (no config.json)")
+        if ours.model_path is not None:
+            from jax_unlearn.models import check_hf
+
+            check_hf(ours.model_path)  # config.json and tensor headers, named errors before the harness starts
     try:
         from lm_eval.__main__ import cli_evaluate
 
@@ -299,8 +453,9 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
     from jax_unlearn.bench.report import plot_pareto
     from jax_unlearn.bench.sweep import run_sweep
 
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder")
+    _check_writable(out, "--out", folder=True)
+    if cache:
+        _check_writable(Path(cache), "--cache", folder=True)
     results = run_sweep(cfg, Path(cache) if cache else None, progress=progress)
     for w in results["worlds"]:
         p = w["pretrain"]
@@ -368,12 +523,35 @@ def _names() -> dict[str, str]:
             "top": ", ".join(f.name for f in dataclasses.fields(RunConfig) if f.name not in sections)}
 
 
+def _int_at_least(least: int):
+    """An argparse type: an integer >= ``least`` (the error names the option and the bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+EPILOG = textwrap.dedent(f"""\
+    exit status: 0 done, {EXIT_FAILURE} failed (non-finite step, I/O, unexpected error), {EXIT_USAGE} usage or input
+    error (nothing written), {EXIT_INTERRUPTED} interrupted by SIGTERM/SIGINT with a checkpoint saved (rerun to
+    resume), {EXIT_SIGINT} Ctrl-C outside the training loop; --debug prints the traceback of an error.""")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jax_unlearn.run_config import DTYPES
 
     n = _names()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an error")
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=_formatter,
+        prog=PROG, formatter_class=_formatter, epilog=EPILOG,
         description=textwrap.dedent(f"""\
             Machine unlearning for LLMs in JAX: the forget and retain gradients are combined by
             a combiner ({n['combiners']}) so that updates do not work against retention.
@@ -394,11 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
                        batch size, ... as in 'lm-eval run'), served by the JAX model
 
             Run 'jax-unlearn COMMAND --help' for the options of a command."""))
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser(
-        "demo", formatter_class=_formatter, help="the embedded benchmark, end to end (minutes on a CPU)",
+        "demo", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="the embedded benchmark, end to end (minutes on a CPU)",
         description=textwrap.dedent(f"""\
             Build (first run: about 1.5 min of the ~3.5 on 2 CPU cores) or reuse the cached model: a
             0.27M-parameter LLaMA pretrained on a seeded world of invented people (names,
@@ -416,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "sweep", formatter_class=_formatter, help="benchmark grid over combiners and one hyperparameter",
+        "sweep", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="benchmark grid over combiners and one hyperparameter",
         description=textwrap.dedent("""\
             Run the embedded benchmark over every objective x combiner x value of grid.param
             (lr, alpha, gamma, beta or delta) on each world seed in 'worlds' (each world's
@@ -433,11 +614,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "unlearn", formatter_class=_formatter, help="run an unlearning config",
+        "unlearn", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="run an unlearning config",
         description=textwrap.dedent(f"""\
             Load the model, tokenizer and data named in CONFIG, unlearn, export the model to
             OUTPUT_DIR/model and (if the config's eval section names files) evaluate it.
-            Rerunning the same command resumes from the newest checkpoint in OUTPUT_DIR.
+            Everything is checked before anything is written: the config, OUTPUT_DIR, the model
+            folder, the tokenizer and the data files. OUTPUT_DIR records the run's fingerprint
+            (fingerprint.json: model config and weights checksum, data hashes, objective,
+            combiner, optimizer, seed, batch layout); rerunning the same command resumes from the
+            newest checkpoint, a changed config is refused naming the keys that differ (--restart
+            runs it in OUTPUT_DIR/restart-N instead), and a larger max_steps continues the run.
 
             Overrides are dotted KEY=VALUE pairs applied after the file, values parsed as YAML:
               model.path=/ckpt/zephyr-7b-beta data.forget=bio.jsonl data.retain=wiki.jsonl
@@ -448,10 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
             An unknown key or a wrong value is an error that names the key and what it allows."""))
     p.add_argument("config", metavar="CONFIG", help="YAML run config (see configs/)")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="overrides, e.g. optim.lr=1e-5")
+    p.add_argument("--restart", action="store_true",
+                   help="if OUTPUT_DIR holds another run, run in OUTPUT_DIR/restart-N (the first new one, or "
+                        "one holding this run) instead of refusing; nothing in OUTPUT_DIR is changed")
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser(
-        "eval", formatter_class=_formatter, help="evaluate a Hugging Face model folder",
+        "eval", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="evaluate a Hugging Face model folder",
         description=textwrap.dedent("""\
             Evaluate a model folder: multiple-choice accuracy (--mc, records with question,
             choices, answer), QA ROUGE-L recall (--qa, records with question, answer, level) and
@@ -463,21 +654,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa", action="append", default=[], metavar="FILE", help="QA probe file (repeatable)")
     p.add_argument("--mia-forget", metavar="FILE", help="texts the model should have forgotten")
     p.add_argument("--mia-holdout", metavar="FILE", help="texts the model never saw")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples for --mc (default 0)")
+    p.add_argument("--num-fewshot", type=_int_at_least(0), default=0, help="few-shot examples for --mc (default 0)")
     p.add_argument("--subject", help="subject for --mc questions without one (e.g. biology)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget for --qa (default 32)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32,
+                   help="generation budget for --qa (default 32)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="parameter dtype (default float32)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "export", formatter_class=_formatter, help="export a run's newest checkpoint as a Hugging Face folder",
+        "export", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="export a run's newest checkpoint as a Hugging Face folder",
         description=textwrap.dedent("""\
             Restore the newest readable Orbax checkpoint of an unlearn run (RUN_DIR/checkpoints,
             e.g. of an interrupted run) on top of the starting model named in RUN_DIR/config.yaml
-            and save it as a Hugging Face folder with the tokenizer."""))
+            (or --model) and save it as a Hugging Face folder with the tokenizer. RUN_DIR may have
+            been moved or copied; nothing in it changes. A starting model that does not match
+            the run's fingerprint (config.json, weights checksum) is refused."""))
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="output_dir of an unlearn run")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--model", metavar="DIR", help="starting model folder, if it moved since the run")
@@ -492,12 +687,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jax-unlearn`` console script; returns the exit status."""
+def _exit_status(err: BaseException) -> tuple[int, str]:
+    """``(exit status, message)`` of an error: inputs and usage -> 2, a failed run -> 1."""
+    from jax_unlearn.config import ConfigError
     from jax_unlearn.data import DataError
     from jax_unlearn.models import CheckpointError
-    from jax_unlearn.run_config import ConfigError
+    from jax_unlearn.train import NonFiniteError
 
+    if isinstance(err, NonFiniteError):
+        return EXIT_FAILURE, str(err)
+    if isinstance(err, (CLIError, ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError,
+                        IsADirectoryError, FileExistsError, PermissionError)):
+        return EXIT_USAGE, str(err)
+    if isinstance(err, OSError):
+        return EXIT_FAILURE, str(err)
+    text = " ".join(str(err).split())
+    return EXIT_FAILURE, f"{type(err).__name__}: {text[:500]} (rerun with --debug for the traceback)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jax-unlearn`` console script; returns the exit status (see the
+    module docstring: 0, 1 failed, 2 usage or input error, 75 interrupted and resumable)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides after an option (argparse stops a positional list at options)
@@ -507,11 +717,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
     try:
         return args.func(args)
-    except (CLIError, ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message and an exit status
+        status, message = _exit_status(err)
+        message = message.removeprefix(f"{args.command}: ")  # the line starts with the command already
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import optax
@@ -29,6 +30,10 @@ from jax_unlearn.combiners import COMBINERS
 from jax_unlearn.objectives import OBJECTIVES, Objective
 from jax_unlearn.registry import Registry
 from jax_unlearn.step import StepConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and what it allows."""
 
 
 def _known(registry: Registry, section: str, name: str) -> None:
@@ -42,6 +47,11 @@ class OptimConfig:
 
     ``warmup_steps`` (when set) overrides ``warmup_ratio``, whose steps are
     ``ceil(warmup_ratio * total_steps)`` as in the Hugging Face Trainer.
+
+    ``skip_nonfinite`` (used by `build_tx`): 0 (the default) leaves non-finite updates to the
+    loop, which stops the run at the first one; ``N > 0`` wraps the optimizer in
+    ``optax.apply_if_finite(max_consecutive_errors=N)``: a non-finite combined gradient is
+    skipped (no update, optimizer state kept), up to ``N`` in a row.
     """
 
     lr: float = 1e-5
@@ -53,6 +63,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    skip_nonfinite: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +153,77 @@ def build_combiner(cfg: CombinerConfig) -> optax.GradientTransformation:
 
 
 def check(cfg: TrainConfig) -> None:
-    """Raises ValueError naming the key when the combiner or objective section sets a key its
-    factory does not take, or the step settings are invalid (checks that build nothing)."""
-    COMBINERS.arguments(cfg.combiner.name, *_settings(cfg.combiner), "combiner")
-    OBJECTIVES.arguments(cfg.objective.name, *_objective_settings(cfg.objective), "objective")
-    step_config(cfg)
+    """Raises `ConfigError` (a ValueError) naming the key when a numeric key is out of its range
+    (`check_ranges`), the combiner or objective section sets a key its factory does not take,
+    or the step settings are invalid (checks that build nothing)."""
+    check_ranges(cfg)
+    try:
+        COMBINERS.arguments(cfg.combiner.name, *_settings(cfg.combiner), "combiner")
+        OBJECTIVES.arguments(cfg.objective.name, *_objective_settings(cfg.objective), "objective")
+        step_config(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# (key, test, what the key allows) for every numeric key of a TrainConfig
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("batch_size", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("micro_batches", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("epochs", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("max_steps", lambda v: v is None or _integer(v) and v > 0, "an integer > 0 or null"),
+    ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("save_every", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("keep", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("log_every", lambda v: _integer(v) and v > 0, "an integer > 0"),
+    ("optim.lr", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("optim.warmup_ratio", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.warmup_steps", lambda v: v is None or _integer(v) and v >= 0, "an integer >= 0 or null"),
+    ("optim.weight_decay", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("optim.clip_norm", lambda v: v is None or _number(v) and v > 0, "a finite number > 0 or null (no clipping)"),
+    ("optim.b1", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.b2", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.eps", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("optim.skip_nonfinite", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: stop at a non-finite step)"),
+    ("combiner.alpha", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("combiner.gamma", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("objective.beta", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("objective.delta", _number, "a finite number"),
+    ("objective.layer", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("objective.steering", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("objective.seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("objective.logit_chunk", lambda v: v is None or _integer(v) and v > 0, "an integer > 0 or null"),
+)
+
+
+def _get_key(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Raises `ConfigError` naming the first numeric key outside its range (learning rate > 0,
+    ``0 <= warmup_ratio < 1``, positive sizes, ...; see ``_RANGES``). Ranges that depend on
+    the model or the data (sequence length, batch size against the data set, RMU's layer,
+    warmup steps against the run's length) are checked where those are known."""
+    for key, ok, expected in _RANGES:
+        value = _get_key(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"'{key}' is {value!r}; expected {expected}")
+    if cfg.combiner.alpha == 0 and cfg.combiner.gamma == 0:
+        raise ConfigError("'combiner.alpha' and 'combiner.gamma' are both 0: every update would be zero")
+    if cfg.batch_size % cfg.micro_batches:
+        raise ConfigError(f"'batch_size'={cfg.batch_size} is not divisible by 'micro_batches'={cfg.micro_batches}")
 
 
 def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.ScalarOrSchedule:
@@ -194,9 +271,15 @@ def set_hyperparams(opt_state: Any, **values: float) -> Any:
 
 
 def build_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """``chain(combiner, clip, adamw)``; naive mode drops the combiner."""
+    """``chain(combiner, clip, adamw)``; naive mode drops the combiner. With
+    ``optim.skip_nonfinite=N > 0`` the part after the combiner is wrapped in
+    ``optax.apply_if_finite(..., max_consecutive_errors=N)`` (it must follow the combiner:
+    it expects updates shaped like the parameters)."""
     head = [] if cfg.mode == "naive" else [build_combiner(cfg.combiner)]
-    return optax.chain(*head, build_optimizer(cfg.optim, total_steps))
+    optimizer = build_optimizer(cfg.optim, total_steps)
+    if cfg.optim.skip_nonfinite:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=cfg.optim.skip_nonfinite)
+    return optax.chain(*head, optimizer)
 
 
 def step_config(cfg: TrainConfig) -> StepConfig:

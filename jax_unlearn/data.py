@@ -409,12 +409,27 @@ class TokenizeOptions:
 
 
 def load_tokenizer(folder: str | os.PathLike):
-    """``transformers.AutoTokenizer.from_pretrained(folder)`` for a local Hugging Face folder."""
+    """``transformers.AutoTokenizer.from_pretrained(folder)`` for a local Hugging Face folder.
+
+    Code shipped with a folder is never run (``trust_remote_code=False``: a tokenizer that
+    needs it is refused rather than prompted for). Raises FileNotFoundError for a missing
+    folder and `DataError` naming the folder when no tokenizer can be built from it.
+    """
     import transformers  # noqa: PLC0415 - the optional 'hf' extra
 
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such tokenizer folder")
-    return transformers.AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        first = " ".join(str(err).split())[:240] or type(err).__name__
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise DataError(f"{folder}: the tokenizer needs custom code ('auto_map' in its tokenizer_config.json "
+                            "or config.json), which this library never runs; use a folder with a tokenizer.json "
+                            "(set model.tokenizer=FOLDER)") from None
+        raise DataError(f"{folder}: no usable tokenizer ({first}); expected a Hugging Face tokenizer folder with "
+                        "tokenizer.json (or tokenizer.model and sentencepiece); set model.tokenizer=FOLDER "
+                        "if it lives elsewhere") from None
 
 
 def _check_length(max_length: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import operator
 import os
 import types
@@ -33,14 +34,12 @@ from typing import Any, Literal
 from omegaconf import MISSING, OmegaConf
 from omegaconf import errors as oc_errors
 
-from jax_unlearn.config import TrainConfig
+from jax_unlearn.config import ConfigError, TrainConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+__all__ = ["ConfigError", "DataSection", "EvalSection", "ModelSection", "RunConfig", "check_model_fit",
+           "load_config", "to_yaml"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,11 +188,16 @@ def _check_literals(obj: Any, prefix: str = "") -> None:
 
 def parse_override(item: str) -> dict:
     """``"optim.lr=1e-5"`` -> ``{"optim": {"lr": 1e-05}}`` (values parsed as YAML)."""
-    key, sep, _ = item.partition("=")
+    key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} is not of the form KEY=VALUE (e.g. optim.lr=1e-5)")
-    return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except Exception as err:  # noqa: BLE001 - YAML scanner/parser and omegaconf grammar errors
+        problem = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+        raise ConfigError(f"override {item!r}: the value {value!r} of '{key}' is not valid YAML ({problem}); "
+                          "quote it for a plain string, e.g. 'optim.lr=[1, 2]' needs its closing bracket") from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -229,12 +233,21 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), s
             msg = getattr(err, "msg", str(err)).splitlines()[0]
             expected = f"; expected {describe(tp)}" if tp is not None and "expected" not in msg else ""
             raise ConfigError(f"{source}: '{key}': {msg}{expected}") from None
-    missing = sorted(k for k in _missing_keys(merged))
-    if missing:
-        raise ConfigError(f"{path or 'config'}: required value(s) not set: {', '.join(missing)}; "
-                          f"pass them as overrides, e.g. {missing[0]}=...")
     try:
+        missing = sorted(k for k in _missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{path or 'config'}: required value(s) not set: {', '.join(missing)}; "
+                              f"pass them as overrides, e.g. {missing[0]}=...")
         cfg = OmegaConf.to_object(merged)
+    except oc_errors.InterpolationResolutionError as err:  # ${...} that names no key or an unset variable
+        key = getattr(err, "full_key", None) or "?"
+        msg = getattr(err, "msg", str(err)).splitlines()[0]
+        raise ConfigError(f"{path or 'config'}: '{key}': cannot resolve its interpolation ({msg}); "
+                          "${KEY} must name another key of the config, ${oc.env:NAME} a set environment "
+                          "variable") from None
+    except oc_errors.OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{path or 'config'}: '{key}': {getattr(err, 'msg', str(err)).splitlines()[0]}") from None
     except ValueError as err:  # a section's own __post_init__ check
         raise ConfigError(f"{path or 'config'}: {err}") from None
     _check_literals(cfg)
@@ -278,24 +291,36 @@ def _check_semantics(cfg: RunConfig) -> None:
         ModelOptions(**cfg.model.options())
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
-    try:
-        config.check(cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    positive = {"batch_size": cfg.batch_size, "micro_batches": cfg.micro_batches, "epochs": cfg.epochs,
-                "save_every": cfg.save_every, "keep": cfg.keep, "log_every": cfg.log_every,
-                "data.max_length": cfg.data.max_length, "eval.batch_size": cfg.eval.batch_size}
-    if cfg.max_steps is not None:
-        positive["max_steps"] = cfg.max_steps
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"'{key}' must be a positive integer, got {value}")
-    if cfg.batch_size % cfg.micro_batches:
-        raise ConfigError(f"'batch_size'={cfg.batch_size} is not divisible by 'micro_batches'={cfg.micro_batches}")
-    if not 0.0 <= cfg.optim.warmup_ratio <= 1.0:
-        raise ConfigError(f"'optim.warmup_ratio' must lie in [0, 1], got {cfg.optim.warmup_ratio}")
+    config.check(cfg)  # ConfigError naming the key: numeric ranges, factory arguments, step settings
+    for key, value, least in (("data.max_length", cfg.data.max_length, 2), ("eval.batch_size", cfg.eval.batch_size, 1),
+                              ("eval.num_fewshot", cfg.eval.num_fewshot, 0),
+                              ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)):
+        if value < least:
+            raise ConfigError(f"'{key}' is {value!r}; expected an integer >= {least}")
+    for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+        value = getattr(cfg.mesh, key.split(".")[1])
+        if value == 0 or value < -1:
+            raise ConfigError(f"'{key}' is {value!r}; expected an integer > 0, or -1 for all remaining devices")
     if (cfg.eval.mia_forget is None) != (cfg.eval.mia_holdout is None):
         raise ConfigError("'eval.mia_forget' and 'eval.mia_holdout' go together: set both or neither")
+
+
+def check_model_fit(cfg: RunConfig, model_config: Any) -> None:
+    """Raises `ConfigError` naming the key when the run does not fit the model's
+    ``config.json`` (a `jax_unlearn.models.ModelConfig`): rows longer than its positions,
+    an RMU layer it does not have."""
+    where = f"{cfg.model.path}/config.json"
+    if cfg.data.max_length > model_config.max_position_embeddings:
+        raise ConfigError(f"'data.max_length' is {cfg.data.max_length}, more than the model's "
+                          f"max_position_embeddings={model_config.max_position_embeddings} ({where}); "
+                          f"use data.max_length <= {model_config.max_position_embeddings}")
+    from jax_unlearn.objectives import OBJECTIVES
+
+    if "layer" in inspect.signature(OBJECTIVES.get(cfg.objective.name)).parameters:  # RMU's hidden layer
+        if cfg.objective.layer >= model_config.num_hidden_layers:
+            raise ConfigError(f"'objective.layer' is {cfg.objective.layer}, but the model has "
+                              f"num_hidden_layers={model_config.num_hidden_layers} ({where}); "
+                              f"expected 0 <= objective.layer < {model_config.num_hidden_layers}")
 
 
 def to_yaml(cfg: RunConfig) -> str:

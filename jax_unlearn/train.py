@@ -6,11 +6,35 @@ their steps through it.
 
 `unlearn` runs forget-anchored epochs (`jax_unlearn.data.PairedBatches`): the data of step
 ``t`` depends on ``t`` alone, so a resumed run sees exactly the batches an uninterrupted run
-would. Orbax checkpoints (``OUT/checkpoints/<step>``) hold the trainable parameters, the
-optimizer state, the step and the data position; the newest readable one is restored on start.
-A checkpoint that cannot be read is moved to ``OUT/checkpoints.unreadable/`` with a warning
-(nothing is deleted) and the previous one is used. SIGTERM or SIGINT finishes the current
-step, saves and returns. At the end the model is exported with ``save_hf`` to ``OUT/model``.
+would. A run directory ``OUT`` holds:
+
+- ``fingerprint.json``: what defines the run (`jax_unlearn.fingerprint`) and its length;
+- ``checkpoints/<step>``: Orbax checkpoints of the trainable parameters, the optimizer state,
+  the step and the data position;
+- ``metrics.jsonl``: one line per logged step; ``model/``: the exported model (`save_hf`);
+- whatever the caller records beside them (``jax-unlearn unlearn`` writes ``config.yaml``).
+
+Validate, then write: `unlearn` checks the config's ranges, the data against the batch size
+and the model, the mesh, the output folder and the fingerprint recorded in ``OUT`` (a rerun
+resumes only the same run: `check_resume`) before it writes anything. Raising ``max_steps``
+(or ``epochs``) continues a run; lowering it below the steps taken is refused.
+
+Checkpoints: the newest readable one is restored on start. One that cannot be read is moved
+to ``OUT/checkpoints.unreadable/`` with a warning (nothing is deleted) and the previous one is
+used; one that reads but does not fit the model or optimizer (other tree, shapes or dtypes)
+is an error (`ResumeError`), not corruption, and stays where it is. Metrics of steps after the
+restored checkpoint (they are recomputed) move from ``metrics.jsonl`` to
+``metrics.superseded.jsonl``. SIGTERM or SIGINT finishes the current step, saves and returns.
+At the end the model is exported with ``save_hf`` to ``OUT/model``.
+
+Non-finite guard: after every step a small jitted function folds the step's losses (and the
+update's norm, when the combiner's diagnostics are on) into a device-side record of the first
+non-finite step, so no step waits for the host. The record is read where the loop syncs
+anyway: at log steps and before every checkpoint; a checkpoint or export also checks that
+every parameter is finite. A non-finite step stops the run with `NonFiniteError` (naming the
+step and its losses) and nothing after it is saved or exported: the newest checkpoint is the
+last finite state. With ``optim.skip_nonfinite=N`` the optimizer skips non-finite updates
+(``optax.apply_if_finite``) and the run stops only after more than ``N`` in a row.
 """
 
 from __future__ import annotations
@@ -18,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import time
@@ -26,16 +51,43 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jax_unlearn import fingerprint as fpr
 from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
-from jax_unlearn.config import TrainConfig, build_objective, build_schedule, build_tx, step_config
+from jax_unlearn.config import ConfigError, TrainConfig, build_objective, build_schedule, build_tx, check, step_config
 from jax_unlearn.data import Dataset, PairedBatches
 
 log = logging.getLogger("jax_unlearn.train")
+
+FINGERPRINT_FILE = "fingerprint.json"
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"  # metrics of steps recomputed after a resume
+
+
+class ResumeError(ConfigError):
+    """The output folder holds another run (other fingerprint, more steps than asked for, or a
+    checkpoint that does not fit): nothing was changed in it."""
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss, update or parameter; the run stopped before saving it.
+
+    Attributes:
+      step: the first non-finite step (1-based, as in ``metrics.jsonl``).
+      values: its watched metrics (``forget_loss``, ``retain_loss``, ...), or empty when only the
+        parameters were found non-finite.
+    """
+
+    def __init__(self, message: str, step: int, values: dict[str, float]):
+        super().__init__(message)
+        self.step, self.values = step, values
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -84,6 +136,109 @@ def _global_batch(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
 
 
+# ----------------------------------------------------------------------------- the run folder
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of a run: ``max_steps`` when set, else ``epochs * steps_per_epoch``."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def _length_key(cfg: TrainConfig) -> str:
+    return "max_steps" if cfg.max_steps is not None else "epochs"
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the finished checkpoints in ``run_dir/checkpoints`` (Orbax's unfinished
+    ``<step>.orbax-checkpoint-tmp*`` folders excluded), ascending."""
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def read_record(run_dir: str | Path) -> dict | None:
+    """``run_dir/fingerprint.json`` (``{"fingerprint": {...}, "total_steps": N}``), or None."""
+    path = Path(run_dir) / FINGERPRINT_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("fingerprint"), dict) or not isinstance(record.get("total_steps"), int):
+            raise ValueError("expected an object with 'fingerprint' and 'total_steps'")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ResumeError(f"{path} is damaged ({err}); it records which run {run_dir} holds: restore it from a "
+                          "copy, or use another output_dir") from None
+    return record
+
+
+def check_output_dir(out: str | Path) -> None:
+    """Raises `ConfigError` naming ``output_dir`` when the run could not write there: a file
+    in the way, or a folder it may not write into. Writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"'output_dir' {out} exists and is not a folder")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"'output_dir' {out} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"'output_dir' {out}: cannot write into {probe} (permission denied)")
+    for name in ("checkpoints", "model"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ConfigError(f"'output_dir' {out}: {out / name} is in the way (a file where the run keeps a folder)")
+    for name in (METRICS_FILE, FINGERPRINT_FILE):
+        if (out / name).exists() and not ((out / name).is_file() and os.access(out / name, os.W_OK)):
+            raise ConfigError(f"'output_dir' {out}: {out / name} is not a writable file")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeCheck:
+    """What `check_resume` found: the newest checkpoint's step (None: none) and the run's
+    recorded length (None: no ``fingerprint.json``)."""
+
+    newest_step: int | None
+    recorded_total: int | None
+
+
+def check_resume(run_dir: str | Path, fingerprint: dict, total: int, length_key: str = "max_steps") -> ResumeCheck:
+    """Checks that ``run_dir`` is empty or holds this same run, and no more steps than ``total``.
+
+    Reads only. Raises `ResumeError` naming the fingerprint keys that differ from the recorded
+    ones (`jax_unlearn.fingerprint.differences`), or ``length_key`` when the run already took
+    more steps than ``total``.
+    """
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    steps = checkpoint_steps(run_dir)
+    newest = steps[-1] if steps else None
+    if record is not None:
+        diff = fpr.differences(record["fingerprint"], fingerprint)
+        if diff:
+            raise ResumeError(f"{run_dir} holds another run; what defines a run differs from its {FINGERPRINT_FILE} "
+                              "(recorded -> now):\n  " + "\n  ".join(diff) + "\nResuming would mix two runs and "
+                              "nothing was changed: undo these changes, or use another output_dir")
+    elif newest is not None:
+        log.warning("%s holds checkpoints but no %s (written before runs recorded one): resuming without "
+                    "checking that the config is the same", run_dir, FINGERPRINT_FILE)
+    elif (run_dir / METRICS_FILE).exists() or (run_dir / "model").exists():
+        raise ResumeError(f"{run_dir} holds {METRICS_FILE} or model/ of an earlier run but neither {FINGERPRINT_FILE} "
+                          "nor a checkpoint to resume; nothing was changed: use another output_dir")
+    if newest is not None and newest > total:
+        raise ResumeError(f"'{length_key}' gives {total} steps, but {run_dir} already holds a checkpoint of step "
+                          f"{newest}; nothing was changed: raise {length_key} to continue the run (at least {newest} "
+                          "steps), or use another output_dir for a shorter run")
+    return ResumeCheck(newest, None if record is None else record["total_steps"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary sibling, then renames it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -119,41 +274,170 @@ def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     )
 
 
+def _reader(directory: Path) -> ocp.CheckpointManager:
+    """A manager that only reads (creates, cleans and deletes nothing)."""
+    absl = logging.getLogger("absl")  # Orbax warns that a read-only manager is read-only
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(
+            directory.absolute(),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False),
+        )
+    finally:
+        absl.setLevel(level)
+
+
 def _saved(state: st.TrainState) -> dict:
     """What a checkpoint holds: only what training changes (frozen parts come from the model)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _restore_latest(directory: Path, keep: int, target: dict, shardings: dict | None):
-    """Restores the newest readable checkpoint; unreadable ones are moved aside, never deleted.
+def _tree_spec(tree: Any) -> dict[str, list]:
+    """``name -> [shape, dtype]`` of every array of a checkpoint's tree (recorded in its ``meta``,
+    so a restore can tell a checkpoint of another configuration from a corrupt one)."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): [list(x.shape), jnp.dtype(x.dtype).name]
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-    Returns ``(manager, restored tree or None, meta or None)``.
+
+def _mismatch(expected: dict, found: dict) -> list[str]:
+    """Where a checkpoint's recorded `_tree_spec` (``found``) differs from this run's (``expected``)."""
+    out = [f"{k}: not in the checkpoint" for k in expected if k not in found]
+    out += [f"{k}: in the checkpoint, not in this run" for k in found if k not in expected]
+    for k, (shape, dtype) in expected.items():
+        if k in found and [list(found[k][0]), found[k][1]] != [shape, dtype]:
+            out.append(f"{k}: {tuple(found[k][0])} {found[k][1]} in the checkpoint, {tuple(shape)} {dtype} in this run")
+    return out
+
+
+def _recorded_tree(reader: ocp.CheckpointManager, directory: Path, step: int) -> dict[str, list]:
+    """The `_tree_spec` a checkpoint was saved with: from its ``meta``, or (checkpoints written
+    before ``meta`` recorded it) from Orbax's array metadata. Raises when neither can be read."""
+    meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if isinstance(meta, dict) and isinstance(meta.get("tree"), dict):
+        return meta["tree"]
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        arrays = handler.metadata((directory / str(step)).absolute() / "state")
+    finally:
+        handler.close()
+    flat = ocp.tree.to_flat_dict(getattr(arrays, "tree", arrays))
+    return {".".join(map(str, k)): [list(v.shape), jnp.dtype(v.dtype).name] for k, v in flat.items()
+            if getattr(v, "shape", None) is not None}
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
+def _restore_latest(directory: Path, target: dict, shardings: dict | None, move_aside: bool):
+    """Restores the newest readable checkpoint of ``directory``: ``(tree, meta)`` or ``(None, None)``.
+
+    A checkpoint whose metadata or data cannot be read is corrupt: with ``move_aside`` it is moved
+    to ``<directory>.unreadable/<step>.<time>`` (never deleted), else skipped and left as it is;
+    then the previous one is tried. A readable checkpoint that does not fit ``target`` raises
+    `ResumeError` and nothing is moved.
     """
-    mngr = _manager(directory, keep)
+    if not directory.is_dir():
+        return None, None
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
         shardings if shardings is not None else jax.tree.map(lambda x: x.sharding, target),
     )
-    while (steps := sorted(mngr.all_steps(), reverse=True)):
+    expected = _tree_spec(abstract)
+    skipped: set[int] = set()
+    while True:
+        reader = _reader(directory)
+        steps = sorted((s for s in reader.all_steps() if s not in skipped), reverse=True)
+        if not steps:
+            reader.close()
+            return None, None
         step = steps[0]
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-            return mngr, restored.state, restored.meta
-        except Exception as err:  # noqa: BLE001 - any failure to read means "unreadable"
-            aside = directory.parent / f"{directory.name}.unreadable" / f"{step}.{int(time.time())}"
-            log.warning("checkpoint %s is unreadable (%s: %s); moving it to %s and trying the previous one",
-                        directory / str(step), type(err).__name__, str(err)[:200], aside)
-            if jax.process_index() == 0:
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(directory / str(step)), str(aside))
-            if jax.process_count() > 1:  # every host sees the move before listing again
-                from jax.experimental import multihost_utils
+            diff = _mismatch(expected, _recorded_tree(reader, directory, step))
+        except Exception as err:  # noqa: BLE001 - a meta file that cannot be read means "unreadable"
+            problem = _describe(err)  # not the exception: its frames would keep Orbax's pending reads alive
+        else:
+            if diff:
+                reader.close()
+                raise ResumeError(
+                    f"checkpoint {directory / str(step)} is readable but does not fit this run's model and optimizer "
+                    f"(it was written by another configuration; nothing was moved): " + "; ".join(diff[:4])
+                    + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "") + "; use another output_dir")
+            try:
+                restored = reader.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                reader.close()
+                return restored.state, restored.meta
+            except Exception as err:  # noqa: BLE001 - data that cannot be read means "unreadable"
+                problem = _describe(err)
+        reader.close()
+        if not move_aside:
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one (nothing is moved)",
+                        directory / str(step), problem)
+            skipped.add(step)
+            continue
+        aside = directory.parent / f"{directory.name}.unreadable" / f"{step}.{int(time.time())}"
+        log.warning("checkpoint %s is unreadable (%s); moving it to %s and trying the previous one",
+                    directory / str(step), problem, aside)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(directory / str(step)), str(aside))
+        if jax.process_count() > 1:  # every host sees the move before listing again
+            from jax.experimental import multihost_utils
 
-                multihost_utils.sync_global_devices(f"jax_unlearn: checkpoint {step} moved aside")
-            mngr.close()
-            mngr = _manager(directory, keep)
-    return mngr, None, None
+            multihost_utils.sync_global_devices(f"jax_unlearn: checkpoint {step} moved aside")
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def _watched(cfg: TrainConfig) -> tuple[str, ...]:
+    """Metrics whose non-finite value stops the run: both losses, and the update's (or the
+    naive mode's gradient's) norm when the step computes it."""
+    if cfg.mode == "naive":
+        return ("forget_loss", "retain_loss", "grad_norm")
+    return ("forget_loss", "retain_loss") + (("update_norm",) if cfg.combiner.diagnostics else ())
+
+
+def _watch_fn(skip: int):
+    """``watch(record, step, values, skipped_in_a_row) -> record``: the first non-finite step and
+    its values, ``(int32 step or 0, float32 [k])``, kept on the device."""
+
+    @jax.jit
+    def watch(record, step, values, in_a_row):
+        first, kept = record
+        values = jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+        bad = in_a_row > skip if skip else ~jnp.all(jnp.isfinite(values))
+        fresh = (first == 0) & bad
+        return jnp.where(fresh, step, first), jnp.where(fresh, values, kept)
+
+    return watch
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def _nonfinite_message(failure: dict, cfg: TrainConfig, run_dir: Path) -> str:
+    step, values = failure["step"], failure["values"]
+    shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+    if not values:
+        what = f"after step {step} the parameters are not finite (the watched losses were)"
+    elif cfg.optim.skip_nonfinite:
+        what = (f"step {step}: more than optim.skip_nonfinite={cfg.optim.skip_nonfinite} non-finite updates in a "
+                f"row ({shown})")
+    else:
+        what = f"step {step}: non-finite loss or update ({shown})"
+    steps = checkpoint_steps(run_dir)
+    kept = (f"the newest checkpoint, step {steps[-1]} in {run_dir / 'checkpoints'}, is the last finite state"
+            if steps else "no checkpoint was written")
+    hint = ("lower optim.lr" if cfg.optim.skip_nonfinite else
+            "lower optim.lr or set optim.skip_nonfinite=N to skip up to N non-finite updates in a row")
+    return (f"{what}; the run stopped without saving or exporting anything after it ({kept}); {hint} "
+            f"(optim.lr={cfg.optim.lr:g}) and start a new output_dir")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -161,7 +445,8 @@ def _restore_latest(directory: Path, keep: int, target: dict, shardings: dict | 
 
 @dataclasses.dataclass
 class RunResult:
-    """What `unlearn` did."""
+    """What `unlearn` did (``continued_from``: the recorded length when ``max_steps`` or
+    ``epochs`` was changed to continue the run, else None)."""
 
     model: nnx.Module
     steps_done: int
@@ -169,60 +454,130 @@ class RunResult:
     interrupted: bool
     resumed_from: int | None
     export_dir: Path | None
+    continued_from: int | None = None
 
 
-def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, tokenizer: Any = None) -> RunResult:
-    """Unlearns ``forget`` while keeping ``retain``; resumes from ``cfg.output_dir`` if it holds checkpoints.
+def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Dataset) -> tuple[int, Any]:
+    """The checks of a run that need its data and the model's `ModelConfig`; writes nothing.
+
+    Returns ``(total steps, mesh)``. Raises `ConfigError` naming the key: a value out of range
+    (`jax_unlearn.config.check`), a batch larger than the forget set, rows longer than the
+    model's positions or token ids outside its vocabulary, warmup steps not fewer than the run's,
+    a mesh the devices or the batch do not divide; `DataError` for sets that cannot be batched.
+    """
+    check(cfg)
+    n_forget = len(forget["input_ids"]) if "input_ids" in forget else 0
+    if 0 < n_forget < cfg.batch_size:
+        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {n_forget} rows; "
+                          f"use batch_size <= {n_forget} or more forget data")
+    data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
+    total = total_steps(cfg, data.steps_per_epoch)
+    positions = model_config.max_position_embeddings
+    for name, rows in (("forget", forget), ("retain", retain)):
+        ids = np.asarray(rows["input_ids"])
+        if ids.shape[1] > positions:
+            raise ConfigError(f"the {name} rows hold {ids.shape[1]} tokens, more than the model's "
+                              f"max_position_embeddings={positions}; use data.max_length <= {positions}")
+        if ids.size and (int(ids.max()) >= model_config.vocab_size or int(ids.min()) < 0):
+            raise ConfigError(f"the {name} set holds token id {int(ids.max())}, outside the model's vocab_size="
+                              f"{model_config.vocab_size}: the tokenizer does not belong to this model "
+                              "(set model.tokenizer to the model's own)")
+    if total <= 0:
+        raise ConfigError(f"nothing to do: max_steps={cfg.max_steps}, epochs={cfg.epochs}")
+    if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps >= total:
+        raise ConfigError(f"'optim.warmup_steps' is {cfg.optim.warmup_steps}, not fewer than the run's {total} steps")
+    try:
+        mesh = sh.make_mesh(cfg.mesh)
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % shards:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the mesh's data x fsdp = {shards} "
+                          "batch shards (set mesh.data / mesh.fsdp / mesh.tensor)")
+    return total, mesh
+
+
+def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, tokenizer: Any = None, *,
+            identity: dict | None = None, record: dict[str, str] | None = None) -> RunResult:
+    """Unlearns ``forget`` while keeping ``retain``; resumes the same run from ``cfg.output_dir``.
 
     Args:
       model: the starting model (a `jax_unlearn.models.CausalLM`); it stays usable.
       forget, retain: token arrays ``input_ids``, ``attention_mask``, ``labels``, each ``[N, seq]``.
       cfg: the run (`jax_unlearn.config.TrainConfig`).
       tokenizer: saved beside the exported model when given.
+      identity: more fingerprint keys (`jax_unlearn.fingerprint.run_fingerprint`'s ``extra``).
+      record: files to write into ``output_dir`` once everything is validated (name -> text,
+        each written atomically), e.g. ``{"config.yaml": ...}``.
 
     Returns:
       A `RunResult` with the unlearned model.
+
+    Raises:
+      ConfigError: a key out of range, data that do not fit the batch size or the model, a mesh
+        the batch does not divide, an output folder that cannot be written (nothing written).
+      ResumeError: ``output_dir`` holds another run or more steps than asked for (nothing written).
+      NonFiniteError: a step was not finite; the newest checkpoint is the last finite state.
     """
     out = Path(cfg.output_dir)
     export_dir = out / "model"
+    for name in record or {}:
+        if Path(name).name != name or name in (FINGERPRINT_FILE, METRICS_FILE, SUPERSEDED_FILE):
+            raise ValueError(f"record file name {name!r} must be a plain file name of the caller's own")
+    total, mesh = check_run(cfg, model.config, forget, retain)
     data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
-    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * data.steps_per_epoch
-    if total <= 0:
-        raise ValueError(f"nothing to do: max_steps={cfg.max_steps}, epochs={cfg.epochs}")
-    if cfg.batch_size % cfg.micro_batches:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by micro_batches={cfg.micro_batches}")
+    check_output_dir(out)
+    fingerprint = fpr.run_fingerprint(cfg, model.config, getattr(model, "options", None), forget, retain,
+                                      weights=fpr.params_checksum(model), extra=identity)
+    found = check_resume(out, fingerprint, total, _length_key(cfg))
+
     schedule = build_schedule(cfg.optim, total)
     tx = build_tx(cfg, total)
     objective = build_objective(cfg.objective, model.config.hidden_size)
     defs, state = st.init_state(model, tx, objective)
-
-    mesh = sh.make_mesh(cfg.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % shards:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the mesh's data x fsdp = {shards} "
-                         "batch shards (set mesh.data / mesh.fsdp / mesh.tensor)")
     shardings = sh.train_state_shardings(state, mesh, tx)
     state = jax.device_put(state, shardings)
     batch_sharding = sh.batch_sharding(mesh)
     step_fn = st.make_two_grad_step(defs, objective, tx, step_config(cfg), shardings, batch_sharding)
 
-    mngr, restored, meta = _restore_latest(out / "checkpoints", cfg.keep, _saved(state), _saved(shardings))
+    restored, meta = _restore_latest(out / "checkpoints", _saved(state), _saved(shardings), move_aside=True)
     resumed_from = None
     if restored is not None:
         state = state._replace(**restored)
         resumed_from = int(state.step)
         if tuple(meta["position"]) != data.position(resumed_from):
-            raise ValueError(f"checkpoint {resumed_from} was written with another data layout "
-                             f"(position {meta['position']} vs {list(data.position(resumed_from))}); "
-                             "batch_size or the data changed: use a new output_dir")
+            raise ResumeError(f"checkpoint {resumed_from} was written with another data layout "
+                              f"(position {meta['position']} vs {list(data.position(resumed_from))}); "
+                              "batch_size or the data changed: use a new output_dir")
         log.info("resumed from step %d", resumed_from)
     start = int(state.step)
+    continued_from = None
+    if found.recorded_total is not None and found.recorded_total != total:
+        continued_from = found.recorded_total
+        rebuilt = cfg.optim.schedule != "constant" or (cfg.optim.warmup_steps is None and cfg.optim.warmup_ratio > 0)
+        log.warning("%s changed: the run was %d steps, now %d; continuing from step %d%s", _length_key(cfg),
+                    found.recorded_total, total, start,
+                    "; the learning-rate schedule is rebuilt over the new length (steps already taken keep "
+                    "their rates)" if rebuilt else "")
 
-    metrics_path = out / "metrics.jsonl"
+    # ---- everything is validated: from here on the run writes
+    metrics_path = out / METRICS_FILE
     is_main = jax.process_index() == 0
+    if jax.process_count() > 1:  # every host has read the run folder before process 0 writes into it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jax_unlearn: run folder checked")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_log(metrics_path, start)
+        for name, text in (record or {}).items():
+            _write_atomic(out / name, text)
+        _write_atomic(out / FINGERPRINT_FILE, json.dumps({"fingerprint": fingerprint, "total_steps": total},
+                                                         indent=1, sort_keys=True) + "\n")
+        _rewind_log(metrics_path, start)
+        (out / "checkpoints").mkdir(exist_ok=True)
+    if jax.process_count() > 1:  # every host sees the written folder before going on
+        multihost_utils.sync_global_devices("jax_unlearn: run folder written")
+    mngr = _manager(out / "checkpoints", cfg.keep)
 
     tokens = {"n": 0, "since": time.perf_counter()}
 
@@ -231,22 +586,60 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         tokens["n"] += int(fb["attention_mask"].sum() + rb["attention_mask"].sum()) if "attention_mask" in fb else 0
         return _global_batch(fb, batch_sharding), _global_batch(rb, batch_sharding)
 
-    def log_metrics(done: int, state, metrics) -> None:
+    # ---- the non-finite guard: a device-side record of the first non-finite step
+    watched, skip = _watched(cfg), cfg.optim.skip_nonfinite
+    watch = _watch_fn(skip)
+    replicated = sh.replicated(mesh)
+    guard = {"record": jax.device_put((jnp.zeros((), jnp.int32), jnp.zeros((len(watched),), jnp.float32)), replicated),
+             "zero": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+    failure: dict = {}
+
+    def guarded_step(state, fb, rb):
+        state, metrics = step_fn(state, fb, rb)
+        in_a_row = optax.tree_utils.tree_get(state.opt_state, "notfinite_count") if skip else guard["zero"]
+        guard["record"] = watch(guard["record"], state.step, [metrics[k] for k in watched], in_a_row)
+        return state, metrics
+
+    def stopped() -> bool:
+        """Reads the record (a sync); True once a non-finite step was seen."""
+        if not failure:
+            first, values = jax.device_get(guard["record"])
+            if int(first):
+                failure.update(step=int(first), values={k: float(v) for k, v in zip(watched, values)})
+        return bool(failure)
+
+    def finite_state(done: int, state) -> bool:
+        if stopped():
+            return False
+        if not bool(_all_finite(state.params)):
+            failure.update(step=done, values={})
+            return False
+        return True
+
+    def log_metrics(done: int, state, metrics) -> bool:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         lr = schedule(done - 1) if callable(schedule) else schedule
         metrics.update(step=done, lr=float(lr), tokens_per_s=tokens["n"] / max(now - tokens["since"], 1e-9))
+        if skip:
+            metrics["skipped_updates"] = int(optax.tree_utils.tree_get(state.opt_state, "total_notfinite"))
         tokens.update(n=0, since=now)
         if is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(forget=f"{metrics['forget_loss']:.3f}", retain=f"{metrics['retain_loss']:.3f}")
+        return stopped()
 
-    def save(done: int, state, metrics=None) -> None:
-        meta = {"position": list(data.position(done)), "total_steps": total}
+    spec = _tree_spec(_saved(state))
+
+    def save(done: int, state, metrics=None) -> bool:
+        if not finite_state(done, state):  # a non-finite state is never checkpointed
+            return True
+        meta = {"position": list(data.position(done)), "total_steps": total, "tree": spec}
         mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()
+        return False
 
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and is_main), desc="unlearn", unit="step")
     with _StopFlag() as stop:
@@ -260,43 +653,60 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
             return True
 
         hooks = [Every(cfg.log_every, log_metrics), Every(cfg.save_every, save), Every(1, on_signal)]
-        state, done, interrupted = run_steps(step_fn, state, batches, start, total, hooks, bar)
+        state, done, interrupted = run_steps(guarded_step, state, batches, start, total, hooks, bar)
     bar.close()
     mngr.close()
+    if failure:
+        raise NonFiniteError(_nonfinite_message(failure, cfg, out), failure["step"], failure["values"])
 
     trained = st.merge_model(defs, state, copy=False)  # no step follows: sharing the buffers is safe
     exported = None
     if cfg.export and not interrupted:  # re-export only when this call trained further
         exported = export_model(trained, export_dir, tokenizer, overwrite=start < total)
-    return RunResult(trained, int(state.step), total, interrupted, resumed_from, exported)
+    return RunResult(trained, int(state.step), total, interrupted, resumed_from, exported, continued_from)
 
 
-def restore_latest(model: nnx.Module, cfg: TrainConfig) -> tuple[nnx.Module, int] | None:
-    """The model of the newest readable checkpoint in ``cfg.output_dir`` and its step (None if none).
+def restore_latest(model: nnx.Module, cfg: TrainConfig, run_dir: str | Path | None = None
+                   ) -> tuple[nnx.Module, int] | None:
+    """The model of the newest readable checkpoint of a run folder and its step (None if none).
 
-    ``model`` is the run's starting model: checkpoints hold only what training changes.
+    ``run_dir`` defaults to ``cfg.output_dir``. ``model`` is the run's starting model:
+    checkpoints hold only what training changes. Reads only: an unreadable checkpoint is
+    skipped with a warning (the previous one is used) and nothing in the folder changes; one
+    that does not fit ``model`` raises `ResumeError`.
     """
     # The schedule's length does not change the optimizer state's layout.
     tx = build_tx(cfg, max(cfg.max_steps or 1, 1))
     defs, state = st.init_state(model, tx, build_objective(cfg.objective, model.config.hidden_size), copy=False)
     shardings = sh.train_state_shardings(state, sh.make_mesh(cfg.mesh), tx)
     state = jax.device_put(state, shardings)
-    mngr, restored, _ = _restore_latest(Path(cfg.output_dir) / "checkpoints", cfg.keep, _saved(state), _saved(shardings))
-    mngr.close()
+    directory = Path(run_dir if run_dir is not None else cfg.output_dir) / "checkpoints"
+    restored, _ = _restore_latest(directory, _saved(state), _saved(shardings), move_aside=False)
     if restored is None:
         return None
     state = state._replace(**restored)
     return st.merge_model(defs, state, copy=False), int(state.step)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the metrics of steps ``<= step`` (later ones are recomputed after a resume)."""
+def _rewind_log(path: Path, step: int) -> None:
+    """Keeps the metrics of steps ``<= step`` in ``path``; later ones (recomputed after a resume)
+    and unreadable lines (a write cut short) move to `SUPERSEDED_FILE` beside it, nothing is lost."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            later = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):
+            later = True
+        (moved if later else kept).append(line)
+    if not moved:
+        return
+    with open(path.with_name(SUPERSEDED_FILE), "a") as f:
+        f.write("".join(line + "\n" for line in moved))
+    _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def export_model(model: nnx.Module, path: Path, tokenizer: Any, overwrite: bool) -> Path | None:

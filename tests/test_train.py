@@ -76,11 +76,16 @@ def test_sigkill_midway_then_rerun_is_bit_identical(reference_run, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "model").exists()
+    logged_before = logged_steps(tmp_path)
     result = finish(worker(tmp_path, max_steps=8))
     assert result["steps_done"] == 8 and result["resumed_from"] in (4, 6)
     assert_bit_identical(weights(tmp_path), weights(reference_run))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # recomputed steps are logged once
+    superseded = tmp_path / "metrics.superseded.jsonl"  # their first lines: moved there, not lost
+    moved = superseded.read_text().splitlines() if superseded.exists() else []
+    assert all(json.loads(line)["step"] > result["resumed_from"] for line in moved if line.endswith("}"))  # whole lines
+    assert len(steps) + len(moved) == logged_before + 8 - result["resumed_from"]
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
@@ -109,6 +114,9 @@ def _config(out: Path, **kw) -> config.TrainConfig:
     return config.TrainConfig(output_dir=str(out), **{**base, **kw})
 
 
+# Orbax leaves some reads of the unreadable checkpoint pending when its restore fails; they report to
+# an event loop that is closed by then (harmless: the checkpoint is moved aside).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_latest_checkpoint_falls_back_and_deletes_nothing(reference_run, tmp_path, caplog):
     from step_fixtures import tiny_model
 
@@ -162,7 +170,7 @@ def test_bad_data_and_config_are_rejected(tmp_path):
         PairedBatches(ragged, retain, 4, 0)
     with pytest.raises(ValueError, match="batch_size=4 must be divisible by the mesh's data x fsdp = 8"):
         train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, batch_size=4))
-    with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+    with pytest.raises(ValueError, match="'batch_size'=8 is not divisible by 'micro_batches'=3"):
         train.unlearn(tiny_model(), forget, retain, _config(tmp_path, max_steps=2, micro_batches=3))
     with pytest.raises(ValueError, match="optim.schedule='step'"):
         config.build_schedule(config.OptimConfig(schedule="step"), 10)
@@ -251,3 +259,26 @@ def test_end_to_end_from_text_and_qa_files(tmp_path):
     after = float(objectives.nll(reloaded, rows(forget))[0]), float(objectives.nll(reloaded, rows(retain))[0])
     assert after[0] > before[0] and after[1] < before[1]
     assert (result.export_dir / "tokenizer.json").is_file()
+
+
+def test_a_rerun_resumes_only_the_same_run_and_changes_nothing_otherwise(reference_run, tmp_path):
+    import shutil
+
+    from step_fixtures import tiny_model
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    snapshot = lambda: {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = snapshot()
+    forget, retain = _tiny_data()
+    with pytest.raises(train.ResumeError, match=r"optim.lr: 0.01 -> 0.02"):
+        train.unlearn(tiny_model(), forget, retain, _config(run, max_steps=8, optim=config.OptimConfig(lr=0.02)))
+    with pytest.raises(train.ResumeError, match=r"model.weights: 'bits:"):
+        train.unlearn(tiny_model(seed=1), forget, retain, _config(run, max_steps=8))
+    with pytest.raises(train.ResumeError, match=r"data.retain.tokens"):
+        train.unlearn(tiny_model(), forget, {k: v[:16] for k, v in retain.items()}, _config(run, max_steps=8))
+    with pytest.raises(train.ResumeError, match=r"'max_steps' gives 6 steps, but .* step 8"):
+        train.unlearn(tiny_model(), forget, retain, _config(run, max_steps=6))
+    assert snapshot() == before
+    again = train.unlearn(tiny_model(), forget, retain, _config(run, max_steps=8, save_every=4, log_every=2))
+    assert again.resumed_from == 8 and again.steps_done == 8  # how often it saves or logs does not define it

@@ -12,7 +12,7 @@
 
 from .config import ModelConfig, ModelOptions, RopeScaling
 from .generation import Generation, generate
-from .hf_io import CheckpointError, load_hf, save_hf
+from .hf_io import CheckpointError, check_hf, load_hf, read_config, save_hf
 from .llama import CausalLM, KVCache
 from .lora import LoRAConfig, add_lora, load_peft, lora_config, merge_lora, save_peft, without_lora
 from .partitioning import DEFAULT_RULES, logical_to_spec, model_shardings
@@ -28,12 +28,14 @@ __all__ = [
     "ModelOptions",
     "RopeScaling",
     "add_lora",
+    "check_hf",
     "generate",
     "load_hf",
     "load_peft",
     "logical_to_spec",
     "lora_config",
     "merge_lora",
+    "read_config",
     "model_shardings",
     "save_hf",
     "save_peft",

@@ -145,7 +145,20 @@ class ModelConfig:
                 raise ValueError(f"{source}: required field {key!r} is missing")
             return d[key]
 
+        def integer(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+                raise ValueError(f"{source}: field {key!r} must be an integer, got {value!r}")
+            return int(value)
+
         model_type = d.get("model_type")
+        custom = d.get("auto_map")
+        if custom:  # transformers would import Python code shipped with the folder
+            raise ValueError(
+                f"{source}: field 'auto_map' names custom model code ({_auto_map_text(custom)}); jax_unlearn "
+                f"never runs code from a model folder and implements only {', '.join(SUPPORTED_MODEL_TYPES)}"
+                + (f" (this folder's 'model_type' is {model_type!r})" if model_type not in SUPPORTED_MODEL_TYPES
+                   else f"; if the checkpoint is a standard {model_type} model, remove 'auto_map' from {source}")
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"{source}: field 'model_type' is {model_type!r}; supported values: "
@@ -159,9 +172,11 @@ class ModelConfig:
             raise ValueError(f"{source}: field 'partial_rotary_factor' must be 1.0")
 
         rope_theta, rope_scaling = _parse_rope(d, source)
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
+        hidden = integer("hidden_size", need("hidden_size"))
+        heads = integer("num_attention_heads", need("num_attention_heads"))
         kv = d.get("num_key_value_heads")
+        if heads <= 0:
+            raise ValueError(f"{source}: field 'num_attention_heads' must be a positive integer, got {heads}")
         head_dim = d.get("head_dim") or hidden // heads
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
@@ -170,13 +185,13 @@ class ModelConfig:
         is_llama = model_type == "llama"  # transformers' Mistral has no q/k/v/o or MLP biases
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=integer("vocab_size", need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=integer("intermediate_size", need("intermediate_size")),
+            num_hidden_layers=integer("num_hidden_layers", need("num_hidden_layers")),
             num_attention_heads=heads,
-            num_key_value_heads=int(kv) if kv is not None else heads,
-            head_dim=int(head_dim),
+            num_key_value_heads=integer("num_key_value_heads", kv) if kv is not None else heads,
+            head_dim=integer("head_dim", head_dim),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -184,7 +199,7 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", False)) and is_llama,
             mlp_bias=bool(d.get("mlp_bias", False)) and is_llama,
             sliding_window=int(sliding) if sliding is not None else None,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            max_position_embeddings=integer("max_position_embeddings", d.get("max_position_embeddings") or 2048),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=d.get("pad_token_id"),
@@ -197,8 +212,16 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), source=str(path))
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                             "expected a Hugging Face model config object") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of config fields, got {type(d).__name__}")
+        return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self, dtype: Any = None) -> dict[str, Any]:
         """HF ``config.json`` content (both 5.x ``rope_parameters`` and 4.x ``rope_theta``/``rope_scaling``)."""
@@ -242,6 +265,13 @@ class ModelConfig:
         with open(path, "w") as f:
             json.dump(self.to_hf_dict(dtype), f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def _auto_map_text(auto_map: Any) -> str:
+    """``auto_map`` of a config (``{"AutoModelForCausalLM": "modeling_x.XForCausalLM", ...}``) in words."""
+    if isinstance(auto_map, dict):
+        return ", ".join(f"{k}: {v}" for k, v in auto_map.items())
+    return repr(auto_map)
 
 
 def _parse_rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:

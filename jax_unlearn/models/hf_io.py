@@ -12,6 +12,7 @@ never destroys existing output.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -26,10 +27,11 @@ import numpy as np
 from flax import nnx
 
 try:  # safetensors is an optional dependency (extra "hf"); the model itself does not need it
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import save_file
 except ImportError:  # pragma: no cover - exercised only without the extra
     safe_open = save_file = None
+    SafetensorError = OSError
 
 from .config import ModelConfig, ModelOptions
 from .llama import CausalLM
@@ -110,18 +112,20 @@ def _checkpoint_index(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     index, single = path / INDEX_FILE, path / SINGLE_FILE
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index}: not valid JSON ({err}); expected {{\"weight_map\": {{tensor: file}}}}") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
-        files = {name: path / fname for name, fname in weight_map.items()}
-        for fname in sorted(set(weight_map.values())):
+        files = {name: path / str(fname) for name, fname in weight_map.items()}
+        for fname in sorted(set(map(str, weight_map.values()))):
             if not (path / fname).is_file():
                 raise CheckpointError(f"{index} lists shard {fname!r}, which is missing from {path}")
         return files
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _read_header(single)}
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
@@ -132,13 +136,47 @@ def _checkpoint_index(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
+def _read_header(file: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries of a safetensors file's JSON header (name -> ``dtype``, ``shape``,
+    ``data_offsets``), after checking that the file holds every byte the header describes, so a
+    truncated copy is named before any tensor is read. Raises `CheckpointError` naming the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            raise CheckpointError(f"{file}: truncated or not a safetensors file ({size} bytes; the header length "
+                                  f"field says {max(n, 0)} bytes of header follow)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: damaged safetensors header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: damaged safetensors header (not a JSON object)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 0
+    for name, info in tensors.items():
+        try:
+            info["shape"] = tuple(int(d) for d in info["shape"])
+            begin, stop = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: damaged safetensors header: the entry of tensor {name} has no valid "
+                                  "'shape' and 'data_offsets'") from None
+        end = max(end, stop)
+    have = size - 8 - n
+    if end > have:
+        raise CheckpointError(f"{file}: truncated: its header describes {end} bytes of tensor data but the file "
+                              f"holds {have}; copy the checkpoint again")
+    return tensors
+
+
 def _header_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                if files.get(name) == file:
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        for name, info in _read_header(file).items():
+            if files.get(name) == file:
+                shapes[name] = info["shape"]
     return shapes
 
 
@@ -220,6 +258,39 @@ def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...
                 f"{folder}: tensor {n} in {files[n].name} has shape {found[n]}, expected {shape}")
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face folder's ``config.json``.
+
+    Raises:
+      FileNotFoundError: no folder ``path``, or no ``config.json`` in it.
+      CheckpointError: ``config.json`` is not JSON, names custom code (``auto_map``), an
+        unsupported ``model_type`` or RoPE type, or a field of the wrong type (named).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist" if not path.exists()
+                                else f"model path {path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        return ModelConfig.from_json_file(path / "config.json")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def check_hf(path: str | Path) -> ModelConfig:
+    """Checks a Hugging Face folder without reading tensor data and returns its `ModelConfig`:
+    ``config.json`` (`read_config`), the safetensors files or index, every file's header
+    (complete, not truncated) and every tensor's name and shape against the config.
+
+    Raises the errors of `read_config`, and `CheckpointError` naming the file or tensor."""
+    path = Path(path)
+    config = read_config(path)
+    files = _checkpoint_index(path)
+    _check(hf_tensor_shapes(config), _header_shapes(files), files, path)
+    return config
+
+
 def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec | None = None, *,
             peft: str | Path | None = None, **model_options: Any) -> CausalLM:
     """Load a local Hugging Face LLaMA/Mistral folder into a `CausalLM`.
@@ -241,14 +312,16 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
         (``compute_dtype``, ``attention_impl``, ``scan_layers``, ``remat_policy``).
 
     Raises:
-      CheckpointError: pickle-only folder, or missing / unexpected / mis-shaped tensors
-        (the message names the tensor with expected and found shapes); an adapter that does
-        not fit the base model (see `lora.read_peft_config`).
-      ValueError: unsupported ``model_type`` or RoPE type in ``config.json``.
+      FileNotFoundError: no folder, no ``config.json`` or no safetensors file.
+      CheckpointError (a ValueError): pickle-only folder; missing / unexpected / mis-shaped
+        tensors (the message names the tensor with expected and found shapes); a truncated or
+        damaged safetensors file (named); a ``config.json`` that is not JSON, names custom code
+        or an unsupported ``model_type`` or RoPE type; an adapter that does not fit the base
+        model (see `lora.read_peft_config`).
     """
     path, dtype = Path(path), jnp.dtype(dtype)
-    config = ModelConfig.from_json_file(path / "config.json")
     options = ModelOptions(param_dtype=dtype, **model_options)
+    config = read_config(path)
     files = _checkpoint_index(path)
     _check(hf_tensor_shapes(config), _header_shapes(files), files, path)
     if peft is not None:
@@ -270,7 +343,10 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
         host = _aligned_empty(full_shape, dtype)
         layers = host.reshape((len(names), -1)) if len(names) > 1 else host.reshape((1, -1))
         for i, n in enumerate(names):  # one tensor, or one per layer of a stacked parameter
-            _read_into(files[n], n, layers[i].reshape(hf_shapes[n]))
+            try:
+                _read_into(files[n], n, layers[i].reshape(hf_shapes[n]))
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{files[n]}: cannot read tensor {n} ({err})") from None
         sharding = None if place is None else place(
             ".".join(map(str, p)), full_shape, logical_axes(var, len(full_shape)))
         loaded.append((p, var.replace(_to_device(host, sharding))))
@@ -313,7 +389,8 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
 def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: bool = False,
                  what: str = "export") -> Path:
     """Create folder ``path`` atomically: ``fill(tmp)`` writes into a temporary sibling folder that
-    is then renamed into place, so a failed write never destroys existing output.
+    is then renamed into place, so a failed write never destroys existing output. The folder and
+    its files get the usual permissions (``0777`` / ``0666`` less the umask).
 
     Raises:
       FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
@@ -325,9 +402,12 @@ def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: b
         raise FileExistsError(f"{what} folder {path} is not empty; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would stay on the renamed folder
     backup = None
     try:
         fill(tmp)
+        for file in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
+            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~_umask())
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             path.rename(backup)
@@ -341,6 +421,13 @@ def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: b
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     return path
+
+
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwrite: bool = False,
