@@ -97,38 +97,8 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def evaluate(model: Any, tokenizer: Any, *, mc: Sequence[str] = (), qa: Sequence[str] = (),
-             mia_forget: str | None = None, mia_holdout: str | None = None, num_fewshot: int = 0,
-             subject: str | None = None, batch_size: int = 8, max_new_tokens: int = 32) -> dict:
-    """Multiple-choice accuracy per ``mc`` file, ROUGE-L recall per ``qa`` file and MIA AUROC
-    between ``mia_forget`` and ``mia_holdout`` texts, as a JSON-ready dict."""
-    from jax_unlearn import data
-    from jax_unlearn import eval as ev
-
-    results: dict[str, Any] = {}
-    if mc:
-        results["multiple_choice"] = {}
-        for path in mc:
-            r = ev.evaluate_multiple_choice(model, tokenizer, data.read_multiple_choice(path), num_fewshot=num_fewshot,
-                                            subject=subject, batch_size=batch_size)
-            results["multiple_choice"][str(path)] = {"accuracy": float(r.accuracy), "n": int(len(r.answers)),
-                                                     "by_subject": {k: float(v) for k, v in r.by_subject.items()}}
-    if qa:
-        results["qa"] = {}
-        for path in qa:
-            r = ev.evaluate_qa(model, tokenizer, data.read_qa(path), batch_size=batch_size,
-                               max_new_tokens=max_new_tokens)
-            results["qa"][str(path)] = {"rouge_l_recall": float(r.rouge_l_recall), "n": int(len(r.scores)),
-                                        "by_level": {k: float(v) for k, v in r.by_level.items()}}
-    if mia_forget is not None:
-        scores = ev.mia_auroc(model, tokenizer, data.read_texts(mia_forget, name="MIA forget"),
-                              data.read_texts(mia_holdout, name="MIA holdout"), batch_size=batch_size)
-        results["mia_auroc"] = {k: float(v) for k, v in scores.items()}
-    return results
-
-
 def format_table(results: dict) -> str:
-    """``results`` of `evaluate` as a two-column text table."""
+    """Results of `jax_unlearn.eval.suite.EvalSuite.run` as a two-column text table."""
     rows = []
     for path, r in results.get("multiple_choice", {}).items():
         rows.append((f"MC accuracy  {path}", f"{r['accuracy']:.4f}  (n={r['n']})"))
@@ -138,6 +108,8 @@ def format_table(results: dict) -> str:
         rows += [(f"  level {lv}", f"{v:.4f}") for lv, v in sorted(r["by_level"].items())]
     for attack, v in results.get("mia_auroc", {}).items():
         rows.append((f"MIA AUROC  {attack}", f"{v:.4f}"))
+    for path, r in results.get("perplexity", {}).items():
+        rows.append((f"perplexity  {path}", f"{r['perplexity']:.4f}  ({r['tokens']} tokens)"))
     if not rows:
         return "(no results)"
     width = max(len(k) for k, _ in rows)
@@ -153,19 +125,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- commands
-
-
-def _check_eval_files(e) -> None:
-    """Reads the eval section's files before the run (a typo found after hours of training is late)."""
-    from jax_unlearn import data
-
-    for key, paths, read in (("eval.mc", e.mc, data.read_multiple_choice), ("eval.qa", e.qa, data.read_qa),
-                             ("eval.mia_forget", [e.mia_forget] if e.mia_forget else [], data.read_texts),
-                             ("eval.mia_holdout", [e.mia_holdout] if e.mia_holdout else [], data.read_texts)):
-        for path in paths:
-            if not Path(path).is_file():
-                raise CLIError(f"'{key}': file {path} does not exist")
-            read(path)
 
 
 def _restart_dir(out: Path, fp: dict, total: int, length_key: str) -> Path:
@@ -222,7 +181,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             raise ConfigError(f"'{name}' tokenised by {tok_path} holds token id {top}, outside the model's "
                               f"vocab_size={model_cfg.vocab_size} ({cfg.model.path}/config.json): the tokenizer "
                               "does not belong to the model; set model.tokenizer to the model's own")
-    _check_eval_files(cfg.eval)
+    suite = cfg.eval.suite() if cfg.eval.enabled() else None  # reads the eval files: a typo shows now
+    if cfg.eval.every is not None and suite is None:
+        raise ConfigError("'eval.every' is set but the eval section names no file to evaluate")
 
     tcfg = cfg.train_config()
     identity = {"data.forget.file": fpr.file_digest(d.forget), "data.retain.file": fpr.file_digest(d.retain),
@@ -245,8 +206,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         tcfg = cfg.train_config()
 
     model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
+    from jax_unlearn.eval.suite import flatten
+
+    during = None if cfg.eval.every is None else (lambda m: flatten(suite.run(m, tok)))
     result = train.unlearn(model, forget, retain, tcfg, tokenizer=tok, identity=identity,
-                           record={CONFIG_NAME: to_yaml(cfg)})
+                           record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during, eval_every=cfg.eval.every)
     if result.continued_from is not None:
         print(f"continued: the run had {result.continued_from} steps, {length_key} now gives {result.total_steps}")
     if result.interrupted:
@@ -254,15 +218,16 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
               f"{out / 'checkpoints'}; rerun the same command to resume (exit status {EXIT_INTERRUPTED})")
         return EXIT_INTERRUPTED
     print(f"done: {result.steps_done}/{result.total_steps} steps"
-          + (f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""))
+          + (f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else "")
+          + (f"; stop_when {cfg.stop_when.metric} was met" if result.stopped_early else ""))
+    if result.selected_step is not None:
+        print(f"exported the evaluated step with the best {cfg.select.metric} ({cfg.select.mode}): "
+              f"step {result.selected_step}")
     print(f"metrics: {out / 'metrics.jsonl'}")
     if result.export_dir is not None:
         print(f"model: {result.export_dir}")
-    if cfg.eval.enabled() and jax.process_index() == 0:
-        e = cfg.eval
-        results = evaluate(result.model, tok, mc=e.mc, qa=e.qa, mia_forget=e.mia_forget, mia_holdout=e.mia_holdout,
-                           num_fewshot=e.num_fewshot, subject=e.subject, batch_size=e.batch_size,
-                           max_new_tokens=e.max_new_tokens)
+    if suite is not None and jax.process_index() == 0:
+        results = suite.run(result.model, tok)
         print(format_table(results))
         _write_json(out / "eval.json", {"model": str(result.export_dir or out), **results})
         print(f"evaluation: {out / 'eval.json'}")
@@ -270,20 +235,22 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if not (args.mc or args.qa or args.mia_forget or args.mia_holdout):
-        raise CLIError("eval: nothing to evaluate; give --mc, --qa or --mia-forget with --mia-holdout")
+    from jax_unlearn.eval.suite import EvalSuite
+
+    if not (args.mc or args.qa or args.mia_forget or args.mia_holdout or args.perplexity):
+        raise CLIError("eval: nothing to evaluate; give --mc, --qa, --perplexity or --mia-forget with --mia-holdout")
     if (args.mia_forget is None) != (args.mia_holdout is None):
         raise CLIError("eval: --mia-forget and --mia-holdout go together")
-    for path in [*args.mc, *args.qa, *filter(None, [args.mia_forget, args.mia_holdout])]:
+    for path in [*args.mc, *args.qa, *args.perplexity, *filter(None, [args.mia_forget, args.mia_holdout])]:
         if not Path(path).is_file():
             raise CLIError(f"eval: file {path} does not exist")
     if args.out:
         _check_writable(Path(args.out), "eval: --out", folder=False)
+    suite = EvalSuite(tuple(args.mc), tuple(args.qa), args.mia_forget, args.mia_holdout, tuple(args.perplexity),
+                      args.num_fewshot, args.subject, args.batch_size, args.max_new_tokens)
     tok = _load_tokenizer(args.tokenizer or args.model)
     model = _load_model(args.model, args.dtype)
-    results = evaluate(model, tok, mc=args.mc, qa=args.qa, mia_forget=args.mia_forget, mia_holdout=args.mia_holdout,
-                       num_fewshot=args.num_fewshot, subject=args.subject, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
+    results = suite.run(model, tok)
     print(format_table(results))
     if args.out:
         _write_json(Path(args.out), {"model": str(args.model), **results})
@@ -652,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: --model)")
     p.add_argument("--mc", action="append", default=[], metavar="FILE", help="multiple-choice file (repeatable)")
     p.add_argument("--qa", action="append", default=[], metavar="FILE", help="QA probe file (repeatable)")
+    p.add_argument("--perplexity", action="append", default=[], metavar="FILE",
+                   help="text file (.txt, or .jsonl/.json with text records) for perplexity (repeatable)")
     p.add_argument("--mia-forget", metavar="FILE", help="texts the model should have forgotten")
     p.add_argument("--mia-holdout", metavar="FILE", help="texts the model never saw")
     p.add_argument("--num-fewshot", type=_int_at_least(0), default=0, help="few-shot examples for --mc (default 0)")
@@ -708,6 +677,9 @@ def _exit_status(err: BaseException) -> tuple[int, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jax-unlearn`` console script; returns the exit status (see the
     module docstring: 0, 1 failed, 2 usage or input error, 75 interrupted and resumable)."""
+    # transformers without torch (the demo extra) announces "PyTorch was not found ..." on import;
+    # the CLI uses only its tokenizers and configs
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides after an option (argparse stops a positional list at options)

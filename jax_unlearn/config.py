@@ -105,6 +105,26 @@ class ObjectiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Which state a run exports: with ``metric`` (an evaluation metric name such as
+    ``mc/wmdp_bio/accuracy``, evaluated every ``eval.every`` steps) the evaluated step whose
+    metric is best (``mode`` ``min`` or ``max``; ties keep the earlier step), else the last step."""
+
+    metric: str | None = None
+    mode: Literal["min", "max"] = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class StopConfig:
+    """Ends a run early, as finished, at the first evaluation where ``metric`` <= ``below`` or
+    >= ``above`` (one of the two), e.g. forget accuracy at chance."""
+
+    metric: str | None = None
+    below: float | None = None
+    above: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One unlearning run."""
 
@@ -125,6 +145,8 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     combiner: CombinerConfig = CombinerConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    select: SelectConfig = SelectConfig()
+    stop_when: StopConfig = StopConfig()
 
 
 def _settings(cfg: Any) -> tuple[dict, dict]:
@@ -157,6 +179,12 @@ def check(cfg: TrainConfig) -> None:
     (`check_ranges`), the combiner or objective section sets a key its factory does not take,
     or the step settings are invalid (checks that build nothing)."""
     check_ranges(cfg)
+    st = cfg.stop_when
+    if st.metric is not None and (st.below is None) == (st.above is None):
+        raise ConfigError(f"'stop_when' with metric {st.metric!r} needs one of 'stop_when.below' or "
+                          "'stop_when.above'")
+    if st.metric is None and (st.below is not None or st.above is not None):
+        raise ConfigError("'stop_when.below' / 'stop_when.above' need 'stop_when.metric' (an evaluation metric)")
     try:
         COMBINERS.arguments(cfg.combiner.name, *_settings(cfg.combiner), "combiner")
         OBJECTIVES.arguments(cfg.objective.name, *_objective_settings(cfg.objective), "objective")

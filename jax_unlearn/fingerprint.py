@@ -23,8 +23,9 @@ two agree, and otherwise the differing keys are named. The fingerprint holds:
 
 Not in it: where things are (``output_dir``, file and folder paths: a run, its model and its
 data may move), how long the run is (``max_steps``/``epochs``: a finished run may be
-continued, see `jax_unlearn.train`), how often it saves or logs, the mesh, the attention
-kernel and the remat policy (they do not change the maths).
+continued, see `jax_unlearn.train`), how often it saves or logs, which evaluated state it
+exports and when it stops early (``select``, ``stop_when``), the mesh, the attention kernel and
+the remat policy (they do not change the maths).
 
 >>> import numpy as np
 >>> from jax_unlearn import config
@@ -56,7 +57,8 @@ from jax_unlearn.config import TrainConfig
 
 # TrainConfig keys that do not define the run (dotted; a section name excludes the section)
 NOT_DEFINING = frozenset({"output_dir", "epochs", "max_steps", "save_every", "keep", "log_every", "export",
-                          "progress", "mesh", "objective.logit_chunk", "combiner.diagnostics"})
+                          "progress", "mesh", "objective.logit_chunk", "combiner.diagnostics", "select",
+                          "stop_when"})
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:

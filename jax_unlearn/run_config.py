@@ -76,19 +76,36 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    """Evaluation of the exported model after the run (all optional)."""
+    """Evaluation of the exported model after the run and, with ``every``, during it (every
+    ``every`` steps and at step 0: rows ``eval/<metric>`` in ``metrics.jsonl``, which
+    ``select.metric`` and ``stop_when.metric`` name; see `jax_unlearn.eval.suite`). All optional."""
 
     mc: list[str] = dataclasses.field(default_factory=list)  # multiple-choice files
     qa: list[str] = dataclasses.field(default_factory=list)  # QA probe files (ROUGE-L recall)
     mia_forget: str | None = None  # texts the model was asked to forget ...
     mia_holdout: str | None = None  # ... and texts it never saw: MIA AUROC between them
+    perplexity: list[str] = dataclasses.field(default_factory=list)  # text files (perplexity)
+    every: int | None = None  # evaluate during the run every this many steps
     num_fewshot: int = 0
     subject: str | None = None
     batch_size: int = 8
     max_new_tokens: int = 32
 
     def enabled(self) -> bool:
-        return bool(self.mc or self.qa or self.mia_forget or self.mia_holdout)
+        return bool(self.mc or self.qa or self.mia_forget or self.mia_holdout or self.perplexity)
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metric names an evaluation of these files gives (`jax_unlearn.eval.suite`)."""
+        from jax_unlearn.eval.suite import metric_names
+
+        return metric_names(self.mc, self.qa, self.mia_forget is not None, self.perplexity)
+
+    def suite(self) -> Any:
+        """The `jax_unlearn.eval.suite.EvalSuite` of this section (reads and checks the files)."""
+        from jax_unlearn.eval.suite import EvalSuite
+
+        return EvalSuite(tuple(self.mc), tuple(self.qa), self.mia_forget, self.mia_holdout, tuple(self.perplexity),
+                         self.num_fewshot, self.subject, self.batch_size, self.max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +320,17 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"'{key}' is {value!r}; expected an integer > 0, or -1 for all remaining devices")
     if (cfg.eval.mia_forget is None) != (cfg.eval.mia_holdout is None):
         raise ConfigError("'eval.mia_forget' and 'eval.mia_holdout' go together: set both or neither")
+    if cfg.eval.every is not None and cfg.eval.every < 1:
+        raise ConfigError(f"'eval.every' is {cfg.eval.every!r}; expected an integer >= 1 or null")
+    for key, metric in (("select.metric", cfg.select.metric), ("stop_when.metric", cfg.stop_when.metric)):
+        if metric is None:
+            continue
+        if cfg.eval.every is None:
+            raise ConfigError(f"'{key}' ({metric!r}) needs evaluations during the run: set 'eval.every'")
+        names = cfg.eval.metric_names()
+        if metric not in names:
+            raise ConfigError(f"'{key}' is {metric!r}, which the eval section does not produce; it gives "
+                              f"{', '.join(names) or 'nothing (add eval.mc, eval.qa, eval.mia_* or eval.perplexity)'}")
 
 
 def check_model_fit(cfg: RunConfig, model_config: Any) -> None:

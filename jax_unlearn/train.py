@@ -69,6 +69,8 @@ log = logging.getLogger("jax_unlearn.train")
 FINGERPRINT_FILE = "fingerprint.json"
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"  # metrics of steps recomputed after a resume
+BEST_DIR, BEST_FILE = "best", "best.json"  # the selected state (select.metric) and what selected it
+STOPPED_FILE = "stopped.json"  # where and why stop_when ended the run
 
 
 class ResumeError(ConfigError):
@@ -230,6 +232,11 @@ def check_resume(run_dir: str | Path, fingerprint: dict, total: int, length_key:
                           f"{newest}; nothing was changed: raise {length_key} to continue the run (at least {newest} "
                           "steps), or use another output_dir for a shorter run")
     return ResumeCheck(newest, None if record is None else record["total_steps"])
+
+
+def _read_json(path: Path) -> dict | None:
+    """A small JSON record of the run folder, or None when absent."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -443,10 +450,49 @@ def _nonfinite_message(failure: dict, cfg: TrainConfig, run_dir: Path) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
+class Selection:
+    """Evaluations during a run: `select` keeps the best evaluated step, `stop_when` ends the run.
+
+    ``evaluate(model) -> {metric: value}`` runs every ``every`` steps; each result is one
+    ``metrics.jsonl`` row ``{"step", "eval/<metric>": value, ...}``. A step whose ``select.metric``
+    beats every earlier evaluated step (strictly: ties keep the earlier) is the selected one.
+    """
+
+    def __init__(self, cfg: TrainConfig, evaluate: Callable[[Any], dict[str, float]], every: int,
+                 recorded: dict | None):
+        self.cfg, self.evaluate, self.every = cfg, evaluate, every
+        sel = cfg.select
+        same = recorded and recorded.get("metric") == sel.metric and recorded.get("mode") == sel.mode
+        self.best: dict | None = recorded if same else None
+
+    def _metric(self, results: dict, name: str, key: str) -> float:
+        if name not in results:
+            raise ConfigError(f"'{key}' is {name!r}, which the evaluation does not produce; it gives "
+                              f"{', '.join(sorted(results)) or 'nothing'}")
+        return float(results[name])
+
+    def improves(self, results: dict) -> bool:
+        sel = self.cfg.select
+        if sel.metric is None:
+            return False
+        value = self._metric(results, sel.metric, "select.metric")
+        if self.best is None:
+            return True
+        return value > self.best["value"] if sel.mode == "max" else value < self.best["value"]
+
+    def stops(self, results: dict) -> bool:
+        st = self.cfg.stop_when
+        if st.metric is None:
+            return False
+        value = self._metric(results, st.metric, "stop_when.metric")
+        return (st.below is not None and value <= st.below) or (st.above is not None and value >= st.above)
+
+
 @dataclasses.dataclass
 class RunResult:
     """What `unlearn` did (``continued_from``: the recorded length when ``max_steps`` or
-    ``epochs`` was changed to continue the run, else None)."""
+    ``epochs`` was changed to continue the run, else None). ``model`` is the exported state:
+    the selected one with ``select.metric``, else the last."""
 
     model: nnx.Module
     steps_done: int
@@ -455,6 +501,8 @@ class RunResult:
     resumed_from: int | None
     export_dir: Path | None
     continued_from: int | None = None
+    selected_step: int | None = None  # the exported state's step when select.metric chose it
+    stopped_early: bool = False  # stop_when ended the run
 
 
 def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Dataset) -> tuple[int, Any]:
@@ -498,7 +546,9 @@ def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Data
 
 
 def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, tokenizer: Any = None, *,
-            identity: dict | None = None, record: dict[str, str] | None = None) -> RunResult:
+            identity: dict | None = None, record: dict[str, str] | None = None,
+            evaluate: Callable[[nnx.Module], dict[str, float]] | None = None,
+            eval_every: int | None = None) -> RunResult:
     """Unlearns ``forget`` while keeping ``retain``; resumes the same run from ``cfg.output_dir``.
 
     Args:
@@ -509,6 +559,10 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
       identity: more fingerprint keys (`jax_unlearn.fingerprint.run_fingerprint`'s ``extra``).
       record: files to write into ``output_dir`` once everything is validated (name -> text,
         each written atomically), e.g. ``{"config.yaml": ...}``.
+      evaluate, eval_every: ``evaluate(model) -> {metric: value}`` at step 0 and every
+        ``eval_every`` steps (e.g. `jax_unlearn.eval.suite.EvalSuite` flattened); its rows go
+        into ``metrics.jsonl``, ``cfg.select`` exports the best evaluated step and
+        ``cfg.stop_when`` ends the run early, as finished.
 
     Returns:
       A `RunResult` with the unlearned model.
@@ -525,6 +579,11 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         if Path(name).name != name or name in (FINGERPRINT_FILE, METRICS_FILE, SUPERSEDED_FILE):
             raise ValueError(f"record file name {name!r} must be a plain file name of the caller's own")
     total, mesh = check_run(cfg, model.config, forget, retain)
+    if (cfg.select.metric or cfg.stop_when.metric) and (evaluate is None or not eval_every):
+        raise ConfigError("'select.metric' and 'stop_when.metric' need evaluations during the run: set "
+                          "'eval.every' and the files to evaluate")
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every <= 0):
+        raise ConfigError(f"'eval.every' is {eval_every!r}; expected an integer > 0 or null")
     data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
     check_output_dir(out)
     fingerprint = fpr.run_fingerprint(cfg, model.config, getattr(model, "options", None), forget, retain,
@@ -551,6 +610,9 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
                               "batch_size or the data changed: use a new output_dir")
         log.info("resumed from step %d", resumed_from)
     start = int(state.step)
+    stopped_record = _read_json(out / STOPPED_FILE)
+    if stopped_record is not None and stopped_record.get("step") == start:  # stop_when already ended this run
+        total = start
     continued_from = None
     if found.recorded_total is not None and found.recorded_total != total:
         continued_from = found.recorded_total
@@ -559,6 +621,13 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
                     found.recorded_total, total, start,
                     "; the learning-rate schedule is rebuilt over the new length (steps already taken keep "
                     "their rates)" if rebuilt else "")
+
+    first_eval = None
+    if evaluate is not None and eval_every and start == 0 and start < total:
+        first_eval = evaluate(model)  # the starting model: its row, and the metric names checked before writing
+        probe = Selection(cfg, evaluate, eval_every, None)
+        probe.improves(first_eval)
+        probe.stops(first_eval)
 
     # ---- everything is validated: from here on the run writes
     metrics_path = out / METRICS_FILE
@@ -578,6 +647,10 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if jax.process_count() > 1:  # every host sees the written folder before going on
         multihost_utils.sync_global_devices("jax_unlearn: run folder written")
     mngr = _manager(out / "checkpoints", cfg.keep)
+    selection = None if evaluate is None or not eval_every else Selection(
+        cfg, evaluate, eval_every, _read_json(out / BEST_FILE))
+    best_mngr = _manager(out / BEST_DIR, 1) if cfg.select.metric and selection is not None else None
+    stopped_early: dict = {}
 
     tokens = {"n": 0, "since": time.perf_counter()}
 
@@ -641,6 +714,36 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         mngr.wait_until_finished()
         return False
 
+    def evaluation(done: int, state, metrics=None, results: dict | None = None) -> bool:
+        """Evaluates the state; keeps it when it is the best so far; True when stop_when is met."""
+        if failure or not finite_state(done, state):
+            return True
+        if results is None:
+            results = selection.evaluate(st.merge_model(defs, state, copy=False))
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": done, **{f"eval/{k}": float(v) for k, v in results.items()}}) + "\n")
+        if done > 0 and selection.improves(results):
+            selection.best = {"metric": cfg.select.metric, "mode": cfg.select.mode, "step": done,
+                              "value": float(results[cfg.select.metric])}
+            best_mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)),
+                                                          meta=ocp.args.JsonSave({"tree": spec})), force=True)
+            best_mngr.wait_until_finished()
+            if is_main:
+                _write_atomic(out / BEST_FILE, json.dumps(selection.best, indent=1) + "\n")
+        if selection.best is not None:
+            bar.set_postfix_str(f"best {cfg.select.metric}={selection.best['value']:.4g} @ {selection.best['step']}")
+        if done > 0 and selection.stops(results):
+            stopped_early.update(step=done, metric=cfg.stop_when.metric, value=float(results[cfg.stop_when.metric]))
+            if done % cfg.save_every and done != total:  # (the save hook ran before this one otherwise)
+                save(done, state)
+            if is_main:
+                _write_atomic(out / STOPPED_FILE, json.dumps(stopped_early, indent=1) + "\n")
+            return True
+        return False
+
+    if first_eval is not None:
+        evaluation(0, state, results=first_eval)  # the starting model's row
     bar = tqdm(total=total, initial=start, disable=not (cfg.progress and is_main), desc="unlearn", unit="step")
     with _StopFlag() as stop:
         def on_signal(done: int, state, metrics) -> bool:
@@ -652,18 +755,34 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
                 save(done, state)
             return True
 
-        hooks = [Every(cfg.log_every, log_metrics), Every(cfg.save_every, save), Every(1, on_signal)]
-        state, done, interrupted = run_steps(guarded_step, state, batches, start, total, hooks, bar)
+        hooks = [Every(cfg.log_every, log_metrics), Every(cfg.save_every, save)]
+        if selection is not None:
+            hooks.append(Every(eval_every, evaluation))
+        hooks.append(Every(1, on_signal))
+        state, done, stopped = run_steps(guarded_step, state, batches, start, total, hooks, bar)
     bar.close()
     mngr.close()
     if failure:
         raise NonFiniteError(_nonfinite_message(failure, cfg, out), failure["step"], failure["values"])
+    interrupted = stopped and not stopped_early
+    if stopped_early:
+        total = done
 
+    selected = None if selection is None or selection.best is None else selection.best["step"]
+    if selected is not None and selected != int(state.step):  # export the selected state, not the last
+        restored, _ = _restore_latest(out / BEST_DIR, _saved(state), _saved(shardings), move_aside=False)
+        if restored is None or int(restored["step"]) != selected:
+            raise ResumeError(f"{out / BEST_DIR} does not hold the selected step {selected} ({out / BEST_FILE}); "
+                              "the best state cannot be exported")
+        state = state._replace(**restored)
+    if best_mngr is not None:
+        best_mngr.close()
     trained = st.merge_model(defs, state, copy=False)  # no step follows: sharing the buffers is safe
     exported = None
     if cfg.export and not interrupted:  # re-export only when this call trained further
         exported = export_model(trained, export_dir, tokenizer, overwrite=start < total)
-    return RunResult(trained, int(state.step), total, interrupted, resumed_from, exported, continued_from)
+    return RunResult(trained, done, total, interrupted, resumed_from, exported, continued_from, selected,
+                     bool(stopped_early) or stopped_record is not None and total == start)
 
 
 def restore_latest(model: nnx.Module, cfg: TrainConfig, run_dir: str | Path | None = None

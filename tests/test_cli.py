@@ -57,6 +57,34 @@ objective:
     return root
 
 
+def test_evaluation_during_the_run_selects_the_exported_step(workspace, tmp_path, capsys):
+    """eval.every writes eval rows; select.metric exports the best evaluated step; an unknown
+    metric name is a config error before anything is written."""
+    from jax_unlearn.models import load_hf
+
+    root, run = workspace, tmp_path / "evalrun"
+    args = ["unlearn", str(root / "run.yaml"), f"output_dir={run}", "max_steps=4", "eval.every=2",
+            f"eval.perplexity=[{root / 'forget.jsonl'}]", f"eval.mc=[{root / 'mc.jsonl'}]",
+            "select.metric=perplexity/forget", "select.mode=min"]
+    assert cli.main([*args[:-2], "select.metric=perplexity/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'select.metric' is 'perplexity/nope', which the eval section does not produce" in err
+    assert "perplexity/forget" in err and not run.exists()
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/perplexity/forget" in r}
+    assert sorted(evals) == [0, 2, 4] and all("eval/mc/mc/accuracy" in r for r in evals.values())
+    best = min((2, 4), key=lambda s: (evals[s]["eval/perplexity/forget"], s))
+    assert json.loads((run / "best.json").read_text())["step"] == best
+    assert f"best perplexity/forget (min): step {best}" in out
+    from jax_unlearn import data
+    from jax_unlearn import eval as ev
+
+    ppl = ev.perplexity(load_hf(run / "model"), data.load_tokenizer(run / "model"), data.read_texts(root / "forget.jsonl"))
+    assert ppl.perplexity == pytest.approx(evals[best]["eval/perplexity/forget"], rel=1e-5)
+
+
 def test_unlearn_eval_export_end_to_end(workspace, capsys):
     from jax_unlearn.models import load_hf
 

@@ -1,0 +1,127 @@
+"""An evaluation suite over files: multiple choice, QA probes, MIA and perplexity, run on any model.
+
+`EvalSuite` reads and validates its files once (a typo is found before training, not after) and
+evaluates a model with the functions of `jax_unlearn.eval`. `EvalSuite.run` returns the nested,
+JSON-ready results that ``jax-unlearn eval`` prints; `flatten` turns them into the flat metric
+names that runs log every N steps and select checkpoints by:
+
+    mc/<file stem>/accuracy         multiple-choice accuracy (harness MMLU/WMDP format)
+    qa/<file stem>/rouge_l_recall   RWKU-style QA, greedy answers, ROUGE-L recall
+    mia_auroc/<attack>              loss, zlib, min_k, min_k_plus_plus (forget vs holdout texts)
+    perplexity/<file stem>          token-weighted perplexity of a text file
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from jax_unlearn import data
+
+from .mia import ATTACKS, mia_auroc
+from .multiple_choice import evaluate_multiple_choice
+from .perplexity import perplexity
+from .qa import evaluate_qa
+
+
+def _stem(path: str) -> str:
+    return Path(path).stem
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSuite:
+    """Files to evaluate on and how (the ``eval`` section of a run config).
+
+    Raises `jax_unlearn.data.DataError` / ``FileNotFoundError`` naming the file (and key) when a
+    file is missing or malformed, or two files of one kind share a stem (and so a metric name).
+    """
+
+    mc: tuple[str, ...] = ()
+    qa: tuple[str, ...] = ()
+    mia_forget: str | None = None
+    mia_holdout: str | None = None
+    perplexity: tuple[str, ...] = ()
+    num_fewshot: int = 0
+    subject: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if (self.mia_forget is None) != (self.mia_holdout is None):
+            raise data.DataError("'eval.mia_forget' and 'eval.mia_holdout' go together: set both or neither")
+        for key in ("mc", "qa", "perplexity"):
+            paths = getattr(self, key)
+            stems = [_stem(p) for p in paths]
+            dup = next((s for s in stems if stems.count(s) > 1), None)
+            if dup is not None:
+                raise data.DataError(f"'eval.{key}' names two files called {dup!r}; their metrics would share a "
+                                     "name (rename one)")
+        read = {"mc": [(p, data.read_multiple_choice) for p in self.mc], "qa": [(p, data.read_qa) for p in self.qa],
+                "perplexity": [(p, data.read_texts) for p in self.perplexity],
+                "mia": [(p, data.read_texts) for p in (self.mia_forget, self.mia_holdout) if p is not None]}
+        records = {}
+        for key, items in read.items():
+            for path, reader in items:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"'eval.{key}': file {path} does not exist")
+                records[path] = reader(path)
+        object.__setattr__(self, "_records", records)
+
+    def enabled(self) -> bool:
+        return bool(self.mc or self.qa or self.mia_forget or self.perplexity)
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The flat names `flatten` gives this suite's results."""
+        return metric_names(self.mc, self.qa, self.mia_forget is not None, self.perplexity)
+
+    def run(self, model: Any, tokenizer: Any) -> dict:
+        """Nested JSON-ready results: ``multiple_choice``, ``qa`` and ``perplexity`` per file,
+        ``mia_auroc`` per attack."""
+        r = self._records
+        out: dict[str, Any] = {}
+        if self.mc:
+            out["multiple_choice"] = {}
+            for path in self.mc:
+                res = evaluate_multiple_choice(model, tokenizer, r[path], num_fewshot=self.num_fewshot,
+                                               subject=self.subject, batch_size=self.batch_size)
+                out["multiple_choice"][str(path)] = {"accuracy": float(res.accuracy), "n": int(len(res.answers)),
+                                                     "by_subject": {k: float(v) for k, v in res.by_subject.items()}}
+        if self.qa:
+            out["qa"] = {}
+            for path in self.qa:
+                res = evaluate_qa(model, tokenizer, r[path], batch_size=self.batch_size,
+                                  max_new_tokens=self.max_new_tokens)
+                out["qa"][str(path)] = {"rouge_l_recall": float(res.rouge_l_recall), "n": int(len(res.scores)),
+                                        "by_level": {k: float(v) for k, v in res.by_level.items()}}
+        if self.mia_forget is not None:
+            scores = mia_auroc(model, tokenizer, r[self.mia_forget], r[self.mia_holdout], batch_size=self.batch_size)
+            out["mia_auroc"] = {k: float(v) for k, v in scores.items()}
+        if self.perplexity:
+            out["perplexity"] = {}
+            for path in self.perplexity:
+                res = perplexity(model, tokenizer, r[path], batch_size=self.batch_size)
+                out["perplexity"][str(path)] = {"perplexity": float(res.perplexity), "tokens": int(res.num_tokens)}
+        return out
+
+
+def metric_names(mc=(), qa=(), mia: bool = False, perplexity=()) -> tuple[str, ...]:
+    """The flat metric names of an evaluation of these files (see the module docstring)."""
+    names = [f"mc/{_stem(p)}/accuracy" for p in mc] + [f"qa/{_stem(p)}/rouge_l_recall" for p in qa]
+    if mia:
+        names += [f"mia_auroc/{a}" for a in ATTACKS]
+    return tuple(names + [f"perplexity/{_stem(p)}" for p in perplexity])
+
+
+def flatten(results: dict) -> dict[str, float]:
+    """`EvalSuite.run`'s results under their flat metric names (see the module docstring)."""
+    flat: dict[str, float] = {}
+    for path, r in results.get("multiple_choice", {}).items():
+        flat[f"mc/{_stem(path)}/accuracy"] = r["accuracy"]
+    for path, r in results.get("qa", {}).items():
+        flat[f"qa/{_stem(path)}/rouge_l_recall"] = r["rouge_l_recall"]
+    for attack, v in results.get("mia_auroc", {}).items():
+        flat[f"mia_auroc/{attack}"] = v
+    for path, r in results.get("perplexity", {}).items():
+        flat[f"perplexity/{_stem(path)}"] = r["perplexity"]
+    return flat
