@@ -28,6 +28,7 @@ one loss, the same state, micro-batching, shardings and donation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -183,12 +184,36 @@ def _mean_grads(loss_fn: Callable, params: Any, batch: Batch, config: StepConfig
     return loss, metrics, acc.mean_value(g_acc, params)
 
 
+def mesh_of(*shardings: Any) -> jax.sharding.AbstractMesh | None:
+    """The mesh (as an ``AbstractMesh`` with ``Auto`` axes) of the first ``NamedSharding`` among
+    the leaves of ``shardings``; None when there is none."""
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        if isinstance(s, jax.sharding.NamedSharding):
+            mesh = s.mesh.abstract_mesh
+            return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    return None
+
+
+def on_mesh(fn: Callable, mesh: jax.sharding.AbstractMesh | None) -> Callable:
+    """``fn`` traced with ``mesh`` set, so that the model's activation constraints
+    (`jax_unlearn.models.partitioning.constrain`) apply; ``fn`` itself when ``mesh`` is None."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def _jit(step, state_shardings, batch_sharding, n_batches: int, donate: bool):
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None or batch_sharding is not None:
         kwargs["in_shardings"] = (state_shardings, *([batch_sharding] * n_batches))
         kwargs["out_shardings"] = (state_shardings, None)
-    return jax.jit(step, **kwargs)
+    return jax.jit(on_mesh(step, mesh_of(batch_sharding, state_shardings)), **kwargs)
 
 
 def _bind(defs: ModelDef, loss_fn: LossFn, state: TrainState) -> Callable:

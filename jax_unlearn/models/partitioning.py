@@ -6,12 +6,25 @@ mesh axes (a name, a tuple of names, or ``None`` for replicated). `DEFAULT_RULES
 mesh with axes ``data``/``fsdp``/``tensor``: fully-sharded data parallel over ``embed``,
 tensor parallel over heads, MLP width and vocabulary. LoRA adapters (`lora.add_lora`) name their
 rank axis ``lora_rank`` (replicated) and their other axis like the base weight's matching axis.
+
+Activations are constrained too (`constrain`, called by the model at the embedding output, around
+every decoder layer, on the attention heads, the MLP width and the logits), by logical names of
+their own: ``act_batch`` (rows, over ``data`` x ``fsdp``), ``act_seq`` and ``act_embed``
+(replicated: with FSDP every device keeps its own batch rows whole and the compiler gathers
+*weights*, never activations), ``act_heads``/``act_kv_heads``/``act_mlp``/``act_vocab`` (over
+``tensor``, Megatron-style). The constraints apply only while a mesh is set
+(``jax.sharding.use_abstract_mesh``, as `jax_unlearn.step` does for a sharded step) and are a
+no-op otherwise. A dimension that a mesh axis does not divide (2 key/value heads on
+``tensor=4``, a micro-batch of 2 rows on ``fsdp=8``) is replicated over that axis
+(`logical_to_spec`), never split unevenly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -31,7 +44,22 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "norm": None,
     "layers": None,
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
+    # activations (`constrain`)
+    "act_batch": ("data", "fsdp"),
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
+
+#: logical axes of the activations the model constrains
+HIDDEN = ("act_batch", "act_seq", "act_embed")  # [b, t, D] residual stream
+HEADS = ("act_batch", "act_seq", "act_heads", None)  # [b, t, N, H] queries, attention output
+KV_HEADS = ("act_batch", "act_seq", "act_kv_heads", None)  # [b, t, K, H] keys, values
+MLP = ("act_batch", "act_seq", "act_mlp")  # [b, t, F]
+LOGITS = ("act_batch", "act_seq", "act_vocab")  # [b, t, vocab]
 
 #: ``shardings`` argument of `load_hf`: a mesh (with `DEFAULT_RULES`), ``(mesh, rules)``, or a
 #: callable ``(path, shape, logical_axes) -> jax.sharding.Sharding`` where ``path`` is the
@@ -104,3 +132,56 @@ def model_shardings(model_or_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
         return v.replace(NamedSharding(mesh, logical_to_spec(logical_axes(v, len(shape)), shape, mesh, rules)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+_ACTIVATION_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Rules) -> Iterator[None]:
+    """Use ``rules`` instead of `DEFAULT_RULES` for the activation constraints traced inside
+    (e.g. the step's first call, which traces it)."""
+    token = _ACTIVATION_RULES.set(rules)
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    """``x`` with a sharding constraint from its logical ``axes`` (one name or None per
+    dimension) on the current mesh; ``x`` unchanged when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules = _ACTIVATION_RULES.get() or DEFAULT_RULES
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
+
+
+def gathered(w: jax.Array, axes: tuple) -> jax.Array:
+    """A weight as a matmul uses it: sharded by its logical ``axes`` without the batch mesh
+    axes (those of ``act_batch``, i.e. ``data``/``fsdp``), so FSDP all-gathers the weight
+    (and reduce-scatters its gradient) while every device keeps its own batch rows; the
+    model-parallel axes (``tensor``) stay. ``w`` unchanged when no mesh is set.
+
+    Without it the compiler may instead move the activations to the weight's sharding (an
+    embed-sharded ``[b, t, D]`` copy of the whole batch), which costs far more.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return w
+    rules = _ACTIVATION_RULES.get() or DEFAULT_RULES
+    batch = rules.get("act_batch")
+    batch = {batch} if isinstance(batch, str) else set(batch or ())
+    spec = []
+    for entry in logical_to_spec(axes, w.shape, mesh, rules):
+        keep = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in batch)
+        spec.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+    return jax.lax.with_sharding_constraint(w, PartitionSpec(*spec))
+
+
+def weight_axes(var: nnx.Variable, ndim: int) -> tuple:
+    """The logical axes of the last ``ndim`` dimensions of a parameter (a layer's slice of a
+    layer-stacked parameter drops the leading ``layers`` name)."""
+    axes = tuple(var.get_metadata().get("out_sharding") or ())
+    return ((None,) * ndim + axes)[-ndim:]
