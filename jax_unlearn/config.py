@@ -75,7 +75,9 @@ class CombinerConfig:
 class ObjectiveConfig:
     """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
     ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
-    SimNPO, ``layer``/``steering``/``trainable``/``seed`` for RMU."""
+    SimNPO, ``reference`` for NPO (``resident``: a frozen copy of the start model;
+    ``precompute``: its sequence log-probs computed once into the forget set, one model held),
+    ``layer``/``steering``/``trainable``/``seed`` for RMU."""
 
     name: str = "grad_diff"
     retain: Literal["nll", "kl"] = "nll"
@@ -86,6 +88,7 @@ class ObjectiveConfig:
     trainable: str | None = None
     seed: int = 0
     logit_chunk: int | None = None
+    reference: Literal["resident", "precompute"] = "resident"
 
     def __post_init__(self):
         _known(OBJECTIVES, "objective", self.name)

@@ -30,17 +30,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jax_unlearn import accumulate as acc
+from jax_unlearn import objectives
 from jax_unlearn.combiners import CombinerState, TwoTaskGrads
-from jax_unlearn.objectives import Batch, LossFn, Objective
+from jax_unlearn.objectives import IGNORE, Batch, LossFn, Objective
 
 
 class TrainState(NamedTuple):
@@ -98,17 +100,8 @@ def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
     return lambda path, _: bool(regex.fullmatch(".".join(str(p) for p in path)))
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
-               copy: bool = True) -> tuple[ModelDef, TrainState]:
-    """Splits ``model`` into trainable / frozen parts, keeps a reference copy when the
-    objective needs one, and initialises ``tx`` on the trainable parameters.
-
-    ``objective`` supplies ``trainable`` (a path regex; None trains every parameter) and
-    ``needs_reference``; ``None`` (a single-task step) trains everything, without reference.
-    The step donates its state, so with ``copy=True`` the state gets its own buffers and
-    ``model`` stays usable; ``copy=False`` hands the model's buffers over (no extra memory,
-    but ``model`` must not be used afterwards).
-    """
+def _split(model: nnx.Module, objective: Objective | None) -> tuple[ModelDef, nnx.State, nnx.State, nnx.State | None]:
+    """``(defs, trainable params, frozen variables, reference state or None)`` of ``model``."""
     trainable = None if objective is None else objective.trainable
     if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
         raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
@@ -121,11 +114,93 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: O
     ref_graphdef = ref = None
     if objective is not None and objective.needs_reference:
         ref_graphdef, ref = nnx.split(model)
+    return ModelDef(graphdef, ref_graphdef), params, frozen, ref
+
+
+def _builder(tx: optax.GradientTransformation) -> Callable[[nnx.State, nnx.State, nnx.State | None], TrainState]:
+    def build(params, frozen, ref):
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen, ref)
+
+    return build
+
+
+def abstract_state(model: nnx.Module, tx: optax.GradientTransformation,
+                   objective: Objective | None = None) -> tuple[ModelDef, TrainState]:
+    """`init_state` without allocating anything: the `TrainState` as ``jax.ShapeDtypeStruct``
+    leaves (parameter metadata kept, so `jax_unlearn.sharding.train_state_shardings` applies).
+    ``model`` may itself be abstract (``nnx.eval_shape(lambda: CausalLM(...))``)."""
+    defs, params, frozen, ref = _split(model, objective)
+    return defs, jax.eval_shape(_builder(tx), params, frozen, ref)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
+               copy: bool = True, shardings: Callable[[TrainState], Any] | None = None
+               ) -> tuple[ModelDef, TrainState]:
+    """Splits ``model`` into trainable / frozen parts, keeps a reference copy when the
+    objective needs one, and initialises ``tx`` on the trainable parameters.
+
+    ``objective`` supplies ``trainable`` (a path regex; None trains every parameter) and
+    ``needs_reference``; ``None`` (a single-task step) trains everything, without reference.
+    The step donates its state, so with ``copy=True`` the state gets its own buffers and
+    ``model`` stays usable; ``copy=False`` hands the model's buffers over (no extra memory,
+    but ``model`` must not be used afterwards).
+
+    ``shardings`` maps the abstract state (`abstract_state`) to a `TrainState` of shardings,
+    e.g. ``functools.partial(jax_unlearn.sharding.train_state_shardings, mesh=mesh, tx=tx)``.
+    Then the copies, the reference and the optimizer state are made by one jitted function
+    with those ``out_shardings``: each device only ever holds its shards (give it a model
+    loaded sharded, ``load_hf(..., shardings=mesh)``, and no device holds the whole model).
+    """
+    defs, params, frozen, ref = _split(model, objective)
+    build = _builder(tx)
+    if shardings is not None:
+        target = shardings(jax.eval_shape(build, params, frozen, ref))
+        # the reference shares the model's buffers: donate only when nothing else reads them
+        donate = (0, 1) if not copy and ref is None else ()
+        return defs, jax.jit(build, out_shardings=target, donate_argnums=donate)(params, frozen, ref)
+    if ref is not None:
         ref = jax.tree.map(jnp.copy, ref)  # never donated away with the trained parameters
     if copy:
         params, frozen = jax.tree.map(jnp.copy, (params, frozen))
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen, ref)
-    return ModelDef(graphdef, ref_graphdef), state
+    return defs, build(params, frozen, ref)
+
+
+def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *, batch_size: int = 8,
+                           logit_chunk: int | None = None, sharding: jax.sharding.Sharding | None = None
+                           ) -> dict[str, np.ndarray]:
+    """``data`` (a tokenised set: ``input_ids``, ``attention_mask``, ``labels``, each ``[N, s]``)
+    plus the column ``ref_logp`` (`jax_unlearn.objectives.REF_LOGP`): float32 ``[N]``, each
+    row's ``log p_model(y)`` summed over its label tokens (`objectives.sequence_logprob`).
+
+    Run once on the forget set with the start model before training, it lets NPO
+    (``npo(reference="precompute")``) train without a resident reference model. One jitted
+    forward pass per ``batch_size`` rows (the last batch padded with label-free rows);
+    ``sharding`` (e.g. `jax_unlearn.sharding.batch_sharding`) splits each batch's rows over a
+    mesh, with the model's activation constraints on; the model is used where it lives
+    (load it sharded for a large one). ``logit_chunk`` as in the objective.
+    """
+    n = len(data["input_ids"])
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    graphdef, state = nnx.split(model)
+    keys = [k for k in ("input_ids", "attention_mask", "labels") if k in data]
+
+    def row_logp(state, batch):
+        return objectives.sequence_logprob(nnx.merge(graphdef, state), batch, logit_chunk)
+
+    fn = jax.jit(on_mesh(row_logp, mesh_of(sharding)))  # placed where its arguments are
+    out = np.empty((n,), np.float32)
+    for start in range(0, n, batch_size):
+        rows = {k: np.asarray(data[k][start:start + batch_size]) for k in keys}
+        got = len(rows["input_ids"])
+        if got < batch_size:  # pad: no attention, no labels -> log-prob 0, dropped below
+            pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE}
+            rows = {k: np.concatenate([v, np.full((batch_size - got, *v.shape[1:]), pad[k], v.dtype)])
+                    for k, v in rows.items()}
+        if sharding is not None:
+            rows = {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in rows.items()}
+        out[start:start + got] = np.asarray(jax.device_get(fn(state, rows)))[:got]
+    return {**data, objectives.REF_LOGP: out}
 
 
 def merge_model(defs: ModelDef, state: TrainState, copy: bool = True) -> nnx.Module:

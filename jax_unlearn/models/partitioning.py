@@ -3,8 +3,11 @@
 Every parameter of `CausalLM` carries logical axis names (``out_sharding`` metadata, e.g.
 ``("vocab", "embed")`` for ``embed_tokens``). A *rules* mapping sends each logical name to
 mesh axes (a name, a tuple of names, or ``None`` for replicated). `DEFAULT_RULES` targets a
-mesh with axes ``data``/``fsdp``/``tensor``: fully-sharded data parallel over ``embed``,
-tensor parallel over heads, MLP width and vocabulary. LoRA adapters (`lora.add_lora`) name their
+mesh with axes ``data``/``fsdp``/``tensor``: fully-sharded data parallel over ``embed`` (split
+over ``fsdp`` and ``data`` together, so each of ``data x fsdp`` devices holds ``1/(data*fsdp)``
+of every weight and of its optimizer state), tensor parallel over heads, MLP width and
+vocabulary. `HSDP_RULES` keeps weights whole across ``data`` (replicas of an ``fsdp``-sharded
+model, e.g. one per slice when ``data`` crosses a slow network). LoRA adapters (`lora.add_lora`) name their
 rank axis ``lora_rank`` (replicated) and their other axis like the base weight's matching axis.
 
 Activations are constrained too (`constrain`, called by the model at the embedding output, around
@@ -36,7 +39,7 @@ Rules = Mapping[str, MeshAxes]
 
 DEFAULT_RULES: dict[str, MeshAxes] = {
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "data"),  # ZeRO-3 over every data-parallel device (`HSDP_RULES`: over fsdp only)
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -53,6 +56,9 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_mlp": "tensor",
     "act_vocab": "tensor",
 }
+
+#: hybrid sharding: weights split over ``fsdp`` only and replicated over ``data``
+HSDP_RULES: dict[str, MeshAxes] = {**DEFAULT_RULES, "embed": "fsdp"}
 
 #: logical axes of the activations the model constrains
 HIDDEN = ("act_batch", "act_seq", "act_embed")  # [b, t, D] residual stream
