@@ -42,6 +42,14 @@ class OptimConfig:
 
     ``warmup_steps`` (when set) overrides ``warmup_ratio``, whose steps are
     ``ceil(warmup_ratio * total_steps)`` as in the Hugging Face Trainer.
+
+    ``moment_dtype`` stores both Adam moments in that dtype (``None``: the parameters' dtype,
+    optax's default). ``bfloat16`` halves the optimizer state of float32 parameters
+    (float32 master weights, ``model.dtype: float32`` with ``model.compute_dtype: bfloat16``)
+    and ``float32`` keeps exact moments for bfloat16 parameters. The second moment in
+    bfloat16 rounds its small per-step changes (``(1-b2) g^2`` against ``nu``): on unit
+    Gaussian gradients with ``b2=0.999`` it reads 0.4% high after 200 steps, 2% after 500,
+    6% after 1000 (docs/benchmarks.md), so the steps shrink slightly in long runs.
     """
 
     lr: float = 1e-5
@@ -53,6 +61,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    moment_dtype: Literal["float32", "bfloat16"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +185,32 @@ def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.ScalarOrSchedule
 def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """``chain(clip_by_global_norm, inject_hyperparams(adamw))``: every AdamW hyperparameter
     (``learning_rate``, ``b1``, ``b2``, ``eps``, ``weight_decay``) lives in the state and can be
-    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``."""
+    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``.
+    ``cfg.moment_dtype`` sets the dtype of both moments (`moments_in`)."""
     parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
-    parts.append(optax.inject_hyperparams(optax.adamw)(
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mu_dtype",))(
         learning_rate=build_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay))
+        weight_decay=cfg.weight_decay, mu_dtype=cfg.moment_dtype)
+    parts.append(adamw if cfg.moment_dtype is None else moments_in(adamw, cfg.moment_dtype))
     return optax.chain(*parts)
+
+
+def moments_in(tx: optax.GradientTransformation, dtype: Any) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose Adam second moments (``nu`` of every ``optax.ScaleByAdamState`` in its state)
+    start in ``dtype``; Adam keeps a moment's dtype from step to step (``mu_dtype`` sets the
+    first moment's). Updates are computed in float32 either way."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+
+    def init(params):
+        state = tx.init(params)
+        return jax.tree.map(lambda s: s._replace(nu=optax.tree.cast(s.nu, dtype)) if is_adam(s) else s, state,
+                            is_leaf=is_adam)
+
+    return optax.GradientTransformationExtraArgs(init, optax.with_extra_args_support(tx).update)
 
 
 def set_hyperparams(opt_state: Any, **values: float) -> Any:

@@ -52,15 +52,16 @@ class TrainState(NamedTuple):
     params: nnx.State  # trainable parameters
     opt_state: Any  # optax state of the chain over ``params``
     frozen: nnx.State  # non-trainable model variables
-    ref: nnx.State | None  # the frozen reference model (None when the objective needs none)
+    # the reference model's trainable parameters (their starting values; the reference is
+    # ``merge(graphdef, ref, frozen)``: the frozen part is shared); None when the objective needs none
+    ref: nnx.State | None
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-    """Static halves of the split model: ``merge(graphdef, params, frozen)`` rebuilds it."""
+    """Static half of the split model: ``merge(graphdef, params, frozen)`` rebuilds it."""
 
     graphdef: Any
-    ref_graphdef: Any | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,47 +101,57 @@ def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
     return lambda path, _: bool(regex.fullmatch(".".join(str(p) for p in path)))
 
 
-def _split(model: nnx.Module, objective: Objective | None) -> tuple[ModelDef, nnx.State, nnx.State, nnx.State | None]:
-    """``(defs, trainable params, frozen variables, reference state or None)`` of ``model``."""
+def _split(model: nnx.Module, objective: Objective | None, train: Any = None
+           ) -> tuple[ModelDef, nnx.State, nnx.State, bool]:
+    """``(defs, trainable params, frozen variables, whether a reference is kept)`` of ``model``."""
     trainable = None if objective is None else objective.trainable
-    if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
-        raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
-                         "that needs a model built with scan_layers=False")
-    flt = nnx.Param if trainable is None else nnx.All(nnx.Param, path_filter(trainable))
+    if train is not None:
+        flt = nnx.All(nnx.Param, train)
+    else:
+        if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
+            raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
+                             "that needs a model built with scan_layers=False")
+        flt = nnx.Param if trainable is None else nnx.All(nnx.Param, path_filter(trainable))
     graphdef, params, frozen = nnx.split(model, flt, ...)
     if not jax.tree.leaves(params):
-        raise ValueError(f"trainable={trainable!r} matches no parameter of the model; "
+        what = f"train={train!r}" if train is not None else f"trainable={trainable!r}"
+        raise ValueError(f"{what} matches no parameter of the model; "
                          "parameter paths look like 'layers.5.mlp.down_proj'")
-    ref_graphdef = ref = None
-    if objective is not None and objective.needs_reference:
-        ref_graphdef, ref = nnx.split(model)
-    return ModelDef(graphdef, ref_graphdef), params, frozen, ref
+    return ModelDef(graphdef), params, frozen, objective is not None and objective.needs_reference
 
 
-def _builder(tx: optax.GradientTransformation) -> Callable[[nnx.State, nnx.State, nnx.State | None], TrainState]:
-    def build(params, frozen, ref):
+def state_builder(tx: optax.GradientTransformation, reference: bool) -> Callable[[nnx.State, nnx.State], TrainState]:
+    """``build(params, frozen) -> TrainState`` with ``tx``'s fresh optimizer state and, with
+    ``reference``, the parameters' starting values as the reference (what `init_state` jits
+    with ``out_shardings``)."""
+
+    def build(params, frozen):
+        ref = jax.tree.map(jnp.copy, params) if reference else None
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen, ref)
 
     return build
 
 
-def abstract_state(model: nnx.Module, tx: optax.GradientTransformation,
-                   objective: Objective | None = None) -> tuple[ModelDef, TrainState]:
+def abstract_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
+                   *, train: Any = None) -> tuple[ModelDef, TrainState]:
     """`init_state` without allocating anything: the `TrainState` as ``jax.ShapeDtypeStruct``
     leaves (parameter metadata kept, so `jax_unlearn.sharding.train_state_shardings` applies).
     ``model`` may itself be abstract (``nnx.eval_shape(lambda: CausalLM(...))``)."""
-    defs, params, frozen, ref = _split(model, objective)
-    return defs, jax.eval_shape(_builder(tx), params, frozen, ref)
+    defs, params, frozen, reference = _split(model, objective, train)
+    return defs, jax.eval_shape(state_builder(tx, reference), params, frozen)
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
-               copy: bool = True, shardings: Callable[[TrainState], Any] | None = None
+               copy: bool = True, shardings: Callable[[TrainState], Any] | None = None, *, train: Any = None
                ) -> tuple[ModelDef, TrainState]:
-    """Splits ``model`` into trainable / frozen parts, keeps a reference copy when the
-    objective needs one, and initialises ``tx`` on the trainable parameters.
+    """Splits ``model`` into trainable / frozen parts, keeps the reference's starting values
+    when the objective needs one, and initialises ``tx`` on the trainable parameters.
 
     ``objective`` supplies ``trainable`` (a path regex; None trains every parameter) and
     ``needs_reference``; ``None`` (a single-task step) trains everything, without reference.
+    ``train`` (an NNX filter, e.g. ``nnx.LoRAParam`` for the adapters of
+    `jax_unlearn.models.add_lora`) overrides ``trainable``. The reference model is the frozen
+    variables plus a copy of the trainable parameters, so it costs only what trains.
     The step donates its state, so with ``copy=True`` the state gets its own buffers and
     ``model`` stays usable; ``copy=False`` hands the model's buffers over (no extra memory,
     but ``model`` must not be used afterwards).
@@ -151,18 +162,15 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: O
     with those ``out_shardings``: each device only ever holds its shards (give it a model
     loaded sharded, ``load_hf(..., shardings=mesh)``, and no device holds the whole model).
     """
-    defs, params, frozen, ref = _split(model, objective)
-    build = _builder(tx)
+    defs, params, frozen, reference = _split(model, objective, train)
+    build = state_builder(tx, reference)
     if shardings is not None:
-        target = shardings(jax.eval_shape(build, params, frozen, ref))
-        # the reference shares the model's buffers: donate only when nothing else reads them
-        donate = (0, 1) if not copy and ref is None else ()
-        return defs, jax.jit(build, out_shardings=target, donate_argnums=donate)(params, frozen, ref)
-    if ref is not None:
-        ref = jax.tree.map(jnp.copy, ref)  # never donated away with the trained parameters
+        target = shardings(jax.eval_shape(build, params, frozen))
+        donate = () if copy else (0, 1)
+        return defs, jax.jit(build, out_shardings=target, donate_argnums=donate)(params, frozen)
     if copy:
         params, frozen = jax.tree.map(jnp.copy, (params, frozen))
-    return defs, build(params, frozen, ref)
+    return defs, build(params, frozen)
 
 
 def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *, batch_size: int = 8,
@@ -295,7 +303,7 @@ def _bind(defs: ModelDef, loss_fn: LossFn, state: TrainState) -> Callable:
     """``loss_fn(model, batch, ref)`` as a function of ``(params, batch)`` for ``state``."""
     def f(params, batch):
         model = nnx.merge(defs.graphdef, params, state.frozen)
-        ref = None if state.ref is None else nnx.merge(defs.ref_graphdef, state.ref)
+        ref = None if state.ref is None else nnx.merge(defs.graphdef, state.ref, state.frozen)
         return loss_fn(model, batch, ref)
 
     return f
