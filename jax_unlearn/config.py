@@ -185,32 +185,43 @@ def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.ScalarOrSchedule
 def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """``chain(clip_by_global_norm, inject_hyperparams(adamw))``: every AdamW hyperparameter
     (``learning_rate``, ``b1``, ``b2``, ``eps``, ``weight_decay``) lives in the state and can be
-    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``.
-    ``cfg.moment_dtype`` sets the dtype of both moments (`moments_in`)."""
+    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``; they
+    are float32 for parameters of any dtype. The moments are stored in ``cfg.moment_dtype``
+    (default: the parameters' dtype) and keep it from step to step (`moments_in`)."""
+    import jax.numpy as jnp
+
     parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mu_dtype",))(
+    # hyperparameters in float32 whatever the parameters' dtype: in bfloat16, b2=0.999 rounds to
+    # 1.0 and Adam's bias correction 1 - b2^t divides by zero (NaN after the first step)
+    adamw = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
         learning_rate=build_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mu_dtype=cfg.moment_dtype)
-    parts.append(adamw if cfg.moment_dtype is None else moments_in(adamw, cfg.moment_dtype))
+        weight_decay=cfg.weight_decay)
+    parts.append(moments_in(adamw, cfg.moment_dtype))
     return optax.chain(*parts)
 
 
-def moments_in(tx: optax.GradientTransformation, dtype: Any) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose Adam second moments (``nu`` of every ``optax.ScaleByAdamState`` in its state)
-    start in ``dtype``; Adam keeps a moment's dtype from step to step (``mu_dtype`` sets the
-    first moment's). Updates are computed in float32 either way."""
+def moments_in(tx: optax.GradientTransformation, dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose Adam moments (``mu`` and ``nu`` of every ``optax.ScaleByAdamState`` in its
+    state) are stored in ``dtype`` (``None``: the dtype ``tx.init`` gives them, the
+    parameters') and keep their dtype after every update; the update itself is computed in
+    float32 (the hyperparameters' dtype)."""
     import jax
-    import jax.numpy as jnp
 
-    dtype = jnp.dtype(dtype)
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
 
     def init(params):
         state = tx.init(params)
-        return jax.tree.map(lambda s: s._replace(nu=optax.tree.cast(s.nu, dtype)) if is_adam(s) else s, state,
-                            is_leaf=is_adam)
+        if dtype is None:
+            return state
+        cast = lambda s: s._replace(mu=optax.tree.cast(s.mu, dtype), nu=optax.tree.cast(s.nu, dtype))
+        return jax.tree.map(lambda s: cast(s) if is_adam(s) else s, state, is_leaf=is_adam)
 
-    return optax.GradientTransformationExtraArgs(init, optax.with_extra_args_support(tx).update)
+    def update(updates, state, params=None, **extra):
+        updates, new = optax.with_extra_args_support(tx).update(updates, state, params, **extra)
+        keep = lambda n, o: n._replace(mu=optax.tree.cast_like(n.mu, o.mu), nu=optax.tree.cast_like(n.nu, o.nu))
+        return updates, jax.tree.map(lambda n, o: keep(n, o) if is_adam(n) else n, new, state, is_leaf=is_adam)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def set_hyperparams(opt_state: Any, **values: float) -> Any:

@@ -175,6 +175,10 @@ def adam_moments(opt_state):
     (jnp.bfloat16, None, "float32"),  # bfloat16 weights, exact moments
 ])
 def test_moment_dtype_and_master_weights(param_dtype, compute_dtype, moment_dtype):
+    """`OptimConfig.moment_dtype` stores both Adam moments in that dtype through the steps (half
+    or twice the bytes), the parameters keep theirs, and training moves the parameters as with
+    moments in the parameters' dtype. (bfloat16 parameters train at all: the optimizer's
+    hyperparameters are float32; in bfloat16, b2=0.999 was 1.0 and the first step gave NaN.)"""
     model = tiny_model(param_dtype=param_dtype, compute_dtype=compute_dtype)
     o = obj.grad_diff()
     runs = {}
@@ -191,13 +195,12 @@ def test_moment_dtype_and_master_weights(param_dtype, compute_dtype, moment_dtyp
         runs[moments] = jax.device_get(state.params), nbytes((adam.mu, adam.nu))
     (params, size), (base_params, base_size) = runs[moment_dtype], runs[None]
     assert size == base_size * jnp.dtype(moment_dtype).itemsize // jnp.dtype(param_dtype).itemsize
-    # Adam's normalised steps barely feel the moments' rounding: parameters move alike
+    # Adam's normalised steps barely feel the moments' rounding: the parameters move alike
     start = jax.device_get(nnx.state(model, nnx.Param))
-    moves = jax.tree.map(lambda a, b, s: (np.asarray(a, np.float32) - np.asarray(s, np.float32),
-                                          np.asarray(b, np.float32) - np.asarray(s, np.float32)),
-                         params, base_params, start)
-    for a, b in jax.tree.leaves(moves, is_leaf=lambda x: isinstance(x, tuple)):
-        print("DBG", np.linalg.norm(a - b) / np.linalg.norm(b), np.isnan(a).sum(), np.isnan(b).sum())
+    move = lambda p: np.concatenate([(np.asarray(x, np.float32) - np.asarray(s, np.float32)).ravel()
+                                     for x, s in zip(jax.tree.leaves(p), jax.tree.leaves(start))])
+    a, b = move(params), move(base_params)
+    assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)  # 1.2% measured in both cases
     if compute_dtype is not None:  # the matmuls of the step run in the compute dtype
         lowered = st.make_two_grad_step(defs, o, tx).lower(state, make_batch(1), make_batch(2)).as_text()
         assert "dot_general" in lowered and "bf16" in lowered
