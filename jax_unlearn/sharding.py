@@ -140,9 +140,19 @@ def collectives(hlo_text: str) -> list[Collective]:
     return out
 
 
+def _weight_variants(shape: tuple[int, ...], factors: set[int]) -> set[tuple[int, ...]]:
+    """``shape`` without its size-1 dimensions, and without any subset of the dimensions that
+    a mesh split could reduce to size 1 (e.g. 2 key/value heads over ``tensor=2``)."""
+    dims = [d for d in shape if d != 1]
+    out = set()
+    for keep in itertools.product(*[(True, False) if d in factors else (True,) for d in dims]):
+        out.add(tuple(d for d, k in zip(dims, keep) if k))
+    return out
+
+
 def _weight_shaped(shape: tuple[int, ...], weights: set[tuple[int, ...]], factors: set[int]) -> bool:
-    """Whether ``shape`` (size-1 dimensions dropped) is a weight shape with some dimensions
-    divided by a product of mesh axis sizes, in any order of dimensions."""
+    """Whether ``shape`` (size-1 dimensions dropped) is a weight shape (one of `_weight_variants`)
+    with some dimensions divided by a product of mesh axis sizes, in any order of dimensions."""
     shape = tuple(d for d in shape if d != 1)
     for w in weights:
         if len(w) == len(shape) and any(
@@ -162,11 +172,11 @@ def collective_bytes(hlo_text: str, weight_shapes: Any, mesh: Mesh) -> dict[str,
     The split is by shape, so it is exact only when no activation happens to be shaped like
     a weight (a test picks its sizes so); collectives inside loops count once (`collectives`).
     """
-    shapes = [x.shape for x in jax.tree.leaves(weight_shapes)]
-    shapes += [s[1:] for s in shapes if len(s) > 1]  # one layer of a layer-stacked weight
-    weights = {tuple(d for d in s if d != 1) for s in shapes}
     sizes = list(mesh.shape.values())
     factors = {math.prod(c) for r in range(len(sizes) + 1) for c in itertools.combinations(sizes, r)}
+    shapes = [x.shape for x in jax.tree.leaves(weight_shapes)]
+    shapes += [s[1:] for s in shapes if len(s) > 1]  # one layer of a layer-stacked weight
+    weights = set().union(*(_weight_variants(s, factors) for s in shapes))
     out = {"weights": 0, "activations": 0}
     for c in collectives(hlo_text):
         for dtype, shape in c.shapes:  # a combined all-reduce may carry gradients and losses at once

@@ -1,8 +1,8 @@
 """Large-model readiness on 8 fake CPU devices: what the sharded step moves and holds.
 
 The step is compiled ahead of time (nothing runs) for a 2-layer LLaMA whose sizes are all
-distinct (vocab 512, hidden 128, MLP 384, 4 heads of 32, 2 key/value heads; batches of 8 rows
-of 20 tokens), so that an activation is never shaped like a weight and
+distinct (vocab 2048, hidden 128, MLP 384, 4 heads of 32, 2 key/value heads; batches of 8 rows
+of 12 tokens), so that an activation is never shaped like a weight and
 `jax_unlearn.sharding.collective_bytes` can tell the two apart.
 """
 
@@ -25,9 +25,9 @@ from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
 from jax_unlearn.models import CausalLM, ModelConfig, ModelOptions, load_hf, save_hf
 
-CFG = ModelConfig(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+CFG = ModelConfig(model_type="llama", vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-ROWS, SEQ = 8, 20
+ROWS, SEQ = 8, 12
 
 
 def nbytes(tree) -> int:

@@ -256,25 +256,44 @@ class CausalLM(nnx.Module):
             raise ValueError(f"{name}={layer} outside [0, {self.config.num_hidden_layers})")
 
     def final_hidden(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        """Final-normed hidden states ``[b, t, D]``: ``model(ids, mask) == model.logits(final_hidden(ids, mask))``."""
+        """Final-normed hidden states ``[b, t, D]``: ``model(ids, mask) == model.logits(final_hidden(ids, mask))``.
+        (On a mesh where `partitioning.split_vocab` holds, every device gets all rows, as
+        `head_weight` then holds the device's vocabulary rows.)"""
         h = self.norm(self._trunk(input_ids, attention_mask, self.config.num_hidden_layers, None)[0])
-        return part.constrain(h, part.HIDDEN)
+        return part.constrain(h, part.ALL_ROWS if part.split_vocab(input_ids.size, self.config.vocab_size)
+                              else part.HIDDEN)
 
     def embed(self, input_ids: Array) -> Array:
-        """Token embeddings ``[b, t, D]`` in the compute dtype. With a mesh set, the table is
-        gathered over the batch axes first (a lookup into an ``embed``-sharded table would
-        move activations between devices instead) and the rows stay on their devices."""
-        return part.constrain(_weight(self.embed_tokens, self.options.dtype)[input_ids], part.HIDDEN)
+        """Token embeddings ``[b, t, D]`` in the compute dtype, each row on its devices.
 
-    def head_weight(self, dtype=None) -> Array:
+        On a mesh, either every device looks up all tokens in its slice of the table and the
+        rows then move to their devices (`partitioning.split_vocab`: fewer tokens than
+        vocabulary entries; the table's gradient stays split), or the table is gathered."""
+        if part.split_vocab(input_ids.size, self.config.vocab_size):
+            table = self.embed_tokens[...].astype(self.options.dtype)
+            x = table[part.constrain(input_ids, (None, None))]
+        else:
+            x = _weight(self.embed_tokens, self.options.dtype)[input_ids]
+        return part.constrain(x, part.HIDDEN)
+
+    def head_weight(self, dtype=None, tokens: int | None = None) -> Array:
         """Output projection ``[vocab, D]`` (the input embedding when tied), in ``dtype`` (default:
-        the parameter's), gathered over the batch mesh axes when a mesh is set."""
+        the parameter's). On a mesh it is gathered over the batch axes, or, for a batch of
+        ``tokens`` where `partitioning.split_vocab` holds, split by vocabulary rows over all devices."""
         var = self.embed_tokens if self.lm_head is None else self.lm_head
+        if tokens is not None and part.split_vocab(tokens, self.config.vocab_size):
+            w = var[...] if dtype is None else var[...].astype(dtype)
+            return part.constrain(w, part.SPLIT_HEAD)
         return _weight(var, dtype)
 
     def logits(self, h: Array) -> Array:
         """``h [b, t, D]`` (final-normed) -> float32 ``[b, t, vocab]``."""
-        logits = jnp.einsum("btd,vd->btv", h, self.head_weight(h.dtype), preferred_element_type=jnp.float32)
+        tokens = h.shape[0] * h.shape[1]
+        w = self.head_weight(h.dtype, tokens)
+        if part.split_vocab(tokens, self.config.vocab_size):
+            logits = jnp.einsum("btd,vd->btv", part.constrain(h, part.ALL_ROWS), w, preferred_element_type=jnp.float32)
+            return part.constrain(logits, part.SPLIT_LOGITS)
+        logits = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
         return part.constrain(logits, part.LOGITS)
 
     # ------------------------------------------------------------------ cached decoding

@@ -55,6 +55,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_kv_heads": "tensor",
     "act_mlp": "tensor",
     "act_vocab": "tensor",
+    "act_vocab_split": ("data", "fsdp", "tensor"),  # output projection split over every device (`split_vocab`)
 }
 
 #: hybrid sharding: weights split over ``fsdp`` only and replicated over ``data``
@@ -66,6 +67,9 @@ HEADS = ("act_batch", "act_seq", "act_heads", None)  # [b, t, N, H] queries, att
 KV_HEADS = ("act_batch", "act_seq", "act_kv_heads", None)  # [b, t, K, H] keys, values
 MLP = ("act_batch", "act_seq", "act_mlp")  # [b, t, F]
 LOGITS = ("act_batch", "act_seq", "act_vocab")  # [b, t, vocab]
+ALL_ROWS = (None, None, "act_embed")  # [b, t, D] every row on every device (`split_vocab`)
+SPLIT_LOGITS = (None, None, "act_vocab_split")  # [b, t, vocab] all rows, vocabulary split
+SPLIT_HEAD = ("act_vocab_split", None)  # [vocab, D] output projection split by vocabulary
 
 #: ``shardings`` argument of `load_hf`: a mesh (with `DEFAULT_RULES`), ``(mesh, rules)``, or a
 #: callable ``(path, shape, logical_axes) -> jax.sharding.Sharding`` where ``path`` is the
@@ -184,6 +188,23 @@ def gathered(w: jax.Array, axes: tuple) -> jax.Array:
         keep = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in batch)
         spec.append(None if not keep else keep[0] if len(keep) == 1 else keep)
     return jax.lax.with_sharding_constraint(w, PartitionSpec(*spec))
+
+
+def split_vocab(tokens: int, vocab: int) -> bool:
+    """Whether the vocabulary-sized weights (embedding table, output projection) should stay
+    split and the tokens' activations move to them, rather than the weights be gathered: when
+    a mesh splits the batch and the batch has fewer tokens than the vocabulary, so that
+    ``tokens x D`` activations are smaller than a ``vocab x D`` table (and its full-size
+    gradient). Then the embedding lookup runs on every device's slice of the table for all
+    tokens, and the logits ``[b, t, vocab/n]`` of all rows are computed against each device's
+    rows of the output projection (log-softmax statistics are reduced over devices)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    rules = _ACTIVATION_RULES.get() or DEFAULT_RULES
+    batch = rules.get("act_batch")
+    batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    return math.prod(mesh.shape.get(a, 1) for a in batch) > 1 and tokens < vocab
 
 
 def weight_axes(var: nnx.Variable, ndim: int) -> tuple:
