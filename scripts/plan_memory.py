@@ -5,7 +5,11 @@ AdamW chain) is compiled ahead of time on abstract arrays for a model shape and 
 CPU devices; the report splits each device's bytes into parameters, optimizer state, the
 reference model, the two gradients and the compiler's temporaries (activations, gathered
 weights). The numbers are XLA:CPU's; a GPU/TPU compiler fuses and schedules differently, so
-treat them as estimates until checked on the accelerator.
+treat them as estimates until checked on the accelerator. XLA:CPU has no bfloat16 arithmetic: it
+computes in float32 and keeps float32 copies of some bfloat16 buffers (gradients, updates), so
+with bfloat16 parameters the temporaries are overestimated; its loop-invariant code motion would
+also hoist float32 copies of all layers' weights out of the layer scan, so the script disables
+that pass (``--cpu-licm`` keeps it).
 
     python scripts/plan_memory.py --model 8b --objective npo --combiner sago --mesh 1,8,1
     python scripts/plan_memory.py --model path/to/config.json --devices 64 --batch 64
@@ -54,11 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "--dtype float32 --compute-dtype bfloat16)")
     ap.add_argument("--moment-dtype", default=None, choices=[None, "float32", "bfloat16"])
     ap.add_argument("--no-scan", action="store_true", help="one program per layer (slow to compile)")
-    ap.add_argument("--remat", default="dots_with_no_batch_dims_saveable")
+    ap.add_argument("--remat", default="full", help="remat policy per layer ('' for none)")
     ap.add_argument("--logit-chunk", type=int, default=128)
     ap.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank only")
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
+    ap.add_argument("--cpu-licm", action="store_true",
+                    help="keep XLA:CPU's loop-invariant code motion, which hoists f32 copies of every "
+                         "layer's bf16 weights out of the layer scan (a CPU-only cost; off by default)")
     ap.add_argument("--json", default=None, help="append the report as one JSON line to this file")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSONL",
+                    help="print the reports in these files as a Markdown table and exit")
     return ap.parse_args(argv)
 
 
@@ -86,7 +95,7 @@ def device_bytes(tree) -> int:
 def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: str = "resident",
          combiner: str = "sago", mesh: tuple[int, int, int] = (1, 8, 1), batch: int = 8, seq: int = 512,
          micro_batches: int = 1, dtype: str = "bfloat16", compute_dtype: str | None = None,
-         moment_dtype: str | None = None, scan: bool = True, remat: str | None = "dots_with_no_batch_dims_saveable",
+         moment_dtype: str | None = None, scan: bool = True, remat: str | None = "full",
          logit_chunk: int | None = 128, lora_rank: int | None = None, lora_targets: str = "q_proj,v_proj") -> dict:
     """Compiles the step on abstract arrays and returns its per-device bytes (see the module doc)."""
     import jax
@@ -187,13 +196,40 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(reports: list[dict]) -> str:
+    """One table row per report (GiB per device)."""
+    cols = ["params", "frozen", "optimizer", "reference", "gradients", "activations_and_temp", "peak"]
+    head = ("| model | devices | batch | setup | " + " | ".join(
+        ["params", "frozen", "optimizer", "reference", "2 grads", "act. + temp", "**total**"]) + " | compile s |")
+    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    for r in reports:
+        setup = [f"{r['objective']}" + (f"/{r['reference']}" if r.get("reference") else "") + f"+{r['combiner']}",
+                 r["dtype"] + (f"->{r['compute_dtype']}" if r.get("compute_dtype") else "")]
+        if r.get("moment_dtype"):
+            setup.append(f"moments {r['moment_dtype']}")
+        if r.get("lora_rank"):
+            setup.append(f"LoRA r={r['lora_rank']} {r['lora_targets']}")
+        if r.get("remat") != "full":
+            setup.append(f"remat {r.get('remat')}")
+        b = r["bytes"]
+        cells = [f"{b[c] / 2**30:.2f}" for c in cols[:-1]] + [f"**{b['peak'] / 2**30:.2f}**"]
+        lines.append(f"| {r.get('model', '?')} | {r['devices']} | {r['batch']}x{r['seq']} | {', '.join(setup)} | "
+                     + " | ".join(cells) + f" | {r['compile_s']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if a.table:
+        print(markdown([json.loads(line) for path in a.table for line in open(path) if line.strip()]))
+        return
     n = math.prod(mesh_shape(a))
     if "jax" not in sys.modules:  # fake CPU devices for the mesh (must precede importing jax)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={n}").strip()
+        flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}"]
+        if not a.cpu_licm:
+            flags.append("--xla_disable_hlo_passes=while-loop-invariant-code-motion")
+        os.environ["XLA_FLAGS"] = " ".join(flags).strip()
     r = plan(model_config(a.model), objective=a.objective, retain=a.retain, reference=a.reference,
              combiner=a.combiner, mesh=mesh_shape(a), batch=a.batch, seq=a.seq, micro_batches=a.micro_batches,
              dtype=a.dtype, compute_dtype=a.compute_dtype, moment_dtype=a.moment_dtype, scan=not a.no_scan,

@@ -9,6 +9,8 @@ of 12 tokens), so that an activation is never shaped like a weight and
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +206,41 @@ def test_moment_dtype_and_master_weights(param_dtype, compute_dtype, moment_dtyp
     if compute_dtype is not None:  # the matmuls of the step run in the compute dtype
         lowered = st.make_two_grad_step(defs, o, tx).lower(state, make_batch(1), make_batch(2)).as_text()
         assert "dot_general" in lowered and "bf16" in lowered
+
+
+# ----------------------------------------------------------------------------- the memory plan
+
+
+def load_plan_script():
+    spec = importlib.util.spec_from_file_location("plan_memory", Path(__file__).parents[1] / "scripts" / "plan_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_memory_splits_each_device_bytes():
+    """scripts/plan_memory.py on the test shape (8 devices): the parts it reports are the
+    shards of what the step holds; LoRA (adapters only, the reference sharing the frozen base)
+    and a precomputed NPO reference shrink what they should."""
+    pm = load_plan_script()
+    kw = dict(mesh=(1, 8, 1), batch=ROWS, seq=SEQ, dtype="float32", logit_chunk=None)
+    full = pm.plan(CFG, objective="npo", **kw)
+    model = CausalLM(CFG, rngs=nnx.Rngs(0))
+    weights = nbytes(nnx.state(model, nnx.Param))
+    b = full["bytes"]
+    assert full["trainable_params"] == full["model_params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    assert b["params"] == b["reference"] and weights / 8 <= b["params"] <= 1.02 * weights / 8  # norms replicated
+    assert 2 * b["params"] <= b["optimizer"] <= 2 * b["params"] + 1024  # mu, nu and a few scalars
+    assert b["frozen"] == 0 and b["gradients"] == 2 * b["params"]
+    assert b["peak"] >= b["arguments"] >= b["params"] + b["optimizer"] + b["reference"]
+
+    lora = pm.plan(CFG, objective="npo", reference="precompute", lora_rank=4, lora_targets="q_proj,v_proj", **kw)
+    lb = lora["bytes"]
+    # A [in, r] and B [r, out] of rank 4 on q_proj (D -> N*H) and v_proj (D -> K*H) of every layer
+    adapters = CFG.num_hidden_layers * 4 * (2 * CFG.hidden_size + (CFG.num_attention_heads
+                                                                   + CFG.num_key_value_heads) * CFG.head_dim)
+    assert lora["trainable_params"] == adapters
+    assert lb["reference"] == 0 and lb["params"] <= 4 * adapters and lb["frozen"] >= weights / 8
+    assert lb["optimizer"] <= 2 * lb["params"] + 1024 and lb["peak"] < b["peak"]
+    row = pm.markdown([dict(lora, model="test")])
+    assert "LoRA r=4 q_proj,v_proj" in row and "npo/precompute+sago" in row
