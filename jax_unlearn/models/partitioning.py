@@ -81,7 +81,8 @@ def logical_to_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: Mesh, rul
     """PartitionSpec for one array.
 
     Mesh axes missing from ``mesh``, already used by an earlier dimension, or whose size does not
-    divide the dimension are dropped (that dimension is then replicated over them).
+    divide the dimension are dropped (that dimension is then replicated over them); of several
+    axes for one dimension, those of size 1 are dropped too.
     """
     used: set[str] = set()
     spec: list[Any] = []
@@ -89,6 +90,8 @@ def logical_to_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: Mesh, rul
         axes = rules.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         keep = [a for a in axes if a in mesh.shape and a not in used]
+        if len(keep) > 1:  # ("fsdp", "data") on a mesh with data=1 is just "fsdp"
+            keep = [a for a in keep if mesh.shape[a] > 1] or keep[:1]
         while keep and dim % math.prod(mesh.shape[a] for a in keep):
             keep.pop()
         used.update(keep)
