@@ -52,6 +52,13 @@ class OptimConfig:
     loop, which stops the run at the first one; ``N > 0`` wraps the optimizer in
     ``optax.apply_if_finite(max_consecutive_errors=N)``: a non-finite combined gradient is
     skipped (no update, optimizer state kept), up to ``N`` in a row.
+    ``moment_dtype`` stores both Adam moments in that dtype (``None``: the parameters' dtype,
+    optax's default). ``bfloat16`` halves the optimizer state of float32 parameters
+    (float32 master weights, ``model.dtype: float32`` with ``model.compute_dtype: bfloat16``)
+    and ``float32`` keeps exact moments for bfloat16 parameters. The second moment in
+    bfloat16 rounds its small per-step changes (``(1-b2) g^2`` against ``nu``): on unit
+    Gaussian gradients with ``b2=0.999`` it reads 0.4% high after 200 steps, 2% after 500,
+    6% after 1000 (docs/benchmarks.md), so the steps shrink slightly in long runs.
     """
 
     lr: float = 1e-5
@@ -64,6 +71,7 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     skip_nonfinite: int = 0
+    moment_dtype: Literal["float32", "bfloat16"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +94,9 @@ class CombinerConfig:
 class ObjectiveConfig:
     """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
     ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
-    SimNPO, ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat`` for all
+    SimNPO, ``reference`` for NPO (``resident``: a frozen copy of the start model;
+    ``precompute``: its sequence log-probs computed once into the forget set, one model held),
+    ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat`` for all
     (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
 
     name: str = "grad_diff"
@@ -99,6 +109,7 @@ class ObjectiveConfig:
     seed: int = 0
     logit_chunk: int | None = None
     compat: Literal["open_unlearning"] | None = None
+    reference: Literal["resident", "precompute"] = "resident"
 
     def __post_init__(self):
         _known(OBJECTIVES, "objective", self.name)
@@ -280,12 +291,43 @@ def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.ScalarOrSchedule
 def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """``chain(clip_by_global_norm, inject_hyperparams(adamw))``: every AdamW hyperparameter
     (``learning_rate``, ``b1``, ``b2``, ``eps``, ``weight_decay``) lives in the state and can be
-    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``."""
+    read or, for a constant rate, set with ``optax.tree_utils.tree_get`` / ``tree_set``; they
+    are float32 for parameters of any dtype. The moments are stored in ``cfg.moment_dtype``
+    (default: the parameters' dtype) and keep it from step to step (`moments_in`)."""
+    import jax.numpy as jnp
+
     parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
-    parts.append(optax.inject_hyperparams(optax.adamw)(
+    # hyperparameters in float32 whatever the parameters' dtype: in bfloat16, b2=0.999 rounds to
+    # 1.0 and Adam's bias correction 1 - b2^t divides by zero (NaN after the first step)
+    adamw = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
         learning_rate=build_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay))
+        weight_decay=cfg.weight_decay)
+    parts.append(moments_in(adamw, cfg.moment_dtype))
     return optax.chain(*parts)
+
+
+def moments_in(tx: optax.GradientTransformation, dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose Adam moments (``mu`` and ``nu`` of every ``optax.ScaleByAdamState`` in its
+    state) are stored in ``dtype`` (``None``: the dtype ``tx.init`` gives them, the
+    parameters') and keep their dtype after every update; the update itself is computed in
+    float32 (the hyperparameters' dtype)."""
+    import jax
+
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+
+    def init(params):
+        state = tx.init(params)
+        if dtype is None:
+            return state
+        cast = lambda s: s._replace(mu=optax.tree.cast(s.mu, dtype), nu=optax.tree.cast(s.nu, dtype))
+        return jax.tree.map(lambda s: cast(s) if is_adam(s) else s, state, is_leaf=is_adam)
+
+    def update(updates, state, params=None, **extra):
+        updates, new = optax.with_extra_args_support(tx).update(updates, state, params, **extra)
+        keep = lambda n, o: n._replace(mu=optax.tree.cast_like(n.mu, o.mu), nu=optax.tree.cast_like(n.nu, o.nu))
+        return updates, jax.tree.map(lambda n, o: keep(n, o) if is_adam(n) else n, new, state, is_leaf=is_adam)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def set_hyperparams(opt_state: Any, **values: float) -> Any:

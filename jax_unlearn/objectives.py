@@ -168,9 +168,30 @@ def _row_mask(mask: jax.Array, compat: str | None) -> jax.Array:
     return jnp.ones(mask.shape[:1], jnp.float32) if compat else _sequences(mask)
 
 
+REF_LOGP = "ref_logp"  # batch column: the reference model's sequence log-prob of each row, [b] float32
+
+
+def sequence_logprob(model, batch: Batch, logit_chunk: int | None = None) -> jax.Array:
+    """``log p(y)`` per row, ``[b]``: the label tokens' log-probs summed (NPO's sequence log-prob)."""
+    logp, _ = model_label_logprobs(model, batch, logit_chunk)
+    return jnp.sum(logp, axis=-1)
+
+
+def reference_logprob(batch: Batch, ref, logit_chunk: int | None = None) -> jax.Array:
+    """The reference's ``log p_ref(y)`` per row ``[b]`` (no gradient): the batch's precomputed
+    `REF_LOGP` column when present, else computed with the resident ``ref`` model."""
+    if REF_LOGP in batch:
+        return jax.lax.stop_gradient(batch[REF_LOGP].astype(jnp.float32))
+    if ref is None:
+        raise ValueError(f"NPO needs the reference's log-probs: a resident reference model or a "
+                         f"{REF_LOGP!r} batch column (objective.reference: precompute)")
+    return jax.lax.stop_gradient(sequence_logprob(ref, batch, logit_chunk))
+
+
 def npo_loss(beta: float, logit_chunk: int | None = None, compat: str | None = None) -> LossFn:
     """NPO: ``L = -(2/beta) * mean_seq logsigmoid(-beta * (logp_theta(y) - logp_ref(y)))`` with
-    sequence log-probs summed over the answer (label) tokens and ``ref`` the frozen start model.
+    sequence log-probs summed over the answer (label) tokens and ``ref`` the frozen start model;
+    ``logp_ref(y)`` is read from the batch's `REF_LOGP` column when it has one (`reference_logprob`).
 
     The mean is over the rows with a label token; with ``compat="open_unlearning"`` over every
     row (a row without label tokens has log-ratio 0 and adds the constant ``(2/beta) log 2``).
@@ -180,8 +201,7 @@ def npo_loss(beta: float, logit_chunk: int | None = None, compat: str | None = N
 
     def loss_fn(model, batch: Batch, ref) -> tuple[jax.Array, Metrics]:
         logp, mask = model_label_logprobs(model, batch, logit_chunk)
-        ref_logp, _ = jax.lax.stop_gradient(model_label_logprobs(ref, batch, logit_chunk))
-        log_ratio = jnp.sum(logp, axis=-1) - jnp.sum(ref_logp, axis=-1)  # [b]
+        log_ratio = jnp.sum(logp, axis=-1) - reference_logprob(batch, ref, logit_chunk)  # [b]
         seq = _row_mask(mask, compat)
         loss, n = _masked_mean(-(2.0 / beta) * jax.nn.log_sigmoid(-beta * log_ratio), seq)
         return loss, {"log_ratio": _masked_mean(log_ratio, seq)[0], "weight": n}
@@ -339,13 +359,28 @@ def grad_diff(retain: str = "nll", logit_chunk: int | None = None, compat: str |
     return Objective("grad_diff", neg_nll_loss(logit_chunk, compat), fn, needs_reference=needs_ref, compat=compat)
 
 
+REFERENCES = ("resident", "precompute")
+
+
 @OBJECTIVES.register("npo")
 def npo(beta: float = 0.1, retain: str = "nll", logit_chunk: int | None = None,
-        compat: str | None = None) -> Objective:
-    """NPO forget loss (see `npo_loss`) with an NLL or KL retain loss, both with ``compat``."""
+        compat: str | None = None, reference: str = "resident") -> Objective:
+    """NPO forget loss (see `npo_loss`) with an NLL or KL retain loss, both with ``compat``.
+
+    ``reference="resident"`` keeps a frozen copy of the start model for ``logp_ref(y)``;
+    ``"precompute"`` reads it from the forget batches' `REF_LOGP` column (filled once before
+    training, `jax_unlearn.step.add_reference_logprobs`), so only one model is held. The KL
+    retain loss needs the reference's whole distribution on retain tokens, hence the resident model.
+    """
     _positive("npo beta", beta)
-    fn, _ = _retain(retain, logit_chunk, compat)
-    return Objective("npo", npo_loss(beta, logit_chunk, compat), fn, needs_reference=True, compat=compat)
+    if reference not in REFERENCES:
+        raise ValueError(f"npo reference={reference!r} is not supported; expected one of {REFERENCES}")
+    fn, kl = _retain(retain, logit_chunk, compat)
+    if reference == "precompute" and kl:
+        raise ValueError("npo reference='precompute' holds no reference model, but retain='kl' needs the "
+                         "resident one; use retain='nll' or reference='resident'")
+    return Objective("npo", npo_loss(beta, logit_chunk, compat), fn, needs_reference=reference == "resident",
+                     compat=compat)
 
 
 @OBJECTIVES.register("simnpo")

@@ -1,8 +1,8 @@
 """Device mesh (``data``, ``fsdp``, ``tensor``), partition rules and multi-host start.
 
 Parameters are placed by their logical axis names (``jax_unlearn.models.partitioning``): with
-`DEFAULT_RULES`, ``embed`` is sharded over ``fsdp`` and heads, MLP width and vocabulary over
-``tensor``. Optimizer state follows its parameters; batches ``[batch, seq]`` are split over
+`DEFAULT_RULES`, ``embed`` is sharded over ``fsdp`` and ``data`` (`HSDP_RULES`: ``fsdp`` only) and
+heads, MLP width and vocabulary over ``tensor``. Optimizer state follows its parameters; batches ``[batch, seq]`` are split over
 ``data`` and ``fsdp`` together. Combiners run element-wise or reduce to scalars, so gradients
 are combined where they live and nothing is gathered onto one device.
 """
@@ -10,14 +10,16 @@ are combined where they live and nothing is gathered onto one device.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
+import re
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jax_unlearn.models.partitioning import DEFAULT_RULES, Rules, model_shardings
+from jax_unlearn.models.partitioning import DEFAULT_RULES, HSDP_RULES, Rules, model_shardings  # noqa: F401
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -58,8 +60,9 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: list | None = None) ->
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """``[batch, seq]`` split over ``data`` x ``fsdp``."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    """Batch arrays (``[batch, seq]`` token columns, ``[batch]`` per-row columns such as
+    ``ref_logp``) split by rows over ``data`` x ``fsdp``, other dimensions replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -95,6 +98,91 @@ def train_state_shardings(state: Any, mesh: Mesh, tx: Any, rules: Rules = DEFAUL
         frozen=param_shardings(state.frozen, mesh, rules),
         ref=None if state.ref is None else param_shardings(state.ref, mesh, rules),
     )
+
+
+# ----------------------------------------------------------------------------- what a program moves
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVE_KINDS) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled (SPMD-partitioned) program: its kind and the per-device
+    ``(dtype, shape)`` of each result."""
+
+    kind: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_DTYPE_BYTES.get(d, 4) * math.prod(s) for d, s in self.shapes)
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """The collectives of ``compiled.as_text()`` (per-device shapes, as partitioned).
+
+    A collective inside a loop body (``lax.scan``) is listed once, however often it runs; an
+    asynchronous ``*-start`` counts its results only (not the operands it also returns).
+    """
+    out = []
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        shapes = tuple((d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(m.group(1)))
+        if m.group(3) and m.group(2) in ("all-gather", "collective-permute") and len(shapes) % 2 == 0:
+            shapes = shapes[len(shapes) // 2:]  # (operands..., results...)
+        out.append(Collective(m.group(2), shapes))
+    return out
+
+
+def _weight_variants(shape: tuple[int, ...], factors: set[int]) -> set[tuple[int, ...]]:
+    """``shape`` without its size-1 dimensions, and without any subset of the dimensions that
+    a mesh split could reduce to size 1 (e.g. 2 key/value heads over ``tensor=2``)."""
+    dims = [d for d in shape if d != 1]
+    out = set()
+    for keep in itertools.product(*[(True, False) if d in factors else (True,) for d in dims]):
+        out.add(tuple(d for d, k in zip(dims, keep) if k))
+    return out
+
+
+def _weight_shaped(shape: tuple[int, ...], weights: set[tuple[int, ...]], factors: set[int]) -> bool:
+    """Whether ``shape`` (size-1 dimensions dropped) is a weight shape (one of `_weight_variants`)
+    with some dimensions divided by a product of mesh axis sizes, in any order of dimensions."""
+    shape = tuple(d for d in shape if d != 1)
+    for w in weights:
+        if len(w) == len(shape) and any(
+                all(p % r == 0 and p // r in factors for r, p in zip(shape, perm))
+                for perm in itertools.permutations(w)):
+            return True
+    return False
+
+
+def collective_bytes(hlo_text: str, weight_shapes: Any, mesh: Mesh) -> dict[str, int]:
+    """Per-device bytes that the collectives of ``compiled.as_text()`` deliver, split into
+    ``"weights"`` (results shaped like a weight of ``weight_shapes`` - arrays or a
+    pytree of them - or like one layer of a layer-stacked weight, whole or split over mesh
+    axes: FSDP gathers, gradient reductions) and
+    ``"activations"`` (everything else: activations, losses, norms).
+
+    The split is by shape, so it is exact only when no activation happens to be shaped like
+    a weight (a test picks its sizes so); collectives inside loops count once (`collectives`).
+    """
+    sizes = list(mesh.shape.values())
+    factors = {math.prod(c) for r in range(len(sizes) + 1) for c in itertools.combinations(sizes, r)}
+    shapes = [x.shape for x in jax.tree.leaves(weight_shapes)]
+    shapes += [s[1:] for s in shapes if len(s) > 1]  # one layer of a layer-stacked weight
+    weights = set().union(*(_weight_variants(s, factors) for s in shapes))
+    out = {"weights": 0, "activations": 0}
+    for c in collectives(hlo_text):
+        for dtype, shape in c.shapes:  # a combined all-reduce may carry gradients and losses at once
+            kind = "weights" if _weight_shaped(shape, weights, factors) else "activations"
+            out[kind] += Collective(c.kind, ((dtype, shape),)).nbytes
+    return out
 
 
 def maybe_initialize_distributed() -> bool:

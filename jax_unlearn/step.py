@@ -28,18 +28,21 @@ one loss, the same state, micro-batching, shardings and donation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jax_unlearn import accumulate as acc
+from jax_unlearn import objectives
 from jax_unlearn.combiners import CombinerState, TwoTaskGrads
-from jax_unlearn.objectives import Batch, LossFn, Objective
+from jax_unlearn.objectives import IGNORE, Batch, LossFn, Objective
 
 
 class TrainState(NamedTuple):
@@ -49,15 +52,16 @@ class TrainState(NamedTuple):
     params: nnx.State  # trainable parameters
     opt_state: Any  # optax state of the chain over ``params``
     frozen: nnx.State  # non-trainable model variables
-    ref: nnx.State | None  # the frozen reference model (None when the objective needs none)
+    # the reference model's trainable parameters (their starting values; the reference is
+    # ``merge(graphdef, ref, frozen)``: the frozen part is shared); None when the objective needs none
+    ref: nnx.State | None
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-    """Static halves of the split model: ``merge(graphdef, params, frozen)`` rebuilds it."""
+    """Static half of the split model: ``merge(graphdef, params, frozen)`` rebuilds it."""
 
     graphdef: Any
-    ref_graphdef: Any | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,34 +101,114 @@ def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
     return lambda path, _: bool(regex.fullmatch(".".join(str(p) for p in path)))
 
 
+def _split(model: nnx.Module, objective: Objective | None, train: Any = None
+           ) -> tuple[ModelDef, nnx.State, nnx.State, bool]:
+    """``(defs, trainable params, frozen variables, whether a reference is kept)`` of ``model``."""
+    trainable = None if objective is None else objective.trainable
+    if train is not None:
+        flt = nnx.All(nnx.Param, train)
+    else:
+        if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
+            raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
+                             "that needs a model built with scan_layers=False")
+        flt = nnx.Param if trainable is None else nnx.All(nnx.Param, path_filter(trainable))
+    graphdef, params, frozen = nnx.split(model, flt, ...)
+    if not jax.tree.leaves(params):
+        what = f"train={train!r}" if train is not None else f"trainable={trainable!r}"
+        raise ValueError(f"{what} matches no parameter of the model; "
+                         "parameter paths look like 'layers.5.mlp.down_proj'")
+    return ModelDef(graphdef), params, frozen, objective is not None and objective.needs_reference
+
+
+def state_builder(tx: optax.GradientTransformation, reference: bool) -> Callable[[nnx.State, nnx.State], TrainState]:
+    """``build(params, frozen) -> TrainState`` with ``tx``'s fresh optimizer state and, with
+    ``reference``, the parameters' starting values as the reference (what `init_state` jits
+    with ``out_shardings``)."""
+
+    def build(params, frozen):
+        ref = jax.tree.map(jnp.copy, params) if reference else None
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen, ref)
+
+    return build
+
+
+def abstract_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
+                   *, train: Any = None) -> tuple[ModelDef, TrainState]:
+    """`init_state` without allocating anything: the `TrainState` as ``jax.ShapeDtypeStruct``
+    leaves (parameter metadata kept, so `jax_unlearn.sharding.train_state_shardings` applies).
+    ``model`` may itself be abstract (``nnx.eval_shape(lambda: CausalLM(...))``)."""
+    defs, params, frozen, reference = _split(model, objective, train)
+    return defs, jax.eval_shape(state_builder(tx, reference), params, frozen)
+
+
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
-               copy: bool = True) -> tuple[ModelDef, TrainState]:
-    """Splits ``model`` into trainable / frozen parts, keeps a reference copy when the
-    objective needs one, and initialises ``tx`` on the trainable parameters.
+               copy: bool = True, shardings: Callable[[TrainState], Any] | None = None, *, train: Any = None
+               ) -> tuple[ModelDef, TrainState]:
+    """Splits ``model`` into trainable / frozen parts, keeps the reference's starting values
+    when the objective needs one, and initialises ``tx`` on the trainable parameters.
 
     ``objective`` supplies ``trainable`` (a path regex; None trains every parameter) and
     ``needs_reference``; ``None`` (a single-task step) trains everything, without reference.
+    ``train`` (an NNX filter, e.g. ``nnx.LoRAParam`` for the adapters of
+    `jax_unlearn.models.add_lora`) overrides ``trainable``. The reference model is the frozen
+    variables plus a copy of the trainable parameters, so it costs only what trains.
     The step donates its state, so with ``copy=True`` the state gets its own buffers and
     ``model`` stays usable; ``copy=False`` hands the model's buffers over (no extra memory,
     but ``model`` must not be used afterwards).
+
+    ``shardings`` maps the abstract state (`abstract_state`) to a `TrainState` of shardings,
+    e.g. ``functools.partial(jax_unlearn.sharding.train_state_shardings, mesh=mesh, tx=tx)``.
+    Then the copies, the reference and the optimizer state are made by one jitted function
+    with those ``out_shardings``: each device only ever holds its shards (give it a model
+    loaded sharded, ``load_hf(..., shardings=mesh)``, and no device holds the whole model).
     """
-    trainable = None if objective is None else objective.trainable
-    if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
-        raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
-                         "that needs a model built with scan_layers=False")
-    flt = nnx.Param if trainable is None else nnx.All(nnx.Param, path_filter(trainable))
-    graphdef, params, frozen = nnx.split(model, flt, ...)
-    if not jax.tree.leaves(params):
-        raise ValueError(f"trainable={trainable!r} matches no parameter of the model; "
-                         "parameter paths look like 'layers.5.mlp.down_proj'")
-    ref_graphdef = ref = None
-    if objective is not None and objective.needs_reference:
-        ref_graphdef, ref = nnx.split(model)
-        ref = jax.tree.map(jnp.copy, ref)  # never donated away with the trained parameters
+    defs, params, frozen, reference = _split(model, objective, train)
+    build = state_builder(tx, reference)
+    if shardings is not None:
+        target = shardings(jax.eval_shape(build, params, frozen))
+        donate = () if copy else (0, 1)
+        return defs, jax.jit(build, out_shardings=target, donate_argnums=donate)(params, frozen)
     if copy:
         params, frozen = jax.tree.map(jnp.copy, (params, frozen))
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen, ref)
-    return ModelDef(graphdef, ref_graphdef), state
+    return defs, build(params, frozen)
+
+
+def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *, batch_size: int = 8,
+                           logit_chunk: int | None = None, sharding: jax.sharding.Sharding | None = None
+                           ) -> dict[str, np.ndarray]:
+    """``data`` (a tokenised set: ``input_ids``, ``attention_mask``, ``labels``, each ``[N, s]``)
+    plus the column ``ref_logp`` (`jax_unlearn.objectives.REF_LOGP`): float32 ``[N]``, each
+    row's ``log p_model(y)`` summed over its label tokens (`objectives.sequence_logprob`).
+
+    Run once on the forget set with the start model before training, it lets NPO
+    (``npo(reference="precompute")``) train without a resident reference model. One jitted
+    forward pass per ``batch_size`` rows (the last batch padded with label-free rows);
+    ``sharding`` (e.g. `jax_unlearn.sharding.batch_sharding`) splits each batch's rows over a
+    mesh, with the model's activation constraints on; the model is used where it lives
+    (load it sharded for a large one). ``logit_chunk`` as in the objective.
+    """
+    n = len(data["input_ids"])
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    graphdef, state = nnx.split(model)
+    keys = [k for k in ("input_ids", "attention_mask", "labels") if k in data]
+
+    def row_logp(state, batch):
+        return objectives.sequence_logprob(nnx.merge(graphdef, state), batch, logit_chunk)
+
+    fn = jax.jit(on_mesh(row_logp, mesh_of(sharding)))  # placed where its arguments are
+    out = np.empty((n,), np.float32)
+    for start in range(0, n, batch_size):
+        rows = {k: np.asarray(data[k][start:start + batch_size]) for k in keys}
+        got = len(rows["input_ids"])
+        if got < batch_size:  # pad: no attention, no labels -> log-prob 0, dropped below
+            pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE}
+            rows = {k: np.concatenate([v, np.full((batch_size - got, *v.shape[1:]), pad[k], v.dtype)])
+                    for k, v in rows.items()}
+        if sharding is not None:
+            rows = {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in rows.items()}
+        out[start:start + got] = np.asarray(jax.device_get(fn(state, rows)))[:got]
+    return {**data, objectives.REF_LOGP: out}
 
 
 def merge_model(defs: ModelDef, state: TrainState, copy: bool = True) -> nnx.Module:
@@ -183,19 +267,43 @@ def _mean_grads(loss_fn: Callable, params: Any, batch: Batch, config: StepConfig
     return loss, metrics, acc.mean_value(g_acc, params)
 
 
+def mesh_of(*shardings: Any) -> jax.sharding.AbstractMesh | None:
+    """The mesh (as an ``AbstractMesh`` with ``Auto`` axes) of the first ``NamedSharding`` among
+    the leaves of ``shardings``; None when there is none."""
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        if isinstance(s, jax.sharding.NamedSharding):
+            mesh = s.mesh.abstract_mesh
+            return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    return None
+
+
+def on_mesh(fn: Callable, mesh: jax.sharding.AbstractMesh | None) -> Callable:
+    """``fn`` traced with ``mesh`` set, so that the model's activation constraints
+    (`jax_unlearn.models.partitioning.constrain`) apply; ``fn`` itself when ``mesh`` is None."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def _jit(step, state_shardings, batch_sharding, n_batches: int, donate: bool):
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_shardings is not None or batch_sharding is not None:
         kwargs["in_shardings"] = (state_shardings, *([batch_sharding] * n_batches))
         kwargs["out_shardings"] = (state_shardings, None)
-    return jax.jit(step, **kwargs)
+    return jax.jit(on_mesh(step, mesh_of(batch_sharding, state_shardings)), **kwargs)
 
 
 def _bind(defs: ModelDef, loss_fn: LossFn, state: TrainState) -> Callable:
     """``loss_fn(model, batch, ref)`` as a function of ``(params, batch)`` for ``state``."""
     def f(params, batch):
         model = nnx.merge(defs.graphdef, params, state.frozen)
-        ref = None if state.ref is None else nnx.merge(defs.ref_graphdef, state.ref)
+        ref = None if state.ref is None else nnx.merge(defs.graphdef, state.ref, state.frozen)
         return loss_fn(model, batch, ref)
 
     return f

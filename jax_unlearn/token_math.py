@@ -30,10 +30,16 @@ def label_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
     logits = logits[:, :-1].astype(jnp.float32)  # [b, s-1, vocab]
     target = labels[:, 1:]  # [b, s-1]
     mask = (target != IGNORE).astype(jnp.float32)
-    safe = jnp.where(target == IGNORE, 0, target)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    logp = _pick(logits, target) - jax.nn.logsumexp(logits, axis=-1)
     return logp * mask, mask
+
+
+def _pick(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """``logits[..., target]`` (0 where ``target`` is ``IGNORE``) as a masked sum over the
+    vocabulary: exact, and on logits split by vocabulary over devices it is a local sum plus
+    one small reduction (a gather would move the logits between devices)."""
+    vocab = jax.lax.broadcasted_iota(target.dtype, (1,) * target.ndim + (logits.shape[-1],), target.ndim)
+    return jnp.sum(jnp.where(vocab == target[..., None], logits, 0.0), axis=-1)
 
 
 def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -60,9 +66,7 @@ def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk:
     @jax.checkpoint
     def one(h_c, t_c):
         logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
-        safe = jnp.where(t_c == IGNORE, 0, t_c)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
+        return _pick(logits, t_c) - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
 
     logp = jax.lax.map(lambda xs: one(*xs), (hs, ts)).swapaxes(0, 1).reshape(b, -1)[:, :n]
     mask = (labels[:, 1:] != IGNORE).astype(jnp.float32)
@@ -80,7 +84,8 @@ def model_label_logprobs(model: Any, batch: Mapping[str, jax.Array], chunk: int 
     """
     ids, am, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     if chunk:
-        return chunked_label_logprobs(model.final_hidden(ids, am), model.head_weight(), labels, chunk)
+        # head_weight(tokens=...): the projection laid out for this batch (see CausalLM.head_weight)
+        return chunked_label_logprobs(model.final_hidden(ids, am), model.head_weight(tokens=ids.size), labels, chunk)
     return label_logprobs(model(ids, am), labels)
 
 

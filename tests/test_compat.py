@@ -180,7 +180,7 @@ class ArrayModel:
     def final_hidden(self, input_ids, attention_mask=None):
         return self.h
 
-    def head_weight(self):
+    def head_weight(self, tokens=None):
         return self.w
 
     def hidden_at(self, input_ids, attention_mask, layer):
@@ -369,9 +369,13 @@ def test_uniform_step_gradients_are_the_mean_of_the_references_micro_batch_gradi
     make, forget_formula, retain_formula = STEP_OBJECTIVES[name]
     objective, k = make(), 4
     defs, state = st.init_state(tiny_model(0), _capture(), objective)
-    ref_model = tiny_model(1)  # a reference apart from the model, so KL and RMU retain have gradients
+    # a reference apart from the model, so KL and RMU retain have gradients: the state's reference holds
+    # the trainable parameters (the frozen ones are shared), here another seed's
+    other = dict(nnx.to_flat_state(nnx.state(tiny_model(1))))
+    ref_params = nnx.from_flat_state([(path, other[path]) for path, _ in nnx.to_flat_state(state.params)])
+    ref_model = nnx.merge(defs.graphdef, ref_params, state.frozen)
     if objective.needs_reference:
-        state = state._replace(ref=nnx.state(ref_model))
+        state = state._replace(ref=ref_params)
     fb, rb = _step_batch(10), _step_batch(11)
     params = jax.tree.map(jnp.copy, state.params)
     step = st.make_two_grad_step(defs, objective, _capture(), st.StepConfig(micro_batches=k, weighting="uniform"),

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import jax
+import numpy as np
 import transformers
 from hf_fixtures import make_checkpoint
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -56,6 +58,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     run = run._replace(opt_state=ns["config"].set_hyperparams(run.opt_state, learning_rate=3e-3))
     ns["train"].run_steps(step, run, ns["pairs"], 0, 2)
     assert step._cache_size() == before
+    # the large-model example: sharded start-up, precomputed NPO reference, LoRA adapters alone
+    assert ns["big_state"].ref is None and np.isfinite(float(ns["big_metrics"]["forget_loss"]))
+    assert len(ns["big_state"].params["embed_tokens"][...].sharding.device_set) == 8
+    assert {x.dtype for x in jax.tree.leaves(ns["lora_state"].params)} == {np.dtype("float32")}
+    assert len(jax.tree.leaves(ns["lora_state"].params)) == 2 * 7 * ns["lora_big"].config.num_hidden_layers
     nll = namespace["forget_nll"]
     assert nll[1e-2] > nll[1e-3]  # gradient ascent on the forget set: a larger rate forgets more
     assert namespace["done"] == 4

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import partitioning as part
 from .config import ModelConfig, ModelOptions
 
 Array = jax.Array
@@ -51,6 +52,13 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> n
     else:
         value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _weight(var: nnx.Param, dtype=None) -> Array:
+    """A parameter's value cast to ``dtype`` (None: kept) and gathered over the batch mesh axes
+    when a mesh is set (`partitioning.gathered`: FSDP moves weights, not activations)."""
+    w = var[...] if dtype is None else var[...].astype(dtype)
+    return part.gathered(w, part.weight_axes(var, w.ndim))
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -99,7 +107,7 @@ class Attention(nnx.Module):
         self.q_proj_lora = self.k_proj_lora = self.v_proj_lora = self.o_proj_lora = nnx.data(None)
 
     def _proj(self, x, w, b, lora):
-        y = jnp.einsum("btd,khd->btkh", x, w[...].astype(x.dtype))
+        y = jnp.einsum("btd,khd->btkh", x, _weight(w, x.dtype))
         if lora is not None:
             y = y + lora(x).reshape(y.shape)
         return y if b is None else y + b[...].astype(x.dtype)
@@ -111,9 +119,11 @@ class Attention(nnx.Module):
         With a cache, the new keys/values are written at slot ``index`` and ``mask
         [b, 1, t, slots]`` must encode causality, the window and padding.
         """
-        q = apply_rope(self._proj(x, self.q_proj, self.q_bias, self.q_proj_lora), cos, sin)  # [b, t, N, H]
-        k = apply_rope(self._proj(x, self.k_proj, self.k_bias, self.k_proj_lora), cos, sin)  # [b, t, K, H]
-        v = self._proj(x, self.v_proj, self.v_bias, self.v_proj_lora)
+        q = part.constrain(apply_rope(self._proj(x, self.q_proj, self.q_bias, self.q_proj_lora), cos, sin),
+                           part.HEADS)  # [b, t, N, H]
+        k = part.constrain(apply_rope(self._proj(x, self.k_proj, self.k_bias, self.k_proj_lora), cos, sin),
+                           part.KV_HEADS)  # [b, t, K, H]
+        v = part.constrain(self._proj(x, self.v_proj, self.v_bias, self.v_proj_lora), part.KV_HEADS)
         window = self.cfg.sliding_window
         if kv is None:
             out = jax.nn.dot_product_attention(
@@ -125,7 +135,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.opts.attention_impl)
             new_kv = (k, v)
-        y = jnp.einsum("btnh,dnh->btd", out, self.o_proj[...].astype(x.dtype))
+        out = part.constrain(out, part.HEADS)
+        y = jnp.einsum("btnh,dnh->btd", out, _weight(self.o_proj, x.dtype))
         if self.o_proj_lora is not None:
             y = y + self.o_proj_lora(out.reshape(*out.shape[:2], -1))
         return (y if self.o_bias is None else y + self.o_bias[...].astype(x.dtype)), new_kv
@@ -145,15 +156,15 @@ class MLP(nnx.Module):
 
     @staticmethod
     def _lin(x, w, b, lora):
-        y = jnp.einsum("...i,oi->...o", x, w[...].astype(x.dtype))
+        y = jnp.einsum("...i,oi->...o", x, _weight(w, x.dtype))
         if lora is not None:
             y = y + lora(x)
         return y if b is None else y + b[...].astype(x.dtype)
 
     def __call__(self, x: Array) -> Array:
         """``down(silu(gate(x)) * up(x))``: ``[b, t, D] -> [b, t, D]``."""
-        h = (jax.nn.silu(self._lin(x, self.gate_proj, self.gate_bias, self.gate_proj_lora))
-             * self._lin(x, self.up_proj, self.up_bias, self.up_proj_lora))
+        h = part.constrain(jax.nn.silu(self._lin(x, self.gate_proj, self.gate_bias, self.gate_proj_lora))
+                           * self._lin(x, self.up_proj, self.up_bias, self.up_proj_lora), part.MLP)  # [b, t, F]
         return self._lin(h, self.down_proj, self.down_bias, self.down_proj_lora)
 
 
@@ -166,8 +177,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = part.constrain(x + h, part.HIDDEN)
+        return part.constrain(x + self.mlp(self.post_attention_layernorm(x)), part.HIDDEN), kv
 
 
 def _layer_apply(graphdef, policy: str | None, scanned: bool):
@@ -245,16 +256,45 @@ class CausalLM(nnx.Module):
             raise ValueError(f"{name}={layer} outside [0, {self.config.num_hidden_layers})")
 
     def final_hidden(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        """Final-normed hidden states ``[b, t, D]``: ``model(ids, mask) == model.logits(final_hidden(ids, mask))``."""
-        return self.norm(self._trunk(input_ids, attention_mask, self.config.num_hidden_layers, None)[0])
+        """Final-normed hidden states ``[b, t, D]``: ``model(ids, mask) == model.logits(final_hidden(ids, mask))``.
+        (On a mesh where `partitioning.split_vocab` holds, every device gets all rows, as
+        `head_weight` then holds the device's vocabulary rows.)"""
+        h = self.norm(self._trunk(input_ids, attention_mask, self.config.num_hidden_layers, None)[0])
+        return part.constrain(h, part.ALL_ROWS if part.split_vocab(input_ids.size, self.config.vocab_size)
+                              else part.HIDDEN)
 
-    def head_weight(self) -> Array:
-        """Output projection ``[vocab, D]`` (the input embedding when tied)."""
-        return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+    def embed(self, input_ids: Array) -> Array:
+        """Token embeddings ``[b, t, D]`` in the compute dtype, each row on its devices.
+
+        On a mesh, either every device looks up all tokens in its slice of the table and the
+        rows then move to their devices (`partitioning.split_vocab`: fewer tokens than
+        vocabulary entries; the table's gradient stays split), or the table is gathered."""
+        if part.split_vocab(input_ids.size, self.config.vocab_size):
+            table = self.embed_tokens[...].astype(self.options.dtype)
+            x = table[part.constrain(input_ids, (None, None))]
+        else:
+            x = _weight(self.embed_tokens, self.options.dtype)[input_ids]
+        return part.constrain(x, part.HIDDEN)
+
+    def head_weight(self, dtype=None, tokens: int | None = None) -> Array:
+        """Output projection ``[vocab, D]`` (the input embedding when tied), in ``dtype`` (default:
+        the parameter's). On a mesh it is gathered over the batch axes, or, for a batch of
+        ``tokens`` where `partitioning.split_vocab` holds, split by vocabulary rows over all devices."""
+        var = self.embed_tokens if self.lm_head is None else self.lm_head
+        if tokens is not None and part.split_vocab(tokens, self.config.vocab_size):
+            w = var[...] if dtype is None else var[...].astype(dtype)
+            return part.constrain(w, part.SPLIT_HEAD)
+        return _weight(var, dtype)
 
     def logits(self, h: Array) -> Array:
         """``h [b, t, D]`` (final-normed) -> float32 ``[b, t, vocab]``."""
-        return jnp.einsum("btd,vd->btv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
+        tokens = h.shape[0] * h.shape[1]
+        w = self.head_weight(h.dtype, tokens)
+        if part.split_vocab(tokens, self.config.vocab_size):
+            logits = jnp.einsum("btd,vd->btv", part.constrain(h, part.ALL_ROWS), w, preferred_element_type=jnp.float32)
+            return part.constrain(logits, part.SPLIT_LOGITS)
+        logits = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+        return part.constrain(logits, part.LOGITS)
 
     # ------------------------------------------------------------------ cached decoding
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
@@ -278,7 +318,7 @@ class CausalLM(nnx.Module):
         if self.config.sliding_window is not None:
             allowed &= k_slot > q_slot - self.config.sliding_window
         mask = allowed[None, None] & kv_valid.astype(bool)[:, None, None, :]  # [b, 1, t, slots]
-        x = self.embed_tokens[...][input_ids].astype(self.options.dtype)
+        x = self.embed(input_ids)
         x, _, cache = self._layers(x, positions, mask, self.config.num_hidden_layers, None, cache, index)
         return self.logits(self.norm(x[:, -1:] if last_only else x)), cache
 
@@ -294,7 +334,7 @@ class CausalLM(nnx.Module):
                                     (am.shape[0], 1, am.shape[1], am.shape[1]))
         if hidden_at is not None:
             self._check_layer(hidden_at, "return_hidden_at")
-        x = self.embed_tokens[...][input_ids].astype(self.options.dtype)
+        x = self.embed(input_ids)
         x, hidden, _ = self._layers(x, positions, mask, n_layers, hidden_at, None, None)
         return x, hidden
 
