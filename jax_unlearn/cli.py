@@ -62,11 +62,13 @@ def _model_options(dtype: str = "float32", **options):
     return ModelOptions(param_dtype=_dtype(dtype), **options)
 
 
-def _load_model(path: str, dtype: str = "float32", **options):
+def _load_model(path: str, dtype: str = "float32", mesh: typing.Any = None, peft: str | None = None, **options):
+    """The model in folder ``path``, each tensor read straight onto its shards of ``mesh`` (a
+    `jax.sharding.Mesh`; None: the default device), plus the PEFT adapter in folder ``peft``."""
     from jax_unlearn.models import load_hf
 
     opts = _model_options(dtype, **options)
-    return load_hf(path, dtype=opts.param_dtype, compute_dtype=opts.compute_dtype,
+    return load_hf(path, dtype=opts.param_dtype, shardings=mesh, peft=peft, compute_dtype=opts.compute_dtype,
                    attention_impl=opts.attention_impl, scan_layers=opts.scan_layers, remat_policy=opts.remat_policy)
 
 
@@ -205,12 +207,14 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, output_dir=str(out))
         tcfg = cfg.train_config()
 
-    model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
+    # every tensor straight onto its shards: no device ever holds the whole model
+    model = _load_model(cfg.model.path, cfg.model.dtype, mesh=sharding.make_mesh(cfg.mesh), **cfg.model.options())
     from jax_unlearn.eval.suite import flatten
 
     during = None if cfg.eval.every is None else (lambda m: flatten(suite.run(m, tok)))
     result = train.unlearn(model, forget, retain, tcfg, tokenizer=tok, identity=identity,
-                           record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during, eval_every=cfg.eval.every)
+                           record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during, eval_every=cfg.eval.every,
+                           base_model=cfg.model.path)
     if result.continued_from is not None:
         print(f"continued: the run had {result.continued_from} steps, {length_key} now gives {result.total_steps}")
     if result.interrupted:
@@ -225,7 +229,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
               f"step {result.selected_step}")
     print(f"metrics: {out / 'metrics.jsonl'}")
     if result.export_dir is not None:
-        print(f"model: {result.export_dir}")
+        print(f"model: {result.export_dir}" + (" (adapters merged)" if tcfg.lora.rank is not None else ""))
+        if tcfg.lora.rank is not None and (out / train.ADAPTER_DIR).is_dir():
+            print(f"adapter: {out / train.ADAPTER_DIR} (PEFT LoRA over {cfg.model.path})")
     if suite is not None and jax.process_index() == 0:
         results = suite.run(result.model, tok)
         print(format_table(results))
@@ -244,16 +250,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for path in [*args.mc, *args.qa, *args.perplexity, *filter(None, [args.mia_forget, args.mia_holdout])]:
         if not Path(path).is_file():
             raise CLIError(f"eval: file {path} does not exist")
+    if args.peft is not None and not Path(args.peft).is_dir():
+        raise CLIError(f"eval: --peft {args.peft} is not a folder (expected a PEFT LoRA adapter folder)")
     if args.out:
         _check_writable(Path(args.out), "eval: --out", folder=False)
     suite = EvalSuite(tuple(args.mc), tuple(args.qa), args.mia_forget, args.mia_holdout, tuple(args.perplexity),
                       args.num_fewshot, args.subject, args.batch_size, args.max_new_tokens)
     tok = _load_tokenizer(args.tokenizer or args.model)
-    model = _load_model(args.model, args.dtype)
+    model = _load_model(args.model, args.dtype, peft=args.peft)
     results = suite.run(model, tok)
     print(format_table(results))
     if args.out:
-        _write_json(Path(args.out), {"model": str(args.model), **results})
+        _write_json(Path(args.out), {"model": str(args.model), **({"peft": str(args.peft)} if args.peft else {}),
+                                     **results})
         print(f"results: {args.out}")
     return 0
 
@@ -285,7 +294,7 @@ def restore_run(run_dir: Path, model_path: str | None = None):
     from jax_unlearn import train
     from jax_unlearn.models import check_hf
     from jax_unlearn.run_config import load_config
-    from jax_unlearn.sharding import MeshConfig
+    from jax_unlearn.sharding import MeshConfig, make_mesh
 
     cfg = load_config(_run_config_file(run_dir))
     if model_path is not None:
@@ -309,7 +318,7 @@ def restore_run(run_dir: Path, model_path: str | None = None):
     if diff:
         refuse(diff)
     tok = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    model = _load_model(cfg.model.path, cfg.model.dtype, **cfg.model.options())
+    model = _load_model(cfg.model.path, cfg.model.dtype, mesh=make_mesh(cfg.mesh), **cfg.model.options())
     diff = fpr.differences(recorded, {"model.weights": fpr.params_checksum(model)})
     if diff:
         refuse(diff)
@@ -322,19 +331,32 @@ def restore_run(run_dir: Path, model_path: str | None = None):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from jax_unlearn import train
+    from jax_unlearn.run_config import load_config
 
     run_dir, out = Path(args.checkpoint), Path(args.out)
-    _run_config_file(run_dir)
-    _check_writable(out, "export: --out", folder=True)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"export: {out} is not empty; pass --overwrite to replace it")
-    if run_dir.is_dir() and _inside(out, run_dir):
-        raise CLIError(f"export: --out {out} lies inside the run folder {run_dir}, which export never changes; "
-                       "choose a folder outside it")
+    cfg = load_config(_run_config_file(run_dir))
+    targets = [("--out", out)] + ([("--peft", Path(args.peft))] if args.peft is not None else [])
+    if args.peft is not None and cfg.lora.rank is None:
+        raise CLIError(f"export: --peft: {run_dir} is not a LoRA run ({run_dir / CONFIG_NAME} sets no lora.rank); "
+                       "it has no adapter to write")
+    if args.peft is not None and (_inside(Path(args.peft), out) or _inside(out, Path(args.peft))):
+        raise CLIError(f"export: --peft {args.peft} and --out {out} must be separate folders")
+    for flag, folder in targets:
+        _check_writable(folder, f"export: {flag}", folder=True)
+        if folder.exists() and any(folder.iterdir()) and not args.overwrite:
+            raise CLIError(f"export: {flag} {folder} is not empty; pass --overwrite to replace it")
+        if run_dir.is_dir() and _inside(folder, run_dir):
+            raise CLIError(f"export: {flag} {folder} lies inside the run folder {run_dir}, which export never "
+                           "changes; choose a folder outside it")
     model, tok, step = restore_run(run_dir, args.model)
     path = train.export_model(model, out, tok, overwrite=True)
     if path is not None:
-        print(f"exported step {step} of {run_dir} to {path}")
+        print(f"exported step {step} of {run_dir} to {path}" + (" (adapters merged)" if cfg.lora.rank else ""))
+    if args.peft is not None:
+        base = args.model or cfg.model.path
+        adapter = train.export_adapter(model, Path(args.peft), base, overwrite=True)
+        if adapter is not None:
+            print(f"exported its LoRA adapter to {adapter} (PEFT, over {base})")
     return 0
 
 
@@ -631,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="parameter dtype (default float32)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--peft", metavar="DIR", help="PEFT LoRA adapter folder to add onto --model")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -645,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="output_dir of an unlearn run")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.add_argument("--model", metavar="DIR", help="starting model folder, if it moved since the run")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--peft", metavar="DIR", help="LoRA runs: also write the adapter alone as a PEFT folder here")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --peft)")
     p.set_defaults(func=cmd_export)
 
     # the harness's arguments pass through untouched: no option prefix here, cmd_lm_eval parses ours

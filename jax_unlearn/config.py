@@ -136,6 +136,21 @@ class StopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Parameter-efficient unlearning: with ``rank`` set, LoRA adapters
+    (`jax_unlearn.models.add_lora`) on the ``targets`` projections are the only parameters that
+    train (RMU's ``objective.trainable`` then picks the adapters of the modules it names); the
+    NPO/KL reference is the base model (the adapters' starting values: B = 0), not a second copy
+    of the base weights. ``dropout`` acts on the adapters' inputs during training only."""
+
+    rank: int | None = None
+    alpha: float = 16.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One unlearning run."""
 
@@ -158,6 +173,7 @@ class TrainConfig:
     objective: ObjectiveConfig = ObjectiveConfig()
     select: SelectConfig = SelectConfig()
     stop_when: StopConfig = StopConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 def _settings(cfg: Any) -> tuple[dict, dict]:
@@ -241,6 +257,10 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("objective.steering", lambda v: _number(v) and v > 0, "a finite number > 0"),
     ("objective.seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("objective.logit_chunk", lambda v: v is None or _integer(v) and v > 0, "an integer > 0 or null"),
+    ("lora.rank", lambda v: v is None or _integer(v) and v > 0, "an integer > 0 or null (no adapters)"),
+    ("lora.alpha", lambda v: _number(v) and v > 0, "a finite number > 0"),
+    ("lora.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("lora.seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
 )
 
 
@@ -259,6 +279,12 @@ def check_ranges(cfg: TrainConfig) -> None:
         value = _get_key(cfg, key)
         if not ok(value):
             raise ConfigError(f"'{key}' is {value!r}; expected {expected}")
+    from jax_unlearn.models.lora import TARGETS
+
+    targets = list(cfg.lora.targets)
+    if not targets or any(t not in TARGETS and t != "all-linear" for t in targets):
+        raise ConfigError(f"'lora.targets' is {targets!r}; expected a list of projection names from "
+                          f"{', '.join(TARGETS)}, or ['all-linear']")
     if cfg.combiner.alpha == 0 and cfg.combiner.gamma == 0:
         raise ConfigError("'combiner.alpha' and 'combiner.gamma' are both 0: every update would be zero")
     if cfg.batch_size % cfg.micro_batches:

@@ -95,6 +95,13 @@ class StepConfig:
         acc.check_weighting(self.weighting)
 
 
+def adapter_filter(pattern: str) -> Callable[[tuple, Any], bool]:
+    """NNX filter: adapter parameters (``layers.5.mlp.down_proj_lora.lora_a``) of the modules whose
+    dotted path (``layers.5.mlp.down_proj``) fully matches ``pattern``."""
+    regex = re.compile(pattern)
+    return lambda path, _: bool(regex.fullmatch(re.sub(r"_lora\..*$", "", ".".join(str(p) for p in path))))
+
+
 def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
     """NNX filter: parameters whose dotted path (``layers.5.mlp.down_proj``) fully matches ``pattern``."""
     regex = re.compile(pattern)
@@ -106,7 +113,8 @@ def _split(model: nnx.Module, objective: Objective | None, train: Any = None
     """``(defs, trainable params, frozen variables, whether a reference is kept)`` of ``model``."""
     trainable = None if objective is None else objective.trainable
     if train is not None:
-        flt = nnx.All(nnx.Param, train)
+        # with an objective's subset (RMU's layers): the adapters of the modules it names
+        flt = nnx.All(nnx.Param, train) if trainable is None else nnx.All(nnx.Param, train, adapter_filter(trainable))
     else:
         if trainable is not None and getattr(getattr(model, "options", None), "scan_layers", False):
             raise ValueError(f"objective {objective.name!r} trains a subset of layers ({trainable!r}); "
@@ -141,6 +149,15 @@ def abstract_state(model: nnx.Module, tx: optax.GradientTransformation, objectiv
     return defs, jax.eval_shape(state_builder(tx, reference), params, frozen)
 
 
+def _onto(tree: Any, shardings: Any) -> Any:
+    """``tree`` with each array that lives on other devices than its sharding's put there."""
+    def put(x, s):
+        here = getattr(x, "sharding", None)
+        return x if here is not None and here.device_set == s.device_set else jax.device_put(x, s)
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: Objective | None = None,
                copy: bool = True, shardings: Callable[[TrainState], Any] | None = None, *, train: Any = None
                ) -> tuple[ModelDef, TrainState]:
@@ -167,6 +184,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: O
     if shardings is not None:
         target = shardings(jax.eval_shape(build, params, frozen))
         donate = () if copy else (0, 1)
+        # a model on other devices (e.g. loaded unsharded onto one) moves onto the mesh first
+        params, frozen = _onto(params, target.params), _onto(frozen, target.frozen)
         return defs, jax.jit(build, out_shardings=target, donate_argnums=donate)(params, frozen)
     if copy:
         params, frozen = jax.tree.map(jnp.copy, (params, frozen))
@@ -299,11 +318,26 @@ def _jit(step, state_shardings, batch_sharding, n_batches: int, donate: bool):
     return jax.jit(on_mesh(step, mesh_of(batch_sharding, state_shardings)), **kwargs)
 
 
-def _bind(defs: ModelDef, loss_fn: LossFn, state: TrainState) -> Callable:
-    """``loss_fn(model, batch, ref)`` as a function of ``(params, batch)`` for ``state``."""
-    def f(params, batch):
-        model = nnx.merge(defs.graphdef, params, state.frozen)
-        ref = None if state.ref is None else nnx.merge(defs.graphdef, state.ref, state.frozen)
+def _advance_rngs(frozen: nnx.State, step: jax.Array, salt: int) -> nnx.State:
+    """``frozen`` with every RNG stream's count moved to ``count + step * 2**16 + salt``: a model
+    that draws randomness (LoRA dropout in train mode) gets fresh masks at every step and for
+    each task, as a function of the step alone (a resumed run draws the same ones)."""
+    offset = step.astype(jnp.uint32) * jnp.uint32(1 << 16) + jnp.uint32(salt)
+
+    def move(v):
+        return v.replace(v.get_value() + offset.astype(v.get_value().dtype)) if isinstance(v, nnx.RngCount) else v
+
+    return jax.tree.map(move, frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _bind(defs: ModelDef, loss_fn: LossFn, state: TrainState, salt: int = 0) -> Callable:
+    """``loss_fn(model, batch, ref)`` as a function of ``(params, batch)`` for ``state`` (``salt``
+    tells the tasks' random draws apart, see `_advance_rngs`)."""
+    frozen = _advance_rngs(state.frozen, state.step, salt)
+
+    def f(params, batch):  # fresh Variables at this trace level: dropout advances their RNG counts here
+        model = nnx.merge(defs.graphdef, params, frozen, copy=True)
+        ref = None if state.ref is None else nnx.merge(defs.graphdef, state.ref, frozen, copy=True)
         return loss_fn(model, batch, ref)
 
     return f
@@ -372,7 +406,7 @@ def make_two_grad_step(
     def combined(state: TrainState, fb: Batch, rb: Batch):
         shardings = None if state_shardings is None else state_shardings.params
         lf, mf, gf = _mean_grads(_bind(defs, objective.forget, state), state.params, fb, config, shardings)
-        lr, mr, gr = _mean_grads(_bind(defs, objective.retain, state), state.params, rb, config, shardings)
+        lr, mr, gr = _mean_grads(_bind(defs, objective.retain, state, 1), state.params, rb, config, shardings)
         extra = {"task_weights": (mf["weight"], mr["weight"])}  # for two_task_multi_steps(weighting="tokens")
         if not isinstance(tx, optax.GradientTransformationExtraArgs):
             extra = {}
@@ -383,7 +417,7 @@ def make_two_grad_step(
         return updates, opt_state, metrics
 
     def naive(state: TrainState, fb: Batch, rb: Batch):
-        forget_fn, retain_fn = _bind(defs, objective.forget, state), _bind(defs, objective.retain, state)
+        forget_fn, retain_fn = _bind(defs, objective.forget, state), _bind(defs, objective.retain, state, 1)
 
         def total(p):
             lf, mf = forget_fn(p, fb)

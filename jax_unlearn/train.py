@@ -40,6 +40,7 @@ last finite state. With ``optim.skip_nonfinite=N`` the optimizer skips non-finit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -61,7 +62,16 @@ from tqdm.auto import tqdm
 from jax_unlearn import fingerprint as fpr
 from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
-from jax_unlearn.config import ConfigError, TrainConfig, build_objective, build_schedule, build_tx, check, step_config
+from jax_unlearn.config import (
+    ConfigError,
+    LoraConfig,
+    TrainConfig,
+    build_objective,
+    build_schedule,
+    build_tx,
+    check,
+    step_config,
+)
 from jax_unlearn.data import Dataset, PairedBatches
 
 log = logging.getLogger("jax_unlearn.train")
@@ -450,6 +460,40 @@ def _nonfinite_message(failure: dict, cfg: TrainConfig, run_dir: Path) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
+ADAPTER_DIR = "adapter"  # the PEFT adapter of a LoRA run, beside the merged model
+
+
+def with_adapters(model: nnx.Module, lora: LoraConfig) -> tuple[nnx.Module, Any]:
+    """``(model, train filter)`` of a run: with ``lora.rank`` the model with fresh adapters
+    (sharing the base weights; in train mode when it has dropout) and ``nnx.LoRAParam``, else
+    ``(model, None)`` (every parameter, or the objective's subset, trains)."""
+    if lora.rank is None:
+        return model, None
+    from jax_unlearn.models import add_lora
+
+    mesh = _mesh_of(model)
+    adapted = add_lora(model, lora.rank, lora.alpha, tuple(lora.targets), lora.dropout, lora.seed,
+                       shardings=mesh)
+    if lora.dropout:
+        adapted.train()
+    return adapted, nnx.LoRAParam
+
+
+def _mesh_of(model: nnx.Module) -> Any:
+    """The mesh a model's parameters are placed on (None on one device)."""
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def _inference(model: nnx.Module) -> nnx.Module:
+    """``model`` in eval mode (no dropout) for evaluation and export."""
+    model.eval()
+    return model
+
+
 class Selection:
     """Evaluations during a run: `select` keeps the best evaluated step, `stop_when` ends the run.
 
@@ -542,13 +586,17 @@ def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Data
     if cfg.batch_size % shards:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the mesh's data x fsdp = {shards} "
                           "batch shards (set mesh.data / mesh.fsdp / mesh.tensor)")
+    if cfg.batch_size % (shards * cfg.micro_batches):  # every device holds rows of every micro-batch
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by micro_batches={cfg.micro_batches} x "
+                          f"the mesh's data x fsdp = {shards} batch shards, so that each micro-batch splits "
+                          "evenly over the devices")
     return total, mesh
 
 
 def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, tokenizer: Any = None, *,
             identity: dict | None = None, record: dict[str, str] | None = None,
             evaluate: Callable[[nnx.Module], dict[str, float]] | None = None,
-            eval_every: int | None = None) -> RunResult:
+            eval_every: int | None = None, base_model: str | None = None) -> RunResult:
     """Unlearns ``forget`` while keeping ``retain``; resumes the same run from ``cfg.output_dir``.
 
     Args:
@@ -563,6 +611,8 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         ``eval_every`` steps (e.g. `jax_unlearn.eval.suite.EvalSuite` flattened); its rows go
         into ``metrics.jsonl``, ``cfg.select`` exports the best evaluated step and
         ``cfg.stop_when`` ends the run early, as finished.
+      base_model: the starting model's name or folder, recorded in the PEFT adapter a LoRA run
+        exports beside the merged model (``output_dir/adapter``).
 
     Returns:
       A `RunResult` with the unlearned model.
@@ -593,10 +643,16 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     schedule = build_schedule(cfg.optim, total)
     tx = build_tx(cfg, total)
     objective = build_objective(cfg.objective, model.config.hidden_size)
-    defs, state = st.init_state(model, tx, objective)
-    shardings = sh.train_state_shardings(state, mesh, tx)
-    state = jax.device_put(state, shardings)
     batch_sharding = sh.batch_sharding(mesh)
+    if cfg.objective.reference == "precompute":  # NPO's reference log-probs, once, from the start model
+        forget = st.add_reference_logprobs(model, forget, batch_size=cfg.batch_size,
+                                           logit_chunk=cfg.objective.logit_chunk, sharding=batch_sharding)
+        data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
+    trained_model, train_filter = with_adapters(model, cfg.lora)
+    # the copies and the optimizer state are made sharded, under jit: no device holds the whole model
+    defs, state = st.init_state(trained_model, tx, objective, train=train_filter,
+                                shardings=functools.partial(sh.train_state_shardings, mesh=mesh, tx=tx))
+    shardings = sh.train_state_shardings(state, mesh, tx)
     step_fn = st.make_two_grad_step(defs, objective, tx, step_config(cfg), shardings, batch_sharding)
 
     restored, meta = _restore_latest(out / "checkpoints", _saved(state), _saved(shardings), move_aside=True)
@@ -719,7 +775,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         if failure or not finite_state(done, state):
             return True
         if results is None:
-            results = selection.evaluate(st.merge_model(defs, state, copy=False))
+            results = selection.evaluate(_inference(st.merge_model(defs, state, copy=False)))
         if is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": done, **{f"eval/{k}": float(v) for k, v in results.items()}}) + "\n")
@@ -777,10 +833,12 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
         state = state._replace(**restored)
     if best_mngr is not None:
         best_mngr.close()
-    trained = st.merge_model(defs, state, copy=False)  # no step follows: sharing the buffers is safe
+    trained = _inference(st.merge_model(defs, state, copy=False))  # no step follows: sharing buffers is safe
     exported = None
     if cfg.export and not interrupted:  # re-export only when this call trained further
         exported = export_model(trained, export_dir, tokenizer, overwrite=start < total)
+        if cfg.lora.rank is not None:
+            export_adapter(trained, out / ADAPTER_DIR, base_model, overwrite=start < total)
     return RunResult(trained, done, total, interrupted, resumed_from, exported, continued_from, selected,
                      bool(stopped_early) or stopped_record is not None and total == start)
 
@@ -796,15 +854,18 @@ def restore_latest(model: nnx.Module, cfg: TrainConfig, run_dir: str | Path | No
     """
     # The schedule's length does not change the optimizer state's layout.
     tx = build_tx(cfg, max(cfg.max_steps or 1, 1))
-    defs, state = st.init_state(model, tx, build_objective(cfg.objective, model.config.hidden_size), copy=False)
-    shardings = sh.train_state_shardings(state, sh.make_mesh(cfg.mesh), tx)
-    state = jax.device_put(state, shardings)
+    mesh = sh.make_mesh(cfg.mesh)
+    model, train_filter = with_adapters(model, cfg.lora)
+    defs, state = st.init_state(model, tx, build_objective(cfg.objective, model.config.hidden_size), copy=False,
+                                train=train_filter,
+                                shardings=functools.partial(sh.train_state_shardings, mesh=mesh, tx=tx))
+    shardings = sh.train_state_shardings(state, mesh, tx)
     directory = Path(run_dir if run_dir is not None else cfg.output_dir) / "checkpoints"
     restored, _ = _restore_latest(directory, _saved(state), _saved(shardings), move_aside=False)
     if restored is None:
         return None
     state = state._replace(**restored)
-    return st.merge_model(defs, state, copy=False), int(state.step)
+    return _inference(st.merge_model(defs, state, copy=False)), int(state.step)
 
 
 def _rewind_log(path: Path, step: int) -> None:
@@ -826,6 +887,23 @@ def _rewind_log(path: Path, step: int) -> None:
     with open(path.with_name(SUPERSEDED_FILE), "a") as f:
         f.write("".join(line + "\n" for line in moved))
     _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def export_adapter(model: nnx.Module, path: Path, base_model: str | None, overwrite: bool) -> Path | None:
+    """A LoRA model's adapters as a PEFT folder (`jax_unlearn.models.save_peft`) on process 0;
+    an existing one is replaced only with ``overwrite``."""
+    from jax_unlearn.models import save_peft
+
+    if jax.process_count() > 1:
+        graphdef, state = nnx.split(model)
+        state = jax.jit(lambda s: s, out_shardings=sh.replicated(sh.make_mesh(sh.MeshConfig(fsdp=-1))))(state)
+        model = nnx.merge(graphdef, state)
+    if jax.process_index() != 0:
+        return None
+    if not overwrite and path.exists() and any(path.iterdir()):
+        return path
+    save_peft(model, path, base_model_name_or_path=base_model, overwrite=True)
+    return path
 
 
 def export_model(model: nnx.Module, path: Path, tokenizer: Any, overwrite: bool) -> Path | None:
