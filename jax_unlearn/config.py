@@ -282,7 +282,7 @@ def check_ranges(cfg: TrainConfig) -> None:
     from jax_unlearn.models.lora import TARGETS
 
     targets = list(cfg.lora.targets)
-    if not targets or any(t not in TARGETS and t != "all-linear" for t in targets):
+    if not targets or targets != ["all-linear"] and any(t not in TARGETS for t in targets):
         raise ConfigError(f"'lora.targets' is {targets!r}; expected a list of projection names from "
                           f"{', '.join(TARGETS)}, or ['all-linear']")
     if cfg.combiner.alpha == 0 and cfg.combiner.gamma == 0:

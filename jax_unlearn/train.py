@@ -472,8 +472,8 @@ def with_adapters(model: nnx.Module, lora: LoraConfig) -> tuple[nnx.Module, Any]
     from jax_unlearn.models import add_lora
 
     mesh = _mesh_of(model)
-    adapted = add_lora(model, lora.rank, lora.alpha, tuple(lora.targets), lora.dropout, lora.seed,
-                       shardings=mesh)
+    targets = "all-linear" if list(lora.targets) == ["all-linear"] else tuple(lora.targets)
+    adapted = add_lora(model, lora.rank, lora.alpha, targets, lora.dropout, lora.seed, shardings=mesh)
     if lora.dropout:
         adapted.train()
     return adapted, nnx.LoRAParam

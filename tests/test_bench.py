@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from ties import TIE_TOL
 
 from jax_unlearn import cli
@@ -210,6 +211,25 @@ def test_runner_trajectory_points_equal_shorter_runs_and_reuse_one_compiled_step
     assert 0.0 < long.points[1]["conflict_fraction"] < 1.0  # real gradients: some coordinates conflict, not all
 
 
+def test_runner_with_lora_trains_only_the_adapters(tiny):
+    """``lora.rank``: the compiled step's state holds the adapters alone, the pretrained model is
+    untouched, and the adapters (at a LoRA-sized learning rate) do forget."""
+    from jax_unlearn.config import LoraConfig
+    from jax_unlearn.models import lora_config
+
+    w, tok = tiny.world, tiny.tokenizer
+    forget, retain = text_rows(tok, w.texts("forget")), text_rows(tok, w.texts("retain"))
+    probes = probe_rows(tok, w.probes())
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(tiny.model, nnx.Param))]
+    r = Runner(tiny.model, ObjectiveConfig(name="grad_diff"), CombinerConfig(name="sago"),
+               LoraConfig(rank=4, alpha=8.0, targets=["all-linear"]))
+    assert lora_config(r.model).rank == 4 and lora_config(tiny.model) is None
+    traj = r.run(forget, retain, probes, lr=2e-2, steps=8, eval_every=8, batch_size=8, seed=0)
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(tiny.model, nnx.Param))]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert traj.points[1]["forget_acc"] < traj.points[0]["forget_acc"]
+
+
 # ----------------------------------------------------------------------------- sweep logic
 
 
@@ -332,6 +352,8 @@ def test_demo_yaml_is_the_built_in_demo_config():
     ("world.first_names=6", "needs held-out people both sharing and not sharing a name"),
     ("objectives=[rmu]", "'objectives' has 'rmu', which the benchmark does not run: RMU steers one layer"),
     ("gold_tolerance=2", "'gold_tolerance' must lie in [0, 1], got 2"),
+    ("lora.rank=0", "'lora.rank' is 0"),
+    ("lora.targets=[qkv]", "'lora.targets' is ['qkv']"),
 ])
 def test_bench_config_errors_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("(", r"\(")):

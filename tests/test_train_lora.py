@@ -104,7 +104,7 @@ def test_dropout_draws_fresh_masks_per_step_and_resumes_the_same(tmp_path):
     def run(out, steps, dropout):
         cfg = _cfg(out, "grad_diff", "sago")
         cfg = dataclasses.replace(cfg, max_steps=steps, save_every=1,
-                             lora=config.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, dropout=dropout))
+                             lora=config.LoraConfig(rank=2, alpha=4.0, targets=["all-linear"], dropout=dropout))
         return _flat(train.unlearn(tiny_model(), forget, retain, cfg).model, nnx.LoRAParam)
 
     straight = run(tmp_path / "a", 3, 0.5)
@@ -121,6 +121,7 @@ def test_dropout_draws_fresh_masks_per_step_and_resumes_the_same(tmp_path):
     ("lora.dropout=1.0", "'lora.dropout' is 1.0"),
     ("lora.targets=[q_proj,qkv]", "'lora.targets'"),
     ("lora.targets=[]", "'lora.targets'"),
+    ("lora.targets=[all-linear,q_proj]", "'lora.targets'"),
 ])
 def test_bad_lora_settings_are_refused_naming_the_key(override, message, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  path: {tmp_path}\n"

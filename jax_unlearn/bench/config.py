@@ -13,6 +13,7 @@ from typing import Literal
 from jax_unlearn.bench.checks import require_positive
 from jax_unlearn.bench.world import ATTRIBUTES, WorldConfig, make_world
 from jax_unlearn.combiners import COMBINERS
+from jax_unlearn.config import LoraConfig
 from jax_unlearn.objectives import OBJECTIVES
 
 #: registered objectives the benchmark cannot run, and why
@@ -101,6 +102,7 @@ class BenchConfig:
     forget_threshold: float = 0.10  # the "fixed" criterion's bar on forget accuracy
     gold_tolerance: float = 0.02  # the "gold" criterion: forget accuracy <= the gold model's + this
     seed: int = 0  # data order
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank set: LoRA adapters train alone
 
     def check(self) -> None:
         """Raises ValueError naming the key when a value cannot run."""
@@ -132,6 +134,12 @@ class BenchConfig:
             raise ValueError(f"'forget_threshold' must lie in [0, 1], got {self.forget_threshold}")
         if not 0.0 <= self.gold_tolerance <= 1.0:
             raise ValueError(f"'gold_tolerance' must lie in [0, 1], got {self.gold_tolerance}")
+        from jax_unlearn.config import ConfigError, TrainConfig, check_ranges
+
+        try:  # the lora section's ranges and targets, as in a run config
+            check_ranges(TrainConfig(output_dir="", lora=self.lora))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
         rows = 3 * len(ATTRIBUTES)  # texts per person
         for split in ("forget", "retain"):
             n = getattr(self.world, split)

@@ -7,6 +7,8 @@ learning rate is a state hyperparameter set with `jax_unlearn.config.set_hyperpa
 constant rate, a run evaluated after ``s`` steps *is* the run with ``max_steps = s``: each
 evaluation point of a trajectory is reported as its own run (early stopping as a
 hyperparameter). Batches are `jax_unlearn.data.PairedBatches`, as in ``jax-unlearn unlearn``.
+With ``lora.rank`` set, LoRA adapters train alone (`jax_unlearn.train.with_adapters`, as in a
+run with a ``lora:`` section).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jax_unlearn.bench.evaluate import Gold, evaluate
 from jax_unlearn.bench.tokens import ProbeRows
 from jax_unlearn.config import (
     CombinerConfig,
+    LoraConfig,
     ObjectiveConfig,
     OptimConfig,
     build_combiner,
@@ -31,7 +34,7 @@ from jax_unlearn.config import (
     set_hyperparams,
 )
 from jax_unlearn.data import PairedBatches
-from jax_unlearn.train import Every, run_steps
+from jax_unlearn.train import Every, run_steps, with_adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +51,14 @@ class Trajectory:
 class Runner:
     """Runs trajectories of one (objective, combiner) from ``model`` at any learning rate."""
 
-    def __init__(self, model, objective: ObjectiveConfig, combiner: CombinerConfig):
-        self.model, self.objective, self.combiner = model, objective, combiner
+    def __init__(self, model, objective: ObjectiveConfig, combiner: CombinerConfig,
+                 lora: LoraConfig = LoraConfig()):
+        self.model, self.train = with_adapters(model, lora)
+        self.objective, self.combiner = objective, combiner
         self.obj = build_objective(objective, model.config.hidden_size)
         optimizer = build_optimizer(OptimConfig(lr=0.0, schedule="constant", clip_norm=None, weight_decay=0.0), 1)
         self.tx = optax.chain(build_combiner(combiner), optimizer)
-        self.defs, _ = st.init_state(model, self.tx, self.obj)
+        self.defs, _ = st.init_state(self.model, self.tx, self.obj, train=self.train)
         self.step = st.make_two_grad_step(self.defs, self.obj, self.tx)
 
     def run(self, forget: dict, retain: dict, probes: ProbeRows, *, lr: float, steps: int, eval_every: int,
@@ -61,7 +66,7 @@ class Runner:
         """``steps`` steps at ``lr``, evaluating every ``eval_every`` steps (``start``: the
         step-0 evaluation, if already known; ``gold``: the metrics against the gold model too)."""
         t0 = time.perf_counter()
-        _, state = st.init_state(self.model, self.tx, self.obj)
+        _, state = st.init_state(self.model, self.tx, self.obj, train=self.train)
         state = state._replace(opt_state=set_hyperparams(state.opt_state, learning_rate=lr))
         points = [{"step": 0, **(start or evaluate(self.model, probes, gold))}]
         conflicts = []
@@ -71,7 +76,9 @@ class Runner:
             conflicts.append(metrics["conflict_fraction"])
 
         def point(done, state, metrics):
-            p = {"step": done, **evaluate(st.merge_model(self.defs, state, copy=False), probes, gold)}
+            model = st.merge_model(self.defs, state, copy=False)
+            model.eval()  # no adapter dropout while evaluating
+            p = {"step": done, **evaluate(model, probes, gold)}
             p["conflict_fraction"] = float(np.mean(jax.device_get(conflicts)))
             p["forget_loss"], p["retain_loss"] = float(metrics["forget_loss"]), float(metrics["retain_loss"])
             points.append(p)

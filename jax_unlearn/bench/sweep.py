@@ -73,7 +73,7 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
         for objective, combiner, value in groups:
             obj_cfg, comb_cfg, p = cfg.run_configs(objective, combiner, value)
             if runner_key != (obj_cfg, comb_cfg):
-                runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg), (obj_cfg, comb_cfg)
+                runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg, cfg.lora), (obj_cfg, comb_cfg)
             lr, steps, every = cfg.schedule(value)
             traj = runner.run(forget, retain, probes, lr=lr, steps=steps, eval_every=every,
                               batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold)
