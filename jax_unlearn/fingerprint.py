@@ -17,7 +17,8 @@ two agree, and otherwise the differing keys are named. The fingerprint holds:
   (ids, mask, labels): a changed file, tokenizer, row length or format shows here;
 - the keys that change the updates: ``objective.*`` (but ``logit_chunk``), ``combiner.*`` (but
   ``diagnostics``), ``optim.*``, ``seed``, ``batch_size``, ``micro_batches``,
-  ``micro_batch_weighting`` and ``mode``;
+  ``micro_batch_weighting``, ``mode`` and ``lora.*`` (the adapters' rank, alpha, targets,
+  dropout and seed);
 - what the caller adds (``jax-unlearn unlearn`` adds each data file's SHA-256 and the ``data``
   section's keys, so a changed key is named as the user wrote it).
 

@@ -889,16 +889,22 @@ def _rewind_log(path: Path, step: int) -> None:
     _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def _gathered_on_process_0(model: nnx.Module) -> nnx.Module | None:
+    """``model`` with every parameter gathered (multi-process runs), on process 0; else None."""
+    if jax.process_count() > 1:
+        graphdef, state = nnx.split(model)
+        state = jax.jit(lambda s: s, out_shardings=sh.replicated(sh.make_mesh(sh.MeshConfig(fsdp=-1))))(state)
+        model = nnx.merge(graphdef, state)
+    return model if jax.process_index() == 0 else None
+
+
 def export_adapter(model: nnx.Module, path: Path, base_model: str | None, overwrite: bool) -> Path | None:
     """A LoRA model's adapters as a PEFT folder (`jax_unlearn.models.save_peft`) on process 0;
     an existing one is replaced only with ``overwrite``."""
     from jax_unlearn.models import save_peft
 
-    if jax.process_count() > 1:
-        graphdef, state = nnx.split(model)
-        state = jax.jit(lambda s: s, out_shardings=sh.replicated(sh.make_mesh(sh.MeshConfig(fsdp=-1))))(state)
-        model = nnx.merge(graphdef, state)
-    if jax.process_index() != 0:
+    model = _gathered_on_process_0(model)
+    if model is None:
         return None
     if not overwrite and path.exists() and any(path.iterdir()):
         return path
@@ -911,14 +917,13 @@ def export_model(model: nnx.Module, path: Path, tokenizer: Any, overwrite: bool)
     replaced (atomically, by ``save_hf``) only with ``overwrite``."""
     from jax_unlearn.models import save_hf
 
-    if jax.process_count() > 1:
-        graphdef, state = nnx.split(model)
-        state = jax.jit(lambda s: s, out_shardings=sh.replicated(sh.make_mesh(sh.MeshConfig(fsdp=-1))))(state)
-        model = nnx.merge(graphdef, state)
-    if jax.process_index() != 0:
+    model = _gathered_on_process_0(model)
+    if model is None:
         return None
     if not overwrite and path.exists() and any(path.iterdir()):
         log.info("%s already holds the model of this finished run; leaving it", path)
         return path
+    save_hf(model, path, tokenizer, overwrite=True)
+    return path
     save_hf(model, path, tokenizer, overwrite=True)
     return path
