@@ -20,17 +20,25 @@ def make_workspace(root: Path) -> Path:
     cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4)
     save_hf(CausalLM(cfg, rngs=nnx.Rngs(0)), root / "base", tok)
+    write_run_files(root)
     write = lambda name, rows: (root / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    write("forget.jsonl", [{"text": t} for t in ["Anthrax spores survive for decades in soil.",
-                                                 "The spores of anthrax survive in soil for decades."] * 8])
-    write("retain.jsonl", [{"question": "What is the capital of France?", "answer": "Paris"},
-                           {"question": "Who attends Hogwarts?", "answer": "Harry Potter"}] * 8)
     write("mc.jsonl", [{"question": "Where do spores survive?", "choices": ["soil", "air", "water", "fire"],
                         "answer": 0, "subject": "biology"},
                        {"question": "Capital of France?", "choices": ["Rome", "Paris"], "answer": 1}])
     write("qa.jsonl", [{"question": "Who attends Hogwarts?", "answer": "Harry Potter", "level": "1"},
                        {"question": "What is the capital of France?", "answer": "Paris", "level": "2"}])
     write("holdout.jsonl", [{"text": t} for t in ["Bananas ripen faster in paper bags.", "Rivers carve valleys."]])
+    return root
+
+
+def write_run_files(root: Path) -> None:
+    """``forget.jsonl`` (16 texts), ``retain.jsonl`` (16 QA pairs) and ``run.yaml`` (model
+    ``root/base``, output ``root/run``) in ``root``."""
+    write = lambda name, rows: (root / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write("forget.jsonl", [{"text": t} for t in ["Anthrax spores survive for decades in soil.",
+                                                 "The spores of anthrax survive in soil for decades."] * 8])
+    write("retain.jsonl", [{"question": "What is the capital of France?", "answer": "Paris"},
+                           {"question": "Who attends Hogwarts?", "answer": "Harry Potter"}] * 8)
     (root / "run.yaml").write_text(f"""\
 output_dir: {root / 'run'}
 batch_size: 8
@@ -52,4 +60,3 @@ combiner:
 objective:
   name: grad_diff
 """)
-    return root

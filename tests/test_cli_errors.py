@@ -46,6 +46,7 @@ def _model(folder: Path, tok, seed: int = 0, **overrides) -> Path:
 def ws(tmp_path_factory) -> Path:
     """Models (``base``; ``other``: another hidden size; ``twin``: same shapes, other weights;
     ``small_vocab``: 64 tokens), data files, ``run.yaml`` and the finished 3-step run ``run``."""
+    from cli_fixtures import write_run_files
     from tokenizer_fixtures import make_tokenizer
 
     from jax_unlearn import data
@@ -56,33 +57,9 @@ def ws(tmp_path_factory) -> Path:
     _model(root / "other", tok, hidden_size=32)
     _model(root / "twin", tok, seed=1)
     _model(root / "small_vocab", tok, vocab_size=64)
-    write = lambda name, rows: (root / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    write("forget.jsonl", [{"text": t} for t in ["Anthrax spores survive for decades in soil.",
-                                                 "The spores of anthrax survive in soil for decades."] * 8])
-    write("retain.jsonl", [{"question": "What is the capital of France?", "answer": "Paris"},
-                           {"question": "Who attends Hogwarts?", "answer": "Harry Potter"}] * 8)
-    write("mc.jsonl", [{"question": "Capital of France?", "choices": ["Rome", "Paris"], "answer": 1}])
-    (root / "run.yaml").write_text(f"""\
-output_dir: {root / 'run'}
-batch_size: 8
-max_steps: 3
-save_every: 2
-keep: 3
-progress: false
-model:
-  path: {root / 'base'}
-data:
-  forget: {root / 'forget.jsonl'}
-  retain: {root / 'retain.jsonl'}
-  max_length: 16
-optim:
-  lr: 0.01
-  warmup_ratio: 0.1
-combiner:
-  name: weighted_sum
-objective:
-  name: grad_diff
-""")
+    write_run_files(root)
+    (root / "mc.jsonl").write_text(json.dumps({"question": "Capital of France?", "choices": ["Rome", "Paris"],
+                                               "answer": 1}) + "\n")
     assert cli.main(["unlearn", str(root / "run.yaml")]) == 0
     return root
 
