@@ -464,7 +464,8 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
         tmp.replace(out / "pareto.png")
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"{len(results['runs'])} runs in {results['seconds']:.0f} s; results: {out / 'results.json'}, "
+    print(f"{len(results['runs'])} runs, {results['seconds']:.0f} s in all (models included); "
+          f"results: {out / 'results.json'}, "
           f"plot: {out / 'pareto.png'}")
     return 0
 
