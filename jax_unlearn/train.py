@@ -925,5 +925,3 @@ def export_model(model: nnx.Module, path: Path, tokenizer: Any, overwrite: bool)
         return path
     save_hf(model, path, tokenizer, overwrite=True)
     return path
-    save_hf(model, path, tokenizer, overwrite=True)
-    return path
