@@ -74,16 +74,12 @@ def _load_model(path: str, dtype: str = "float32", mesh: typing.Any = None, peft
 
 def _check_writable(path: Path, what: str, folder: bool) -> None:
     """Raises CLIError when ``path`` (a folder, or a file with ``folder=False``) cannot be
-    written: something of the other kind in the way, or a parent that may not be written."""
-    if path.exists() and path.is_dir() != folder:
-        raise CLIError(f"{what} {path} exists and is not a {'folder' if folder else 'file'}")
-    probe = path if path.exists() else path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CLIError(f"{what} {path} cannot be created: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CLIError(f"{what} {path}: cannot write into {probe} (permission denied)")
+    written (`jax_unlearn.train.unwritable`)."""
+    from jax_unlearn.train import unwritable
+
+    problem = unwritable(path, what, folder)
+    if problem:
+        raise CLIError(problem)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -184,19 +184,31 @@ def read_record(run_dir: str | Path) -> dict | None:
     return record
 
 
+def unwritable(path: Path, what: str, folder: bool = True) -> str | None:
+    """Why ``path`` (a folder, or with ``folder=False`` a file) could not be written, as a
+    message starting with ``what``: something of the other kind in the way, a read-only file, a
+    file on the way to it, a folder that may not be written into; None when it can. Writes nothing."""
+    if path.exists() and path.is_dir() != folder:
+        return f"{what} {path} exists and is not a {'folder' if folder else 'file'}"
+    if path.is_file() and not os.access(path, os.W_OK):
+        return f"{what} {path}: the file is not writable (permission denied)"
+    probe = path if folder else path.parent  # the folder written into: the nearest existing one
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{what} {path} cannot be created: {probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{what} {path}: cannot write into {probe} (permission denied)"
+    return None
+
+
 def check_output_dir(out: str | Path) -> None:
     """Raises `ConfigError` naming ``output_dir`` when the run could not write there: a file
     in the way, or a folder it may not write into. Writes nothing."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"'output_dir' {out} exists and is not a folder")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"'output_dir' {out} cannot be created: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"'output_dir' {out}: cannot write into {probe} (permission denied)")
+    problem = unwritable(out, "'output_dir'")
+    if problem:
+        raise ConfigError(problem)
     for name in ("checkpoints", "model"):
         if (out / name).exists() and not (out / name).is_dir():
             raise ConfigError(f"'output_dir' {out}: {out / name} is in the way (a file where the run keeps a folder)")

@@ -143,6 +143,17 @@ def test_eval_and_export_usage_errors(tmp_path, capsys):
     assert "config.yaml does not exist" in capsys.readouterr().err
 
 
+def test_eval_out_replaces_an_existing_results_file(workspace, tmp_path, capsys):
+    """--out names a file: an earlier results file is replaced, a folder in its place is refused."""
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    args = ["eval", "--model", str(workspace / "base"), "--mc", str(workspace / "mc.jsonl"), "--out"]
+    assert cli.main([*args, str(out)]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["multiple_choice"][str(workspace / "mc.jsonl")]["n"] == 2
+    assert cli.main([*args, str(tmp_path)]) == 2
+    assert "exists and is not a file" in capsys.readouterr().err
+
+
 def test_help_explains_every_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--help"])
