@@ -166,28 +166,19 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     forget, retain = data.load_unlearning_sets(d.forget, d.retain, tok, d.max_length, mode=d.mode,
                                                forget_format=d.forget_format, retain_format=d.retain_format,
                                                options=data.TokenizeOptions(chunk_bos=d.chunk_bos))
-    rows = forget["input_ids"].shape[0]
-    print(f"forget: {rows} rows, retain: {retain['input_ids'].shape[0]} rows "
+    print(f"forget: {forget['input_ids'].shape[0]} rows, retain: {retain['input_ids'].shape[0]} rows "
           f"of {forget['input_ids'].shape[1]} tokens")
-    if rows < cfg.batch_size:
-        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {rows} rows (data.forget="
-                          f"{d.forget} with data.max_length={d.max_length}, data.mode={d.mode}); "
-                          f"use batch_size <= {rows} or more forget data")
-    for name, rows_ in (("data.forget", forget), ("data.retain", retain)):
-        top = int(rows_["input_ids"].max())
-        if top >= model_cfg.vocab_size:
-            raise ConfigError(f"'{name}' tokenised by {tok_path} holds token id {top}, outside the model's "
-                              f"vocab_size={model_cfg.vocab_size} ({cfg.model.path}/config.json): the tokenizer "
-                              "does not belong to the model; set model.tokenizer to the model's own")
+    tcfg = cfg.train_config()
+    sources = {name: f"data.{name}={path} tokenised by {tok_path} with data.max_length={d.max_length}, "
+                     f"data.mode={d.mode}" for name, path in (("forget", d.forget), ("retain", d.retain))}
+    total, _ = train.check_run(tcfg, model_cfg, forget, retain, sources)  # the checks that need the data
     suite = cfg.eval.suite() if cfg.eval.enabled() else None  # reads the eval files: a typo shows now
     if cfg.eval.every is not None and suite is None:
         raise ConfigError("'eval.every' is set but the eval section names no file to evaluate")
 
-    tcfg = cfg.train_config()
     identity = {"data.forget.file": fpr.file_digest(d.forget), "data.retain.file": fpr.file_digest(d.retain),
                 **{f"data.{k}": v for k, v in dataclasses.asdict(d).items() if k not in ("forget", "retain")}}
-    length_key = "max_steps" if tcfg.max_steps is not None else "epochs"
-    total, _ = train.check_run(tcfg, model_cfg, forget, retain)  # the rest of the checks that need the data
+    length_key = train.length_key(tcfg)
     options = _model_options(cfg.model.dtype, **cfg.model.options())
     early = fpr.run_fingerprint(tcfg, model_cfg, options, forget, retain, extra=identity)  # no weights yet
     out = Path(cfg.output_dir)

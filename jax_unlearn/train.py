@@ -156,7 +156,8 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
 
-def _length_key(cfg: TrainConfig) -> str:
+def length_key(cfg: TrainConfig) -> str:
+    """The key that sets a run's length: ``max_steps`` when set, else ``epochs``."""
     return "max_steps" if cfg.max_steps is not None else "epochs"
 
 
@@ -561,19 +562,23 @@ class RunResult:
     stopped_early: bool = False  # stop_when ended the run
 
 
-def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Dataset) -> tuple[int, Any]:
+def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Dataset,
+              sources: dict[str, str] | None = None) -> tuple[int, Any]:
     """The checks of a run that need its data and the model's `ModelConfig`; writes nothing.
 
     Returns ``(total steps, mesh)``. Raises `ConfigError` naming the key: a value out of range
     (`jax_unlearn.config.check`), a batch larger than the forget set, rows longer than the
     model's positions or token ids outside its vocabulary, warmup steps not fewer than the run's,
     a mesh the devices or the batch do not divide; `DataError` for sets that cannot be batched.
+    ``sources`` (``"forget"`` / ``"retain"`` -> where the set came from, e.g. its file and
+    tokenizer) is named in the errors about a set.
     """
     check(cfg)
+    where = lambda name: f" ({sources[name]})" if sources and name in sources else ""
     n_forget = len(forget["input_ids"]) if "input_ids" in forget else 0
     if 0 < n_forget < cfg.batch_size:
-        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {n_forget} rows; "
-                          f"use batch_size <= {n_forget} or more forget data")
+        raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {n_forget} rows"
+                          f"{where('forget')}; use batch_size <= {n_forget} or more forget data")
     data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
     total = total_steps(cfg, data.steps_per_epoch)
     positions = model_config.max_position_embeddings
@@ -583,7 +588,7 @@ def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Data
             raise ConfigError(f"the {name} rows hold {ids.shape[1]} tokens, more than the model's "
                               f"max_position_embeddings={positions}; use data.max_length <= {positions}")
         if ids.size and (int(ids.max()) >= model_config.vocab_size or int(ids.min()) < 0):
-            raise ConfigError(f"the {name} set holds token id {int(ids.max())}, outside the model's vocab_size="
+            raise ConfigError(f"the {name} set{where(name)} holds token id {int(ids.max())}, outside the model's vocab_size="
                               f"{model_config.vocab_size}: the tokenizer does not belong to this model "
                               "(set model.tokenizer to the model's own)")
     if total <= 0:
@@ -650,7 +655,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     check_output_dir(out)
     fingerprint = fpr.run_fingerprint(cfg, model.config, getattr(model, "options", None), forget, retain,
                                       weights=fpr.params_checksum(model), extra=identity)
-    found = check_resume(out, fingerprint, total, _length_key(cfg))
+    found = check_resume(out, fingerprint, total, length_key(cfg))
 
     schedule = build_schedule(cfg.optim, total)
     tx = build_tx(cfg, total)
@@ -685,7 +690,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if found.recorded_total is not None and found.recorded_total != total:
         continued_from = found.recorded_total
         rebuilt = cfg.optim.schedule != "constant" or (cfg.optim.warmup_steps is None and cfg.optim.warmup_ratio > 0)
-        log.warning("%s changed: the run was %d steps, now %d; continuing from step %d%s", _length_key(cfg),
+        log.warning("%s changed: the run was %d steps, now %d; continuing from step %d%s", length_key(cfg),
                     found.recorded_total, total, start,
                     "; the learning-rate schedule is rebuilt over the new length (steps already taken keep "
                     "their rates)" if rebuilt else "")
