@@ -192,6 +192,12 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: O
     return defs, build(params, frozen)
 
 
+def global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Host arrays -> global arrays placed by ``sharding``; every process holds the whole batch
+    and supplies its own shards."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
 def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *, batch_size: int = 8,
                            logit_chunk: int | None = None, sharding: jax.sharding.Sharding | None = None
                            ) -> dict[str, np.ndarray]:
@@ -225,7 +231,7 @@ def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *,
             rows = {k: np.concatenate([v, np.full((batch_size - got, *v.shape[1:]), pad[k], v.dtype)])
                     for k, v in rows.items()}
         if sharding is not None:
-            rows = {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in rows.items()}
+            rows = global_batch(rows, sharding)
         out[start:start + got] = np.asarray(jax.device_get(fn(state, rows)))[:got]
     return {**data, objectives.REF_LOGP: out}
 

@@ -140,14 +140,6 @@ def run_steps(step_fn: Callable, state: Any, batches: Callable[[int], Sequence[A
     return state, done, False
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _global_batch(batch: dict, sharding) -> dict:
-    """Host batch -> global arrays; every process holds the full batch and supplies its shards."""
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
-
-
 # ----------------------------------------------------------------------------- the run folder
 
 
@@ -730,7 +722,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     def batches(t: int):
         fb, rb = data(t)
         tokens["n"] += int(fb["attention_mask"].sum() + rb["attention_mask"].sum()) if "attention_mask" in fb else 0
-        return _global_batch(fb, batch_sharding), _global_batch(rb, batch_sharding)
+        return st.global_batch(fb, batch_sharding), st.global_batch(rb, batch_sharding)
 
     # ---- the non-finite guard: a device-side record of the first non-finite step
     watched, skip = _watched(cfg), cfg.optim.skip_nonfinite
