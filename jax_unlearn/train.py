@@ -468,29 +468,19 @@ def _nonfinite_message(failure: dict, cfg: TrainConfig, run_dir: Path) -> str:
 ADAPTER_DIR = "adapter"  # the PEFT adapter of a LoRA run, beside the merged model
 
 
-def with_adapters(model: nnx.Module, lora: LoraConfig) -> tuple[nnx.Module, Any]:
+def with_adapters(model: nnx.Module, lora: LoraConfig, mesh: Any = None) -> tuple[nnx.Module, Any]:
     """``(model, train filter)`` of a run: with ``lora.rank`` the model with fresh adapters
-    (sharing the base weights; in train mode when it has dropout) and ``nnx.LoRAParam``, else
-    ``(model, None)`` (every parameter, or the objective's subset, trains)."""
+    (sharing the base weights, placed on ``mesh``; in train mode when it has dropout) and
+    ``nnx.LoRAParam``, else ``(model, None)`` (every parameter, or the objective's subset, trains)."""
     if lora.rank is None:
         return model, None
     from jax_unlearn.models import add_lora
 
-    mesh = _mesh_of(model)
     targets = "all-linear" if list(lora.targets) == ["all-linear"] else tuple(lora.targets)
     adapted = add_lora(model, lora.rank, lora.alpha, targets, lora.dropout, lora.seed, shardings=mesh)
     if lora.dropout:
         adapted.train()
     return adapted, nnx.LoRAParam
-
-
-def _mesh_of(model: nnx.Module) -> Any:
-    """The mesh a model's parameters are placed on (None on one device)."""
-    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-    return None
 
 
 def _inference(model: nnx.Module) -> nnx.Module:
@@ -643,7 +633,6 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
                           "'eval.every' and the files to evaluate")
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every <= 0):
         raise ConfigError(f"'eval.every' is {eval_every!r}; expected an integer > 0 or null")
-    data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
     check_output_dir(out)
     fingerprint = fpr.run_fingerprint(cfg, model.config, getattr(model, "options", None), forget, retain,
                                       weights=fpr.params_checksum(model), extra=identity)
@@ -656,8 +645,8 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if cfg.objective.reference == "precompute":  # NPO's reference log-probs, once, from the start model
         forget = st.add_reference_logprobs(model, forget, batch_size=cfg.batch_size,
                                            logit_chunk=cfg.objective.logit_chunk, sharding=batch_sharding)
-        data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
-    trained_model, train_filter = with_adapters(model, cfg.lora)
+    data = PairedBatches(forget, retain, cfg.batch_size, cfg.seed)
+    trained_model, train_filter = with_adapters(model, cfg.lora, mesh)
     # the copies and the optimizer state are made sharded, under jit: no device holds the whole model
     defs, state = st.init_state(trained_model, tx, objective, train=train_filter,
                                 shardings=functools.partial(sh.train_state_shardings, mesh=mesh, tx=tx))
@@ -864,7 +853,7 @@ def restore_latest(model: nnx.Module, cfg: TrainConfig, run_dir: str | Path | No
     # The schedule's length does not change the optimizer state's layout.
     tx = build_tx(cfg, max(cfg.max_steps or 1, 1))
     mesh = sh.make_mesh(cfg.mesh)
-    model, train_filter = with_adapters(model, cfg.lora)
+    model, train_filter = with_adapters(model, cfg.lora, mesh)
     defs, state = st.init_state(model, tx, build_objective(cfg.objective, model.config.hidden_size), copy=False,
                                 train=train_filter,
                                 shardings=functools.partial(sh.train_state_shardings, mesh=mesh, tx=tx))
