@@ -887,12 +887,13 @@ def _rewind_log(path: Path, step: int) -> None:
     _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _gathered_on_process_0(model: nnx.Module) -> nnx.Module | None:
-    """``model`` with every parameter gathered (multi-process runs), on process 0; else None."""
+def _gathered_on_process_0(model: nnx.Module, what: Any = ...) -> nnx.Module | None:
+    """``model`` with the variables ``what`` selects (an NNX filter; default all) gathered onto
+    every process (multi-process runs), on process 0; else None."""
     if jax.process_count() > 1:
-        graphdef, state = nnx.split(model)
-        state = jax.jit(lambda s: s, out_shardings=sh.replicated(sh.make_mesh(sh.MeshConfig(fsdp=-1))))(state)
-        model = nnx.merge(graphdef, state)
+        graphdef, part, rest = nnx.split(model, what, ...)
+        part = jax.jit(lambda s: s, out_shardings=sh.replicated(sh.make_mesh(sh.MeshConfig(fsdp=-1))))(part)
+        model = nnx.merge(graphdef, part, rest)
     return model if jax.process_index() == 0 else None
 
 
@@ -901,7 +902,7 @@ def export_adapter(model: nnx.Module, path: Path, base_model: str | None, overwr
     an existing one is replaced only with ``overwrite``."""
     from jax_unlearn.models import save_peft
 
-    model = _gathered_on_process_0(model)
+    model = _gathered_on_process_0(model, nnx.LoRAParam)  # the adapters alone: save_peft reads nothing else
     if model is None:
         return None
     if not overwrite and path.exists() and any(path.iterdir()):
