@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from jax_unlearn.models import CheckpointError, hf_io, load_hf, model_shardings, save_hf
+from jax_unlearn.models import CheckpointError, hf_io, load_hf, model_shardings, safetensors_io, save_hf
 
 TOL = 1e-4
 IDS = np.random.RandomState(7).randint(3, 128, size=(2, 20)).astype(np.int32)
@@ -140,7 +140,7 @@ def test_failed_save_keeps_existing_output(tmp_path, monkeypatch):
             raise OSError("disk full")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(hf_io, "save_file", failing_save)
+    monkeypatch.setattr(safetensors_io, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_hf(model, target, overwrite=True, max_shard_size="60KB")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -292,15 +292,15 @@ def test_chunked_reads_and_casts_are_exact(monkeypatch):
     """Tensors read in many small chunks (and cast from bf16) equal a plain whole-tensor read."""
     path, _ = checkpoint("llama_gqa", dtype=torch.bfloat16)
     whole = load_hf(path)
-    monkeypatch.setattr(hf_io, "_CHUNK_BYTES", 300)  # a handful of rows per chunk
+    monkeypatch.setattr(safetensors_io, "CHUNK_BYTES", 300)  # a handful of rows per chunk
     reads = []
-    real_open = hf_io.safe_open
+    real_open = safetensors_io.safe_open
 
     def counting_open(*a, **k):
         reads.append(a[0])
         return real_open(*a, **k)
 
-    monkeypatch.setattr(hf_io, "safe_open", counting_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", counting_open)
     chunked = load_hf(path)
     assert len(reads) > 10 * len(hf_io.hf_tensor_shapes(whole.config))
     for a, b in zip(jax.tree.leaves(nnx.state(chunked)), jax.tree.leaves(nnx.state(whole))):

@@ -27,6 +27,7 @@ from jax_unlearn.models import (
     lora_config,
     merge_lora,
     model_shardings,
+    safetensors_io,
     save_hf,
     save_peft,
     without_lora,
@@ -384,7 +385,7 @@ def test_bad_adapter_config_is_refused_before_reading_tensors(changes, message, 
     def no_reads(*args):
         raise AssertionError("a tensor was read before the adapter was validated")
 
-    monkeypatch.setattr(hf_io, "_read_into", no_reads)
+    monkeypatch.setattr(safetensors_io, "read_into", no_reads)
     with pytest.raises(CheckpointError, match=message):
         load_hf(src, peft=folder)
     with pytest.raises(CheckpointError, match=message):  # also onto an already-loaded base model

@@ -12,12 +12,8 @@ never destroys existing output.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-try:  # safetensors is an optional dependency (extra "hf"); the model itself does not need it
-    from safetensors import SafetensorError, safe_open
-    from safetensors.numpy import save_file
-except ImportError:  # pragma: no cover - exercised only without the extra
-    safe_open = save_file = None
-    SafetensorError = OSError
-
+from . import lora
+from . import safetensors_io as st_io
 from .config import ModelConfig, ModelOptions
 from .llama import CausalLM
 from .partitioning import ShardingSpec, logical_axes, sharding_fn
+from .safetensors_io import CheckpointError, write_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some older exports carry; transformers ignores them too.
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder does not match the model its ``config.json`` describes."""
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -99,15 +87,9 @@ def _param_table(state: nnx.State, cfg: ModelConfig, scanned: bool):
 
 
 # ----------------------------------------------------------------------------- reading
-def _require_safetensors() -> None:
-    if safe_open is None:  # pragma: no cover
-        raise ImportError("reading and writing Hugging Face checkpoints needs the 'safetensors' "
-                          "package: pip install 'jax-unlearn[hf]'")
-
-
 def _checkpoint_index(path: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file; refuses pickle-only folders without opening them."""
-    _require_safetensors()
+    st_io.require_safetensors()
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     index, single = path / INDEX_FILE, path / SINGLE_FILE
@@ -125,7 +107,7 @@ def _checkpoint_index(path: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index} lists shard {fname!r}, which is missing from {path}")
         return files
     if single.is_file():
-        return {name: single for name in _read_header(single)}
+        return {name: single for name in st_io.read_header(single)}
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
@@ -136,126 +118,10 @@ def _checkpoint_index(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _read_header(file: Path) -> dict[str, dict[str, Any]]:
-    """The tensor entries of a safetensors file's JSON header (name -> ``dtype``, ``shape``,
-    ``data_offsets``), after checking that the file holds every byte the header describes, so a
-    truncated copy is named before any tensor is read. Raises `CheckpointError` naming the file."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or n > size - 8:
-            raise CheckpointError(f"{file}: truncated or not a safetensors file ({size} bytes; the header length "
-                                  f"field says {max(n, 0)} bytes of header follow)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: damaged safetensors header (not JSON: {err})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: damaged safetensors header (not a JSON object)")
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    end = 0
-    for name, info in tensors.items():
-        try:
-            info["shape"] = tuple(int(d) for d in info["shape"])
-            begin, stop = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: damaged safetensors header: the entry of tensor {name} has no valid "
-                                  "'shape' and 'data_offsets'") from None
-        end = max(end, stop)
-    have = size - 8 - n
-    if end > have:
-        raise CheckpointError(f"{file}: truncated: its header describes {end} bytes of tensor data but the file "
-                              f"holds {have}; copy the checkpoint again")
-    return tensors
-
-
-def _header_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(set(files.values())):
-        for name, info in _read_header(file).items():
-            if files.get(name) == file:
-                shapes[name] = info["shape"]
-    return shapes
-
-
-_CHUNK_BYTES = 16 * 2**20
-
-
-def _read_into(file: Path, name: str, out: np.ndarray) -> None:
-    """Copy tensor ``name`` of ``file`` into ``out`` (HF shape; cast on assignment).
-
-    Reads at most ``_CHUNK_BYTES`` of rows per opening and closes the file mapping after each
-    chunk: pages of a live ``mmap`` count toward the resident set, so reading a whole tensor
-    through one mapping would briefly hold it twice.
-    """
-    rows = out.shape[0] if out.ndim else 1
-    row_bytes = max(1, out[0].nbytes if out.ndim else out.nbytes)
-    step = max(1, _CHUNK_BYTES // row_bytes)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        with safe_open(file, framework="numpy") as f:
-            sl = f.get_slice(name)
-            try:
-                chunk = sl[start:stop] if out.ndim else sl[:]
-            except TypeError:  # safetensors builds whose numpy backend lacks bfloat16
-                chunk = None
-        if chunk is None:
-            with safe_open(file, framework="flax") as f:
-                chunk = np.asarray(f.get_slice(name)[start:stop] if out.ndim else f.get_tensor(name))
-        dst = out[start:stop] if out.ndim else out[...]
-        if chunk.dtype == dst.dtype and chunk.dtype.itemsize in (1, 2, 4, 8):  # plain memcpy
-            bits = np.dtype(f"u{chunk.dtype.itemsize}")
-            dst.view(bits)[...] = chunk.view(bits)
-        else:  # cast (e.g. bfloat16 file -> float32 parameters)
-            dst[...] = chunk
-        del chunk
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
-    """``np.empty`` whose data pointer is ``align``-byte aligned (XLA adopts such buffers as is)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def _to_device(host: np.ndarray, sharding) -> jax.Array:
-    """Place a host array; on a single CPU device the buffer is adopted without a copy.
-
-    With a sharding each addressable shard is cut from ``host`` (``make_array_from_callback``
-    also works when the mesh spans several processes: each one fills its own devices).
-    """
-    if sharding is not None:
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    if jax.default_backend() == "cpu":
-        try:
-            return jnp.from_dlpack(host)
-        except Exception:  # pragma: no cover - alignment or dlpack limits: fall back to a copy
-            pass
-    return jax.device_put(host)
-
-
-def _check(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
-           files: dict[str, Path], folder: Path) -> None:
-    missing = [n for n in expected if n not in found]
-    if missing:
-        listed = ", ".join(f"{n} (expected shape {expected[n]})" for n in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{folder}: missing tensor(s) {listed}{more}")
-    # With tied embeddings a saved lm_head copy is ignored, as transformers does.
-    unexpected = [n for n in found if n not in expected and not _IGNORED.match(n)
-                  and n != "lm_head.weight"]
-    if unexpected:
-        listed = ", ".join(f"{n} (found shape {found[n]} in {files[n].name})" for n in unexpected[:5])
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{folder}: unexpected tensor(s) {listed}{more}")
-    for n, shape in expected.items():
-        if found[n] != shape:
-            raise CheckpointError(
-                f"{folder}: tensor {n} in {files[n].name} has shape {found[n]}, expected {shape}")
+def _ignored(name: str) -> bool:
+    """Tensors a folder may hold beyond the model's: old rotary buffers, and with tied embeddings
+    a saved ``lm_head`` copy (transformers ignores both)."""
+    return bool(_IGNORED.match(name)) or name == "lm_head.weight"
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -287,7 +153,7 @@ def check_hf(path: str | Path) -> ModelConfig:
     path = Path(path)
     config = read_config(path)
     files = _checkpoint_index(path)
-    _check(hf_tensor_shapes(config), _header_shapes(files), files, path)
+    st_io.check_tensors(hf_tensor_shapes(config), st_io.header_shapes(files), files, path, _ignored)
     return config
 
 
@@ -323,10 +189,8 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
     options = ModelOptions(param_dtype=dtype, **model_options)
     config = read_config(path)
     files = _checkpoint_index(path)
-    _check(hf_tensor_shapes(config), _header_shapes(files), files, path)
+    st_io.check_tensors(hf_tensor_shapes(config), st_io.header_shapes(files), files, path, _ignored)
     if peft is not None:
-        from . import lora  # lora builds on this module's readers; imported here to avoid a cycle
-
         lora.read_peft_config(peft, config)  # fail before reading any base tensor
 
     abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
@@ -340,16 +204,16 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, shardings: ShardingSpec 
         raise AssertionError(f"parameter/tensor mapping mismatch: {sorted(set(mapped) ^ set(hf_shapes))}")
     for p, var, names in table:
         full_shape = tuple(var.shape)
-        host = _aligned_empty(full_shape, dtype)
+        host = st_io.aligned_empty(full_shape, dtype)
         layers = host.reshape((len(names), -1)) if len(names) > 1 else host.reshape((1, -1))
         for i, n in enumerate(names):  # one tensor, or one per layer of a stacked parameter
             try:
-                _read_into(files[n], n, layers[i].reshape(hf_shapes[n]))
-            except (SafetensorError, OSError) as err:
+                st_io.read_into(files[n], n, layers[i].reshape(hf_shapes[n]))
+            except (st_io.SafetensorError, OSError) as err:
                 raise CheckpointError(f"{files[n]}: cannot read tensor {n} ({err})") from None
         sharding = None if place is None else place(
             ".".join(map(str, p)), full_shape, logical_axes(var, len(full_shape)))
-        loaded.append((p, var.replace(_to_device(host, sharding))))
+        loaded.append((p, var.replace(st_io.to_device(host, sharding))))
         del host, layers
     model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
     return model if peft is None else lora.load_peft(model, peft, shardings)
@@ -386,50 +250,6 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
             yield n, shapes[n], arr.dtype, fetch
 
 
-def write_folder(path: str | Path, fill: Callable[[Path], None], *, overwrite: bool = False,
-                 what: str = "export") -> Path:
-    """Create folder ``path`` atomically: ``fill(tmp)`` writes into a temporary sibling folder that
-    is then renamed into place, so a failed write never destroys existing output. The folder and
-    its files get the usual permissions (``0777`` / ``0666`` less the umask).
-
-    Raises:
-      FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{what} path {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{what} folder {path} is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would stay on the renamed folder
-    backup = None
-    try:
-        fill(tmp)
-        for file in tmp.rglob("*"):  # some writers (safetensors) create their files 0600
-            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~_umask())
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(backup)
-        tmp.rename(path)
-    except BaseException:
-        if backup is not None and not path.exists():
-            backup.rename(path)
-            backup = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    return path
-
-
-def _umask() -> int:
-    """The process's file-mode creation mask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwrite: bool = False,
             max_shard_size: int | str = "5GB") -> Path:
     """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -444,9 +264,7 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
     Raises:
       FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
     """
-    from . import lora  # lora builds on this module's readers; imported here to avoid a cycle
-
-    _require_safetensors()
+    st_io.require_safetensors()
     limit = parse_size(max_shard_size)
     if lora.lora_config(model) is not None:
         model = lora.merge_lora(model)
@@ -468,7 +286,7 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
             fname = SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
             arrays = {name: fetch() for name, _, _, fetch in shard}
             total += sum(a.nbytes for a in arrays.values())
-            save_file(arrays, str(tmp / fname), metadata={"format": "pt"})
+            st_io.save_file(arrays, str(tmp / fname), metadata={"format": "pt"})
             del arrays
             weight_map |= {name: fname for name, *_ in shard}
         if n > 1:

@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import hf_io
+from . import safetensors_io as st_io
 from .config import ModelConfig
-from .hf_io import CheckpointError
 from .llama import CausalLM
 from .partitioning import ShardingSpec, logical_axes, sharding_fn
+from .safetensors_io import CheckpointError
 
 #: target name -> (parent module in a decoder layer, logical axis of ``in``, of ``out``)
 TARGETS: dict[str, tuple[str, str, str]] = {
@@ -333,7 +333,7 @@ def save_peft(model: CausalLM, path: str | Path, *, base_model_name_or_path: str
     cfg = lora_config(model)
     if cfg is None:
         raise ValueError("the model has no LoRA adapters to save (add_lora or load_hf(..., peft=) adds them)")
-    hf_io._require_safetensors()
+    st_io.require_safetensors()
     L = model.config.num_hidden_layers
 
     def fill(tmp: Path) -> None:
@@ -345,7 +345,7 @@ def save_peft(model: CausalLM, path: str | Path, *, base_model_name_or_path: str
                 name = _module_name(j, target)
                 tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray((a[j] if i is None else a).T)
                 tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray((b[j] if i is None else b).T)
-        hf_io.save_file(tensors, str(tmp / WEIGHTS_FILE),
+        st_io.save_file(tensors, str(tmp / WEIGHTS_FILE),
                         metadata={"format": "pt", BASE_CONFIG_KEY: json.dumps(_architecture(model.config))})
         alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
         config = {
@@ -360,7 +360,7 @@ def save_peft(model: CausalLM, path: str | Path, *, base_model_name_or_path: str
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    return hf_io.write_folder(path, fill, overwrite=overwrite, what="adapter")
+    return st_io.write_folder(path, fill, overwrite=overwrite, what="adapter")
 
 
 def read_peft_config(path: str | Path, base: ModelConfig) -> LoRAConfig:
@@ -418,8 +418,8 @@ def read_peft_config(path: str | Path, base: ModelConfig) -> LoRAConfig:
     except ValueError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
-    hf_io._require_safetensors()
-    with hf_io.safe_open(weights, framework="numpy") as f:
+    st_io.require_safetensors()
+    with st_io.safe_open(weights, framework="numpy") as f:
         meta = f.metadata() or {}
         found = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     if BASE_CONFIG_KEY in meta:
@@ -438,7 +438,7 @@ def read_peft_config(path: str | Path, base: ModelConfig) -> LoRAConfig:
             raise CheckpointError(f"{weights}: tensor {name} adapts {m.group(3)}, which {CONFIG_FILE} "
                                   f"field 'target_modules' {list(cfg.targets)} does not list")
     try:
-        hf_io._check(peft_tensor_shapes(base, cfg), found, {n: weights for n in found}, folder)
+        st_io.check_tensors(peft_tensor_shapes(base, cfg), found, {n: weights for n in found}, folder)
     except CheckpointError as e:
         raise CheckpointError(
             f"{e} (the adapter does not fit the base model: hidden_size={base.hidden_size}, intermediate_size="
@@ -463,13 +463,13 @@ def load_peft(model: CausalLM, path: str | Path, shardings: ShardingSpec | None 
         for key, kind in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             var = getattr(adapter, key)
             shape = tuple(var.shape)
-            host = hf_io._aligned_empty(shape, jnp.dtype(param_dtype))
+            host = st_io.aligned_empty(shape, jnp.dtype(param_dtype))
             for j in (range(L) if i is None else [i]):
                 name = f"{_module_name(j, target)}.{kind}.weight"
                 t = np.empty(shape[-2:][::-1], host.dtype)  # HF layout is the transpose of ours
-                hf_io._read_into(weights, name, t)
+                st_io.read_into(weights, name, t)
                 (host[j] if i is None else host)[...] = t.T
             path_str = ".".join(["layers", *([] if i is None else [str(i)]), TARGETS[target][0], f"{target}_lora", key])
             sharding = None if place is None else place(path_str, shape, logical_axes(var, len(shape)))
-            var.set_value(hf_io._to_device(host, sharding))  # whole array, placement kept
+            var.set_value(st_io.to_device(host, sharding))  # whole array, placement kept
     return new
