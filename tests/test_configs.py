@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jax_unlearn import config
-from jax_unlearn import run_config as rc
+from jax_unlearn import config as rc
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -172,6 +172,10 @@ def test_effective_hyperparameters_match_the_reference(row):
     # the reference semantics reach what the run builds
     assert config.build_objective(cfg.objective, hidden_size=16).compat == row["compat"]
     assert config.step_config(cfg.train_config()).weighting == row["weighting"]
+    # Adam's moments: fp32 beside the bf16 parameters under DDP (paged_adamw_32bit, no master copy);
+    # ZeRO-3 runs keep the parameters' dtype (the headers name model.dtype=float32 for DeepSpeed's fp32 master)
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.optim.moment_dtype == ("float32" if row["clip"] == 1.0 else None)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["path"] for r in ROWS])
@@ -188,6 +192,8 @@ def test_header_cites_the_reference_and_the_reference_semantics(row):
     assert script in text
     for key in REFERENCE_KEYS:
         assert key in text
+    if row["clip"] == 1.0:  # DDP: the optimizer's fp32 moments have their key
+        assert "optim.moment_dtype float32" in text and "no key" not in text
 
 
 def test_reference_doc_lists_every_config():
