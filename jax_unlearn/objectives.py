@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_unlearn.registry import Registry
-from jax_unlearn.token_math import IGNORE, check_chunk, model_label_logprobs
+from jax_unlearn.token_math import IGNORE, at_least_f32, check_chunk, model_label_logprobs
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -135,8 +135,8 @@ def kl_to_reference(model, batch: Batch, ref, *, compat: str | None = None) -> t
     check_compat(compat)
     ids, am = batch["input_ids"], batch.get("attention_mask")
     cut = slice(None) if compat else slice(None, -1)
-    logq = jax.nn.log_softmax(model(ids, am)[:, cut].astype(jnp.float32), axis=-1)  # [b, s(-1), vocab]
-    logp = jax.lax.stop_gradient(jax.nn.log_softmax(ref(ids, am)[:, cut].astype(jnp.float32), axis=-1))
+    logq = jax.nn.log_softmax(at_least_f32(model(ids, am)[:, cut]), axis=-1)  # [b, s(-1), vocab]
+    logp = jax.lax.stop_gradient(jax.nn.log_softmax(at_least_f32(ref(ids, am)[:, cut]), axis=-1))
     kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)  # [b, s(-1)]
     if compat:
         mask = jnp.ones(kl.shape, jnp.float32)
@@ -181,7 +181,7 @@ def reference_logprob(batch: Batch, ref, logit_chunk: int | None = None) -> jax.
     """The reference's ``log p_ref(y)`` per row ``[b]`` (no gradient): the batch's precomputed
     `REF_LOGP` column when present, else computed with the resident ``ref`` model."""
     if REF_LOGP in batch:
-        return jax.lax.stop_gradient(batch[REF_LOGP].astype(jnp.float32))
+        return jax.lax.stop_gradient(at_least_f32(jnp.asarray(batch[REF_LOGP])))
     if ref is None:
         raise ValueError(f"NPO needs the reference's log-probs: a resident reference model or a "
                          f"{REF_LOGP!r} batch column (objective.reference: precompute)")
@@ -281,7 +281,7 @@ def rmu_forget_loss(layer: int, control: np.ndarray, compat: str | None = None) 
 
     def loss_fn(model, batch: Batch, ref=None) -> tuple[jax.Array, Metrics]:
         del ref
-        h = model.hidden_at(batch["input_ids"], batch.get("attention_mask"), layer).astype(jnp.float32)
+        h = at_least_f32(model.hidden_at(batch["input_ids"], batch.get("attention_mask"), layer))
         loss, n = _activation_loss(jnp.mean((h - c) ** 2, axis=-1), batch, compat)
         return loss, {"rmu_forget": loss, "weight": n}
 
@@ -295,8 +295,8 @@ def rmu_retain_loss(layer: int, compat: str | None = None) -> LossFn:
 
     def loss_fn(model, batch: Batch, ref) -> tuple[jax.Array, Metrics]:
         ids, am = batch["input_ids"], batch.get("attention_mask")
-        h = model.hidden_at(ids, am, layer).astype(jnp.float32)
-        h_ref = jax.lax.stop_gradient(ref.hidden_at(ids, am, layer).astype(jnp.float32))
+        h = at_least_f32(model.hidden_at(ids, am, layer))
+        h_ref = jax.lax.stop_gradient(at_least_f32(ref.hidden_at(ids, am, layer)))
         loss, n = _activation_loss(jnp.mean((h - h_ref) ** 2, axis=-1), batch, compat)
         return loss, {"rmu_retain": loss, "weight": n}
 

@@ -16,18 +16,24 @@ import jax.numpy as jnp
 IGNORE = -100  # label of a position without loss
 
 
+def at_least_f32(x: jax.Array) -> jax.Array:
+    """``x`` in ``promote_types(dtype, float32)``: bfloat16/float16 in float32, float32 and
+    float64 unchanged (the losses' working precision, as the combiners')."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def label_logprobs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Log-probabilities of the next-token labels.
 
     Args:
-      logits: ``[b, s, vocab]`` (any float dtype; computed in float32).
+      logits: ``[b, s, vocab]`` (any float dtype; computed in at least float32, `at_least_f32`).
       labels: ``[b, s]`` int, ``IGNORE`` where no loss is taken.
 
     Returns:
       ``(logp [b, s-1], mask [b, s-1])``: ``logp[:, t] = log p(labels[:, t+1] | <= t)`` (0 where
       masked) and float32 ``mask`` 1 where ``labels[:, t+1] != IGNORE``.
     """
-    logits = logits[:, :-1].astype(jnp.float32)  # [b, s-1, vocab]
+    logits = at_least_f32(logits[:, :-1])  # [b, s-1, vocab]
     target = labels[:, 1:]  # [b, s-1]
     mask = (target != IGNORE).astype(jnp.float32)
     logp = _pick(logits, target) - jax.nn.logsumexp(logits, axis=-1)
@@ -49,7 +55,7 @@ def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk:
       h: final-normed hidden states ``[b, s, D]``.
       w: output projection ``[vocab, D]``.
       labels: ``[b, s]`` int, ``IGNORE`` where no loss is taken.
-      chunk: positions per chunk; each chunk's float32 logits ``[b, chunk, vocab]`` exist only
+      chunk: positions per chunk; each chunk's logits ``[b, chunk, vocab]`` (at least float32) exist only
         inside one ``lax.map`` iteration and are recomputed in the backward pass.
 
     Returns:
@@ -65,7 +71,8 @@ def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk:
 
     @jax.checkpoint
     def one(h_c, t_c):
-        logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype),
+                            preferred_element_type=jnp.promote_types(h_c.dtype, jnp.float32))
         return _pick(logits, t_c) - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
 
     logp = jax.lax.map(lambda xs: one(*xs), (hs, ts)).swapaxes(0, 1).reshape(b, -1)[:, :n]
