@@ -78,7 +78,7 @@ class TwoTaskMultiStepsState(NamedTuple):
 
 def two_task_multi_steps(
     inner: optax.GradientTransformation, every_k: int, accumulator_dtype: Any = None,
-    weighting: Weighting = "uniform",
+    weighting: Weighting = "tokens",
 ) -> optax.GradientTransformationExtraArgs:
     """Accumulates ``TwoTaskGrads`` over ``every_k`` micro-steps, then applies ``inner`` once.
 
@@ -95,7 +95,9 @@ def two_task_multi_steps(
       every_k: number of micro-steps per optimizer step (>= 1).
       accumulator_dtype: dtype of the running sums (default ``promote_types(float32, param
         dtype)``, so bf16 gradients do not round away over many micro-steps).
-      weighting: ``"uniform"`` (default, as the reference) or ``"tokens"``.
+      weighting: ``"tokens"`` (default, as `jax_unlearn.step.StepConfig` and the run config:
+        the gradient of the whole batch's mean; every update then takes ``task_weights``) or
+        ``"uniform"`` (each call's mean counts once, as the paper's reference).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update takes ``TwoTaskGrads`` and
@@ -107,12 +109,12 @@ def two_task_multi_steps(
       >>> p = {"w": jnp.zeros(1)}
       >>> state = tx.init(p)
       >>> g = lambda f, r: ju.TwoTaskGrads({"w": jnp.array([f])}, {"w": jnp.array([r])})
-      >>> u, state = tx.update(g(1.0, 0.0), state, p)
+      >>> u, state = tx.update(g(1.0, 0.0), state, p, task_weights=(3.0, 1.0))  # 3 forget, 1 retain tokens
       >>> u["w"].tolist()          # accumulating
       [0.0]
-      >>> u, state = tx.update(g(3.0, 2.0), state, p)
-      >>> u["w"].tolist()          # -(mean g_f + mean g_r) = -(2 + 1)
-      [-3.0]
+      >>> u, state = tx.update(g(3.0, 2.0), state, p, task_weights=(1.0, 1.0))
+      >>> u["w"].tolist()          # -(token-weighted g_f + g_r) = -((3*1 + 1*3)/4 + (1*0 + 1*2)/2)
+      [-2.5]
     """
     if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
         raise ValueError(f"every_k must be an integer >= 1, got {every_k!r}")

@@ -21,7 +21,7 @@ def test_k_micro_steps_equal_one_step_on_the_mean_gradients(combiner):
     k = 3
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     inner = optax.chain(combiner, optax.adamw(0.1, weight_decay=0.0))
-    tx = ju.two_task_multi_steps(inner, every_k=k)
+    tx = ju.two_task_multi_steps(inner, every_k=k, weighting="uniform")
     update = jax.jit(tx.update)
     state = tx.init(params)
     for cycle in range(2):
@@ -45,7 +45,7 @@ def test_k_micro_steps_equal_one_step_on_the_mean_gradients(combiner):
 @pytest.mark.parametrize("dtype", [None, jnp.float32])
 def test_float32_accumulator_for_bfloat16_grads(dtype):
     params = {"w": jnp.zeros(4, jnp.bfloat16)}
-    tx = ju.two_task_multi_steps(ju.weighted_sum(), every_k=2, accumulator_dtype=dtype)
+    tx = ju.two_task_multi_steps(ju.weighted_sum(), every_k=2, accumulator_dtype=dtype, weighting="uniform")
     state = tx.init(params)
     assert state.acc.forget.total["w"].dtype == jnp.float32  # the default accumulates bf16 in float32 too
     g = ju.TwoTaskGrads({"w": jnp.full(4, 1.0, jnp.bfloat16)}, {"w": jnp.full(4, 2.0, jnp.bfloat16)})
@@ -66,6 +66,20 @@ def test_token_weighting_weighs_each_call_by_its_weights():
     np.testing.assert_allclose(u["w"], [-3.0, -3.0])
     with pytest.raises(ValueError, match="pass task_weights="):
         tx.update(g(1.0, 1.0), state, params)
+
+
+def test_one_default_weighting_for_the_step_the_run_config_and_the_accumulator():
+    """`two_task_multi_steps`, `StepConfig` and the run config weigh micro-batches the same way by default."""
+    import dataclasses
+    import inspect
+
+    from jax_unlearn import config
+    from jax_unlearn.step import StepConfig
+
+    accumulator = inspect.signature(ju.two_task_multi_steps).parameters["weighting"].default
+    step = {f.name: f.default for f in dataclasses.fields(StepConfig)}["weighting"]
+    run = {f.name: f.default for f in dataclasses.fields(config.TrainConfig)}["micro_batch_weighting"]
+    assert accumulator == step == run == "tokens"
 
 
 def test_rejects_plain_trees_and_bad_k():

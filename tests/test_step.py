@@ -239,7 +239,8 @@ def test_optimizer_state_shardings_follow_every_copy_of_the_parameters():
     mesh = sh.make_mesh(sh.MeshConfig(1, 4, 2))
     from jax_unlearn import config
 
-    tx = ju.two_task_multi_steps(optax.chain(ju.sago(), config.build_optimizer(config.OptimConfig(), 10)), every_k=2)
+    tx = ju.two_task_multi_steps(optax.chain(ju.sago(), config.build_optimizer(config.OptimConfig(), 10)), every_k=2,
+                                 weighting="uniform")
     defs, state = st.init_state(tiny_model(), tx, OBJECTIVES["grad_diff"]())
     shardings = sh.train_state_shardings(state, mesh, tx)
     params = jax.tree.leaves(shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
