@@ -38,3 +38,18 @@ def test_text_is_compared_up_to_the_first_tie():
     assert_text_agrees("cca", [2, 2, 2], logits, render)
     with pytest.raises(AssertionError):
         assert_text_agrees("cac", [2, 2, 2], logits, render)
+
+
+def test_a_tie_at_the_first_step_still_pins_the_first_token():
+    """Before the fix any text passed when the first near-tie was at step 0 (it only had to start
+    with the rendering of no tokens)."""
+    logits = np.zeros((3, 4))
+    logits[:, 2] = 1.0
+    logits[0, 1] = 1.0  # step 0: tokens 1 and 2 tied
+    render = lambda ids: "".join("abcd"[i] for i in ids)
+    assert stable_prefix(logits) == 0
+    assert_text_agrees("ccc", [2, 2, 2], logits, render)
+    assert_text_agrees("bdd", [2, 2, 2], logits, render)  # the other tied token, then anything
+    for wrong in ("dcc", "acc", ""):
+        with pytest.raises(AssertionError):
+            assert_text_agrees(wrong, [2, 2, 2], logits, render)
