@@ -19,7 +19,6 @@ key, tensor or value and what was expected; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 PROG = "jax-unlearn"
-CONFIG_NAME = "config.yaml"  # the resolved config, written into every run folder
 EXIT_FAILURE = 1  # the run failed (non-finite step, I/O, unexpected error)
 EXIT_USAGE = 2  # command line, config or input error, found before anything was written
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, a checkpoint was saved; rerun to resume
@@ -46,30 +44,13 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _dtype(name: str | None):
+def _load_model(path: str, dtype: str = "float32", peft: str | None = None):
+    """The model in folder ``path`` on the default device, plus the PEFT adapter in folder ``peft``."""
     import jax.numpy as jnp
 
-    return None if name is None else jnp.dtype(name)
-
-
-def _model_options(dtype: str = "float32", **options):
-    """`jax_unlearn.models.ModelOptions` from a config's dtype names."""
-    from jax_unlearn.models import ModelOptions
-
-    options = dict(options)
-    if options.get("compute_dtype") is not None:
-        options["compute_dtype"] = _dtype(options["compute_dtype"])
-    return ModelOptions(param_dtype=_dtype(dtype), **options)
-
-
-def _load_model(path: str, dtype: str = "float32", mesh: typing.Any = None, peft: str | None = None, **options):
-    """The model in folder ``path``, each tensor read straight onto its shards of ``mesh`` (a
-    `jax.sharding.Mesh`; None: the default device), plus the PEFT adapter in folder ``peft``."""
     from jax_unlearn.models import load_hf
 
-    opts = _model_options(dtype, **options)
-    return load_hf(path, dtype=opts.param_dtype, shardings=mesh, peft=peft, compute_dtype=opts.compute_dtype,
-                   attention_impl=opts.attention_impl, scan_layers=opts.scan_layers, remat_policy=opts.remat_policy)
+    return load_hf(path, dtype=jnp.dtype(dtype), peft=peft)
 
 
 def _check_writable(path: Path, what: str, folder: bool) -> None:
@@ -80,19 +61,6 @@ def _check_writable(path: Path, what: str, folder: bool) -> None:
     problem = unwritable(path, what, folder)
     if problem:
         raise CLIError(problem)
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.absolute().resolve(), folder.absolute().resolve()
-    return path == folder or folder in path.parents
-
-
-def _load_tokenizer(path: str):
-    """``data.load_tokenizer``; a missing folder raises FileNotFoundError naming it, which
-    `main` prints as a one-line error."""
-    from jax_unlearn.data import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def format_table(results: dict) -> str:
@@ -125,85 +93,25 @@ def _write_json(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def _restart_dir(out: Path, fp: dict, total: int, length_key: str) -> Path:
-    """The first ``out/restart-N`` that is new or holds this same run."""
-    from jax_unlearn import train
-
-    for k in range(1, 10_000):
-        sub = out / f"restart-{k}"
-        if not sub.exists():
-            return sub
-        try:
-            train.check_resume(sub, fp, total, length_key)
-            return sub
-        except train.ResumeError:
-            continue
-    raise CLIError(f"no free restart-N sub-directory in {out}")
-
-
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    """Validates everything (config, output folder, model folder, tokenizer, data, eval files,
-    the run folder's fingerprint), then loads the model and runs; `train.unlearn` writes
-    config.yaml and fingerprint.json only once its own checks passed too."""
-    from jax_unlearn import sharding
+    """`jax_unlearn.run.prepare` (validates and loads everything, writes nothing), then
+    `jax_unlearn.run.execute`; prints what they did."""
+    from jax_unlearn import run
+    from jax_unlearn.config import load_config
+    from jax_unlearn.train import length_key
 
-    sharding.maybe_initialize_distributed()  # multi-host: before any other JAX call
-    import jax
-
-    from jax_unlearn import data, train
-    from jax_unlearn import fingerprint as fpr
-    from jax_unlearn.config import ConfigError
-    from jax_unlearn.models import check_hf
-    from jax_unlearn.run_config import check_model_fit, load_config, to_yaml
-
-    cfg = load_config(args.config, args.overrides)
-    train.check_output_dir(cfg.output_dir)
-    model_cfg = check_hf(cfg.model.path)  # config.json, tensor names, shapes and files: no tensor data read
-    check_model_fit(cfg, model_cfg)
-    tok_path = cfg.model.tokenizer or cfg.model.path
-    tok = _load_tokenizer(tok_path)
-    d = cfg.data
-    forget, retain = data.load_unlearning_sets(d.forget, d.retain, tok, d.max_length, mode=d.mode,
-                                               forget_format=d.forget_format, retain_format=d.retain_format,
-                                               options=data.TokenizeOptions(chunk_bos=d.chunk_bos))
+    prepared = run.prepare(load_config(args.config, args.overrides), restart=args.restart)
+    cfg, forget, retain = prepared.cfg, prepared.forget, prepared.retain
     print(f"forget: {forget['input_ids'].shape[0]} rows, retain: {retain['input_ids'].shape[0]} rows "
           f"of {forget['input_ids'].shape[1]} tokens")
-    tcfg = cfg.train_config()
-    sources = {name: f"data.{name}={path} tokenised by {tok_path} with data.max_length={d.max_length}, "
-                     f"data.mode={d.mode}" for name, path in (("forget", d.forget), ("retain", d.retain))}
-    total, _ = train.check_run(tcfg, model_cfg, forget, retain, sources)  # the checks that need the data
-    suite = cfg.eval.suite() if cfg.eval.enabled() else None  # reads the eval files: a typo shows now
-    if cfg.eval.every is not None and suite is None:
-        raise ConfigError("'eval.every' is set but the eval section names no file to evaluate")
-
-    identity = {"data.forget.file": fpr.file_digest(d.forget), "data.retain.file": fpr.file_digest(d.retain),
-                **{f"data.{k}": v for k, v in dataclasses.asdict(d).items() if k not in ("forget", "retain")}}
-    length_key = train.length_key(tcfg)
-    options = _model_options(cfg.model.dtype, **cfg.model.options())
-    early = fpr.run_fingerprint(tcfg, model_cfg, options, forget, retain, extra=identity)  # no weights yet
     out = Path(cfg.output_dir)
-    try:
-        train.check_resume(out, early, total, length_key)
-    except train.ResumeError as err:
-        if not args.restart:
-            raise train.ResumeError(f"{err}, or pass --restart to run in a new sub-directory of it") from None
-        out = _restart_dir(out, early, total, length_key)
-        print(f"{cfg.output_dir} holds another run; --restart: this run goes to {out} "
+    if prepared.restarted is not None:
+        print(f"{prepared.restarted} holds another run; --restart: this run goes to {out} "
               f"(pass output_dir={out} to resume it later)")
-        train.check_output_dir(out)
-        cfg = dataclasses.replace(cfg, output_dir=str(out))
-        tcfg = cfg.train_config()
-
-    # every tensor straight onto its shards: no device ever holds the whole model
-    model = _load_model(cfg.model.path, cfg.model.dtype, mesh=sharding.make_mesh(cfg.mesh), **cfg.model.options())
-    from jax_unlearn.eval.suite import flatten
-
-    during = None if cfg.eval.every is None else (lambda m: flatten(suite.run(m, tok)))
-    result = train.unlearn(model, forget, retain, tcfg, tokenizer=tok, identity=identity,
-                           record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during, eval_every=cfg.eval.every,
-                           base_model=cfg.model.path)
+    result = run.execute(prepared)
     if result.continued_from is not None:
-        print(f"continued: the run had {result.continued_from} steps, {length_key} now gives {result.total_steps}")
+        print(f"continued: the run had {result.continued_from} steps, {length_key(cfg)} now gives "
+              f"{result.total_steps}")
     if result.interrupted:
         print(f"interrupted after step {result.steps_done}/{result.total_steps}; checkpoints in "
               f"{out / 'checkpoints'}; rerun the same command to resume (exit status {EXIT_INTERRUPTED})")
@@ -216,18 +124,17 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
               f"step {result.selected_step}")
     print(f"metrics: {out / 'metrics.jsonl'}")
     if result.export_dir is not None:
-        print(f"model: {result.export_dir}" + (" (adapters merged)" if tcfg.lora.rank is not None else ""))
-        if tcfg.lora.rank is not None and (out / train.ADAPTER_DIR).is_dir():
-            print(f"adapter: {out / train.ADAPTER_DIR} (PEFT LoRA over {cfg.model.path})")
-    if suite is not None and jax.process_index() == 0:
-        results = suite.run(result.model, tok)
-        print(format_table(results))
-        _write_json(out / "eval.json", {"model": str(result.export_dir or out), **results})
-        print(f"evaluation: {out / 'eval.json'}")
+        print(f"model: {result.export_dir}" + (" (adapters merged)" if cfg.lora.rank is not None else ""))
+        if cfg.lora.rank is not None and (out / "adapter").is_dir():
+            print(f"adapter: {out / 'adapter'} (PEFT LoRA over {cfg.model.path})")
+    if result.evaluation is not None:
+        print(format_table(result.evaluation))
+        print(f"evaluation: {out / run.EVAL_FILE}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from jax_unlearn.data import load_tokenizer
     from jax_unlearn.eval.suite import EvalSuite
 
     if not (args.mc or args.qa or args.mia_forget or args.mia_holdout or args.perplexity):
@@ -241,9 +148,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"eval: --peft {args.peft} is not a folder (expected a PEFT LoRA adapter folder)")
     if args.out:
         _check_writable(Path(args.out), "eval: --out", folder=False)
-    suite = EvalSuite(tuple(args.mc), tuple(args.qa), args.mia_forget, args.mia_holdout, tuple(args.perplexity),
-                      args.num_fewshot, args.subject, args.batch_size, args.max_new_tokens)
-    tok = _load_tokenizer(args.tokenizer or args.model)
+    if args.num_fewshot and not args.mc:
+        raise CLIError(f"eval: --num-fewshot {args.num_fewshot} applies to --mc files; none is given")
+    suite = EvalSuite(mc=tuple(args.mc), qa=tuple(args.qa), mia_forget=args.mia_forget, mia_holdout=args.mia_holdout,
+                      perplexity=tuple(args.perplexity), num_fewshot=args.num_fewshot, subject=args.subject,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, fewshot=args.fewshot)
+    tok = load_tokenizer(args.tokenizer or args.model)
     model = _load_model(args.model, args.dtype, peft=args.peft)
     results = suite.run(model, tok)
     print(format_table(results))
@@ -254,96 +164,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config_file(run_dir: Path) -> Path:
-    """``RUN_DIR/config.yaml`` of a run folder holding checkpoints (else CLIError)."""
-    from jax_unlearn import train
-
-    config_file = run_dir / CONFIG_NAME
-    if not config_file.is_file():
-        raise CLIError(f"export: {config_file} does not exist; --checkpoint takes the output_dir of a "
-                       "'jax-unlearn unlearn' run")
-    if not train.checkpoint_steps(run_dir):
-        raise CLIError(f"export: {run_dir / 'checkpoints'} holds no checkpoint")
-    return config_file
-
-
-def restore_run(run_dir: Path, model_path: str | None = None):
-    """The model of the newest checkpoint of a ``jax-unlearn unlearn`` run folder, with its
-    tokenizer and step: ``(model, tokenizer, step)``.
-
-    The checkpoint holds only what training changed; the rest comes from the starting model
-    named in the run's ``config.yaml`` (or ``model_path``), which must match the model recorded
-    in the run's fingerprint (its config.json and a checksum of its weights). Reads only: the
-    run folder may have been moved or copied, and nothing in it changes (an unreadable newest
-    checkpoint is skipped, not moved).
-    """
-    from jax_unlearn import fingerprint as fpr
-    from jax_unlearn import train
-    from jax_unlearn.models import check_hf
-    from jax_unlearn.run_config import load_config
-    from jax_unlearn.sharding import MeshConfig, make_mesh
-
-    cfg = load_config(_run_config_file(run_dir))
-    if model_path is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_path)))
-    # this folder, on this machine's devices (the run's recorded output_dir and mesh may not apply)
-    cfg = dataclasses.replace(cfg, output_dir=str(run_dir), mesh=MeshConfig())
-    try:
-        model_cfg = check_hf(cfg.model.path)
-    except FileNotFoundError as err:
-        hint = "" if model_path is not None else "; if the starting model moved, pass --model DIR"
-        raise CLIError(f"export: the run's starting model: {err}{hint}") from None
-    options = _model_options(cfg.model.dtype, **cfg.model.options())
-    record = train.read_record(run_dir)
-    recorded = {} if record is None else record["fingerprint"]
-
-    def refuse(diff: list[str]) -> None:
-        raise CLIError(f"export: {cfg.model.path} is not the model {run_dir} started from (recorded -> this "
-                       "model):\n  " + "\n  ".join(diff) + "\npass --model with the run's starting model")
-
-    diff = fpr.differences(recorded, fpr.model_keys(model_cfg, options))
-    if diff:
-        refuse(diff)
-    tok = _load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    model = _load_model(cfg.model.path, cfg.model.dtype, mesh=make_mesh(cfg.mesh), **cfg.model.options())
-    diff = fpr.differences(recorded, {"model.weights": fpr.params_checksum(model)})
-    if diff:
-        refuse(diff)
-    restored = train.restore_latest(model, cfg.train_config(), run_dir)
-    if restored is None:
-        raise CLIError(f"export: no readable checkpoint in {run_dir / 'checkpoints'}")
-    model, step = restored
-    return model, tok, step
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from jax_unlearn import train
-    from jax_unlearn.run_config import load_config
+    from jax_unlearn import run
 
-    run_dir, out = Path(args.checkpoint), Path(args.out)
-    cfg = load_config(_run_config_file(run_dir))
-    targets = [("--out", out)] + ([("--peft", Path(args.peft))] if args.peft is not None else [])
-    if args.peft is not None and cfg.lora.rank is None:
-        raise CLIError(f"export: --peft: {run_dir} is not a LoRA run ({run_dir / CONFIG_NAME} sets no lora.rank); "
-                       "it has no adapter to write")
-    if args.peft is not None and (_inside(Path(args.peft), out) or _inside(out, Path(args.peft))):
-        raise CLIError(f"export: --peft {args.peft} and --out {out} must be separate folders")
-    for flag, folder in targets:
-        _check_writable(folder, f"export: {flag}", folder=True)
-        if folder.exists() and any(folder.iterdir()) and not args.overwrite:
-            raise CLIError(f"export: {flag} {folder} is not empty; pass --overwrite to replace it")
-        if run_dir.is_dir() and _inside(folder, run_dir):
-            raise CLIError(f"export: {flag} {folder} lies inside the run folder {run_dir}, which export never "
-                           "changes; choose a folder outside it")
-    model, tok, step = restore_run(run_dir, args.model)
-    path = train.export_model(model, out, tok, overwrite=True)
-    if path is not None:
-        print(f"exported step {step} of {run_dir} to {path}" + (" (adapters merged)" if cfg.lora.rank else ""))
-    if args.peft is not None:
-        base = args.model or cfg.model.path
-        adapter = train.export_adapter(model, Path(args.peft), base, overwrite=True)
-        if adapter is not None:
-            print(f"exported its LoRA adapter to {adapter} (PEFT, over {base})")
+    done = run.export(Path(args.checkpoint), Path(args.out), peft=None if args.peft is None else Path(args.peft),
+                      model_path=args.model, overwrite=args.overwrite)
+    if done.model_dir is not None:
+        print(f"exported step {done.step} of {args.checkpoint} to {done.model_dir}"
+              + (" (adapters merged)" if done.merged else ""))
+    if done.adapter_dir is not None:
+        print(f"exported its LoRA adapter to {done.adapter_dir} (PEFT, over {done.base_model})")
     return 0
 
 
@@ -414,6 +244,11 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         cli_evaluate()
     except SystemExit as done:  # the harness's argparse (--help, usage errors) exits
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    except ValueError as err:  # the harness's input errors, raised before any model is built
+        if str(err).startswith("Tasks not found"):
+            raise CLIError(f"lm-eval: {err} (list the known tasks with 'jax-unlearn lm-eval ls tasks'; local task "
+                           "folders need --include_path)") from None
+        raise
     finally:
         sys.argv = saved
     return 0
@@ -460,7 +295,7 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """``demo`` (config optional: the built-in defaults) and ``sweep`` (config required)."""
     from jax_unlearn.bench.config import BenchConfig
-    from jax_unlearn.run_config import load_config
+    from jax_unlearn.config import load_config
 
     cfg = load_config(args.config, args.overrides, schema=BenchConfig)
     return _bench(cfg, Path(args.out), args.cache, not args.no_progress)
@@ -488,14 +323,15 @@ def _names() -> dict[str, str]:
 
     from jax_unlearn.bench.config import BenchConfig
     from jax_unlearn.combiners import COMBINERS
+    from jax_unlearn.config import RunConfig
     from jax_unlearn.objectives import OBJECTIVES
-    from jax_unlearn.run_config import RunConfig
 
     demo = BenchConfig()
     hints = typing.get_type_hints(RunConfig)
     sections = [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
     return {"combiners": ", ".join(COMBINERS.names()), "objectives": ", ".join(OBJECTIVES.names()),
             "demo_combiners": ", ".join(demo.combiners), "demo_objectives": ", ".join(demo.objectives),
+            "gold_tolerance": f"{demo.gold_tolerance:g}", "forget_threshold": f"{demo.forget_threshold:g}",
             "sections": ", ".join(sections),
             "top": ", ".join(f.name for f in dataclasses.fields(RunConfig) if f.name not in sections)}
 
@@ -521,7 +357,7 @@ EPILOG = textwrap.dedent(f"""\
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jax_unlearn.run_config import DTYPES
+    from jax_unlearn.config import DTYPES
 
     n = _names()
     common = argparse.ArgumentParser(add_help=False)
@@ -557,14 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", formatter_class=_formatter, parents=[common], epilog=EPILOG,
         help="the embedded benchmark, end to end (minutes on a CPU)",
         description=textwrap.dedent(f"""\
-            Build (first run: about 1.5 min of the ~3.5 on 2 CPU cores) or reuse the cached model: a
-            0.27M-parameter LLaMA pretrained on a seeded world of invented people (names,
-            birth cities, occupations, pets, ...) and general facts about the same places and
-            animals. Then unlearn the forget people with {n['demo_objectives']}, each combined by
-            {n['demo_combiners']} at three learning rates (lower rates run
-            proportionally more steps), evaluate forget / retain / held-out / general accuracy
-            and MIA AUROC along every run, print the best run of each method with forget
-            accuracy <= 0.10 and write OUT/results.json and OUT/pareto.png.
+            Build (first run, a few minutes on 2 CPU cores: docs/benchmarks.md) or reuse the
+            cached models: a 0.27M-parameter LLaMA pretrained on a seeded world of invented
+            people (names, birth cities, occupations, pets, ...) and general facts about the same
+            places and animals, and its gold model, retrained without the forget people (exact
+            unlearning). Then unlearn the forget people with {n['demo_objectives']}, each
+            combined by {n['demo_combiners']} at three learning rates (lower rates run
+            proportionally more steps), evaluate forget / retain / held-out / general accuracy,
+            MIA AUROC, forget quality (KS test against the gold model) and PrivLeak along every
+            run, print the best run of each method at the gold-matched bar (forget accuracy at
+            most the gold model's + gold_tolerance={n['gold_tolerance']}) and at the fixed bar
+            (forget_threshold={n['forget_threshold']}), and write OUT/results.json and OUT/pareto.png.
 
             The settings are those of configs/demo.yaml; change any with KEY=VALUE overrides
             or --config FILE (same keys as 'sweep')."""))
@@ -578,14 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Run the embedded benchmark over every objective x combiner x value of grid.param
             (lr, alpha, gamma, beta or delta) on each world seed in 'worlds' (each world's
-            model is pretrained once and cached). Prints the Pareto table (best held-out
-            retain accuracy with forget accuracy <= forget_threshold, means over worlds) and,
-            with several worlds, the paired per-world differences between combiners with a
-            Wilcoxon signed-rank test; writes OUT/results.json and OUT/pareto.png.
+            model and gold model are trained once and cached). Prints the tables at the
+            gold-matched bar (forget accuracy at most each world's gold model's +
+            gold_tolerance) and at the fixed bar (forget_threshold): the best held-out retain
+            accuracy of each method, means over worlds; with several worlds, the paired
+            per-world differences between combiners with their mean, a 95% t-interval and a
+            Wilcoxon signed-rank test. Writes OUT/results.json and OUT/pareto.png.
 
             Keys (see configs/demo.yaml): world.*, model.*, pretrain.*, grid.param,
             grid.values, grid.steps, grid.evals, objectives, combiners, worlds, lr, alpha,
-            gamma, beta, delta, batch_size, forget_threshold, seed."""))
+            gamma, beta, delta, batch_size, gold_tolerance, forget_threshold, seed."""))
     p.add_argument("config", metavar="CONFIG", help="benchmark YAML config, e.g. configs/demo.yaml")
     _bench_args(p, None)
     p.set_defaults(func=cmd_bench)
@@ -633,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file (.txt, or .jsonl/.json with text records) for perplexity (repeatable)")
     p.add_argument("--mia-forget", metavar="FILE", help="texts the model should have forgotten")
     p.add_argument("--mia-holdout", metavar="FILE", help="texts the model never saw")
-    p.add_argument("--num-fewshot", type=_int_at_least(0), default=0, help="few-shot examples for --mc (default 0)")
+    p.add_argument("--num-fewshot", type=_int_at_least(0), default=0,
+                   help="solved examples from --fewshot before each --mc question (default 0)")
+    p.add_argument("--fewshot", metavar="FILE", help="multiple-choice file of solved examples (e.g. the dev split)")
     p.add_argument("--subject", help="subject for --mc questions without one (e.g. biology)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32,

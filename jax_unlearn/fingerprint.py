@@ -180,10 +180,41 @@ def run_fingerprint(cfg: TrainConfig, model_config: Any, model_options: Any, for
     return _jsonable(fp)
 
 
-def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``"key: recorded -> current"`` for every key both hold with different values, sorted.
-    A key only one side holds is not compared (a check before the model is loaded has no
-    ``model.weights``; a fingerprint written by an older version lacks newer keys)."""
+def implied() -> dict[str, Any]:
+    """The value of each key that has a default, as a run recorded before the key existed ran
+    with it: the `TrainConfig` keys (``lora.*``, ``objective.compat``, ``micro_batch_weighting``,
+    ...), the ``data`` section's settings, ``model.config.*`` fields with a default and the model
+    options. Keys without a default (``model.weights``, the token and file digests) have none."""
+    from jax_unlearn.config import DataSection
+    from jax_unlearn.models import ModelConfig
+
+    out = training_keys(TrainConfig(output_dir=""))
+    out |= {f"data.{f.name}": f.default for f in dataclasses.fields(DataSection)
+            if f.name not in ("forget", "retain") and f.default is not dataclasses.MISSING}
+    out |= {f"model.config.{f.name}": f.default for f in dataclasses.fields(ModelConfig)
+            if f.default is not dataclasses.MISSING}
+    out |= {"model.compute_dtype": None, "model.scan_layers": False}
+    return _jsonable(out)
+
+
+def differences(recorded: Mapping[str, Any], current: Mapping[str, Any], *, partial: bool = False) -> list[str]:
+    """``"key: recorded -> current"`` for every key whose values differ, sorted.
+
+    A key only ``current`` holds (the record was written by an older version) is compared with
+    the value that version ran with (`implied`), when the key has a default; a key only the
+    record holds is a difference (``-> (not in this run)``), unless ``partial`` says ``current``
+    is a subset on purpose (a check before the model is loaded has no ``model.weights``).
+    """
     current = _jsonable(current)
-    return [f"{k}: {recorded[k]!r} -> {current[k]!r}" for k in sorted(current)
-            if k in recorded and recorded[k] != current[k]]
+    defaults = implied()
+    out = []
+    for k in sorted(set(recorded) | set(current)):
+        if k in recorded and k in current:
+            if recorded[k] != current[k]:
+                out.append(f"{k}: {recorded[k]!r} -> {current[k]!r}")
+        elif k in current:
+            if k in defaults and defaults[k] != current[k]:
+                out.append(f"{k}: not recorded (the recording version ran with {defaults[k]!r}) -> {current[k]!r}")
+        elif not partial:
+            out.append(f"{k}: {recorded[k]!r} -> (not in this run)")
+    return out

@@ -191,8 +191,10 @@ def maybe_initialize_distributed() -> bool:
     ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
     start it explicitly (CPU hosts use gloo collectives); on a Cloud TPU slice
     (``TPU_WORKER_HOSTNAMES`` with several hosts) ``jax.distributed.initialize()`` finds
-    them by itself. Call before any other JAX call.
+    them by itself. Call before any other JAX call; a second call does nothing (and returns True).
     """
+    if jax.distributed.is_initialized():
+        return True
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":

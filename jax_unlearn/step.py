@@ -108,7 +108,7 @@ def path_filter(pattern: str) -> Callable[[tuple, Any], bool]:
     return lambda path, _: bool(regex.fullmatch(".".join(str(p) for p in path)))
 
 
-def _split(model: nnx.Module, objective: Objective | None, train: Any = None
+def split_model(model: nnx.Module, objective: Objective | None, train: Any = None
            ) -> tuple[ModelDef, nnx.State, nnx.State, bool]:
     """``(defs, trainable params, frozen variables, whether a reference is kept)`` of ``model``."""
     trainable = None if objective is None else objective.trainable
@@ -145,11 +145,11 @@ def abstract_state(model: nnx.Module, tx: optax.GradientTransformation, objectiv
     """`init_state` without allocating anything: the `TrainState` as ``jax.ShapeDtypeStruct``
     leaves (parameter metadata kept, so `jax_unlearn.sharding.train_state_shardings` applies).
     ``model`` may itself be abstract (``nnx.eval_shape(lambda: CausalLM(...))``)."""
-    defs, params, frozen, reference = _split(model, objective, train)
+    defs, params, frozen, reference = split_model(model, objective, train)
     return defs, jax.eval_shape(state_builder(tx, reference), params, frozen)
 
 
-def _onto(tree: Any, shardings: Any) -> Any:
+def place_on(tree: Any, shardings: Any) -> Any:
     """``tree`` with each array that lives on other devices than its sharding's put there."""
     def put(x, s):
         here = getattr(x, "sharding", None)
@@ -179,13 +179,13 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, objective: O
     with those ``out_shardings``: each device only ever holds its shards (give it a model
     loaded sharded, ``load_hf(..., shardings=mesh)``, and no device holds the whole model).
     """
-    defs, params, frozen, reference = _split(model, objective, train)
+    defs, params, frozen, reference = split_model(model, objective, train)
     build = state_builder(tx, reference)
     if shardings is not None:
         target = shardings(jax.eval_shape(build, params, frozen))
         donate = () if copy else (0, 1)
         # a model on other devices (e.g. loaded unsharded onto one) moves onto the mesh first
-        params, frozen = _onto(params, target.params), _onto(frozen, target.frozen)
+        params, frozen = place_on(params, target.params), place_on(frozen, target.frozen)
         return defs, jax.jit(build, out_shardings=target, donate_argnums=donate)(params, frozen)
     if copy:
         params, frozen = jax.tree.map(jnp.copy, (params, frozen))

@@ -11,8 +11,8 @@ import jax_unlearn as ju
 from jax_unlearn import cli, config
 from jax_unlearn import step as st
 from jax_unlearn.combiners import COMBINERS
+from jax_unlearn.config import ConfigError, load_config
 from jax_unlearn.objectives import OBJECTIVES
-from jax_unlearn.run_config import ConfigError, load_config
 
 REQUIRED = ["output_dir=runs/x", "model.path=/m", "data.forget=f.jsonl", "data.retain=r.jsonl"]
 

@@ -37,10 +37,31 @@ def test_differences_name_the_keys_that_define_a_run_and_nothing_else():
     changed["input_ids"][0, -1] += 1
     assert fpr.differences(fp(base), fpr.run_fingerprint(base, CFG, None, changed, retain)) == [
         f"data.forget.tokens: {fpr.array_digest(forget)!r} -> {fpr.array_digest(changed)!r}"]
-    # a key only one side holds is not compared: the check before loading has no weights yet
-    assert fpr.differences(fp(base, weights="bits:1"), fp(base)) == []
+    # a check before loading (partial: no weights yet) skips the recorded weights; a full check does not
+    assert fpr.differences(fp(base, weights="bits:1"), fp(base), partial=True) == []
+    assert fpr.differences(fp(base, weights="bits:1"), fp(base)) == ["model.weights: 'bits:1' -> (not in this run)"]
     assert fpr.differences(fp(base, weights="bits:1"), fp(base, weights="bits:2")) == [
         "model.weights: 'bits:1' -> 'bits:2'"]
+
+
+def test_a_record_of_an_older_version_is_checked_on_the_keys_it_lacks():
+    """Keys added after a run was recorded (lora.*, objective.compat, the weighting) are compared
+    with what that version ran with: their defaults."""
+    forget, retain = _data()
+    base = config.TrainConfig(output_dir="a")
+    old = {k: v for k, v in fpr.run_fingerprint(base, CFG, None, forget, retain).items()
+           if not k.startswith("lora.") and k not in ("objective.compat", "micro_batch_weighting")}
+    same = fpr.run_fingerprint(base, CFG, None, forget, retain)
+    assert fpr.differences(old, same) == []  # the defaults are what the old version ran
+    lora = config.TrainConfig(output_dir="a", lora=config.LoraConfig(rank=8), micro_batch_weighting="uniform",
+                              objective=config.ObjectiveConfig(compat="open_unlearning"))
+    assert fpr.differences(old, fpr.run_fingerprint(lora, CFG, None, forget, retain)) == [
+        "lora.rank: not recorded (the recording version ran with None) -> 8",
+        "micro_batch_weighting: not recorded (the recording version ran with 'tokens') -> 'uniform'",
+        "objective.compat: not recorded (the recording version ran with None) -> 'open_unlearning'"]
+    # a new data key from the CLI's identity, and a new model option, the same way
+    assert fpr.differences({k: v for k, v in same.items()}, {**same, "data.chunk_bos": True}) == [
+        "data.chunk_bos: not recorded (the recording version ran with False) -> True"]
 
 
 def test_params_checksum_sees_one_bit_and_not_the_sharding():

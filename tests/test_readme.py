@@ -66,6 +66,16 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     nll = namespace["forget_nll"]
     assert nll[1e-2] > nll[1e-3]  # gradient ascent on the forget set: a larger rate forgets more
     assert namespace["done"] == 4
+    # the Python run is the command's run: the same files, the same weights
+    from jax_unlearn import cli
+
+    assert cli.main(["unlearn", "run.yaml", "output_dir=runs/from_cli", "optim.lr=1e-5", "progress=false"]) == 0
+    python, command = tmp_path / "runs/from_python", tmp_path / "runs/from_cli"
+    assert namespace["run_result"].export_dir == pathlib.Path("runs/from_python/model")
+    assert (python / "config.yaml").read_text().replace("from_python", "X") == \
+        (command / "config.yaml").read_text().replace("from_cli", "X").replace("progress: false", "progress: true")
+    assert (python / "fingerprint.json").read_text() == (command / "fingerprint.json").read_text()
+    assert (python / "model/model.safetensors").read_bytes() == (command / "model/model.safetensors").read_bytes()
 
 
 def test_readme_main_command_is_the_demo_with_its_extra():

@@ -1,9 +1,14 @@
 """Unlearning runs on the benchmark world, with the library's step, batching and loop.
 
-One compiled two-gradient step (`jax_unlearn.step.make_two_grad_step`) per (objective,
-combiner, loss settings) serves every learning rate: the optimizer is the run config's
-(`jax_unlearn.config.build_optimizer`: AdamW, here constant and without clipping) whose
-learning rate is a state hyperparameter set with `jax_unlearn.config.set_hyperparams`. With a
+A benchmark run is a run config (`run_config`: a `jax_unlearn.config.TrainConfig` with the
+objective, combiner and LoRA sections, AdamW at a constant rate without clipping or weight
+decay), built by the same factories as ``jax-unlearn unlearn`` (`jax_unlearn.config.build_tx`,
+`jax_unlearn.config.step_config`, `jax_unlearn.train.with_adapters`), so its step is a run's
+step. What the benchmark does not take from `jax_unlearn.run` is the run folder (no
+checkpoints, no export: a trajectory lives in memory) and one compilation per run: one compiled
+two-gradient step (`jax_unlearn.step.make_two_grad_step`) per (objective, combiner, loss
+settings) serves every learning rate, set in the optimizer's state with
+`jax_unlearn.config.set_hyperparams`. With a
 constant rate, a run evaluated after ``s`` steps *is* the run with ``max_steps = s``: each
 evaluation point of a trajectory is reported as its own run (early stopping as a
 hyperparameter). Batches are `jax_unlearn.data.PairedBatches`, as in ``jax-unlearn unlearn``.
@@ -18,7 +23,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 from jax_unlearn import step as st
 from jax_unlearn.bench.evaluate import Gold, evaluate
@@ -28,10 +32,11 @@ from jax_unlearn.config import (
     LoraConfig,
     ObjectiveConfig,
     OptimConfig,
-    build_combiner,
+    TrainConfig,
     build_objective,
-    build_optimizer,
+    build_tx,
     set_hyperparams,
+    step_config,
 )
 from jax_unlearn.data import PairedBatches
 from jax_unlearn.train import Every, run_steps, with_adapters
@@ -48,18 +53,25 @@ class Trajectory:
     seconds: float
 
 
+def run_config(objective: ObjectiveConfig, combiner: CombinerConfig, lora: LoraConfig = LoraConfig()) -> TrainConfig:
+    """The run config of a benchmark run: its objective, combiner and adapters, AdamW at a constant
+    rate (set per trajectory) without clipping or weight decay, one micro-batch."""
+    return TrainConfig(output_dir="", objective=objective, combiner=combiner, lora=lora,
+                       optim=OptimConfig(lr=1.0, schedule="constant", clip_norm=None, weight_decay=0.0))
+
+
 class Runner:
     """Runs trajectories of one (objective, combiner) from ``model`` at any learning rate."""
 
     def __init__(self, model, objective: ObjectiveConfig, combiner: CombinerConfig,
                  lora: LoraConfig = LoraConfig()):
-        self.model, self.train = with_adapters(model, lora)
+        cfg = run_config(objective, combiner, lora)
+        self.model, self.train = with_adapters(model, cfg.lora)
         self.objective, self.combiner = objective, combiner
-        self.obj = build_objective(objective, model.config.hidden_size)
-        optimizer = build_optimizer(OptimConfig(lr=0.0, schedule="constant", clip_norm=None, weight_decay=0.0), 1)
-        self.tx = optax.chain(build_combiner(combiner), optimizer)
+        self.obj = build_objective(cfg.objective, model.config.hidden_size)
+        self.tx = build_tx(cfg, total_steps=1)  # a constant rate: the length does not matter
         self.defs, _ = st.init_state(self.model, self.tx, self.obj, train=self.train)
-        self.step = st.make_two_grad_step(self.defs, self.obj, self.tx)
+        self.step = st.make_two_grad_step(self.defs, self.obj, self.tx, step_config(cfg))
 
     def run(self, forget: dict, retain: dict, probes: ProbeRows, *, lr: float, steps: int, eval_every: int,
             batch_size: int, seed: int, start: dict | None = None, gold: Gold | None = None) -> Trajectory:

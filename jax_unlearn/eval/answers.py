@@ -63,7 +63,7 @@ def answer_accuracy(model: Any, contexts: Sequence[Sequence[int]], answers: Sequ
         raise ValueError("answer_accuracy needs at least one context, and every context at least one token")
     scoring.check_token_ids(rows + [answers.tolist()], model)
     graphdef, state = nnx.split(model)
-    out = scoring._run(rows, None, batch_size, pad_id, lambda i, m, a: _answer_kernel(graphdef, state, i, m, a),
+    out = scoring.run_batched(rows, None, batch_size, pad_id, lambda i, m, a: _answer_kernel(graphdef, state, i, m, a),
                        extra=lambda idx: (answers[idx],))
     correct, logprob = np.zeros(len(rows), bool), np.zeros(len(rows))
     for i, (c, lp) in out:

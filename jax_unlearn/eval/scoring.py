@@ -59,7 +59,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int) -> Iterator[tuple[np.n
         yield full, bucket_length(int(lengths[idx].max()) if len(idx) else 1)
 
 
-def _run(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None, batch_size: int, pad_id: int,
+def run_batched(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None, batch_size: int, pad_id: int,
          kernel: Callable[..., Any], extra: Callable[[np.ndarray], tuple] = lambda idx: ()) -> list[tuple[int, tuple]]:
     """Apply ``kernel(ids, mask[, labels], *extra(idx))`` batch by batch; returns ``(row, outputs)``
     pairs with the outputs as host NumPy arrays (one slice per real row). Every batch is
@@ -159,7 +159,7 @@ def continuation_logprobs(model: Any, pairs: Sequence[Pair], *, batch_size: int 
     rows, labels = _rows_and_labels(pairs, max_length)
     check_token_ids(rows, model)
     graphdef, state = nnx.split(model)
-    out = _run(rows, labels, batch_size, pad_id, lambda i, m, lab: _continuation_kernel(graphdef, state, i, m, lab))
+    out = run_batched(rows, labels, batch_size, pad_id, lambda i, m, lab: _continuation_kernel(graphdef, state, i, m, lab))
     logp, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
     for i, (lp, g) in out:
         logp[i], greedy[i] = float(lp), bool(g)
@@ -179,7 +179,7 @@ def next_token_logprobs(model: Any, contexts: Sequence[Sequence[int]], candidate
         raise ValueError("every context needs at least one token")
     check_token_ids(rows + [candidates.reshape(-1).tolist()], model)
     graphdef, state = nnx.split(model)
-    out = _run(rows, None, batch_size, pad_id,
+    out = run_batched(rows, None, batch_size, pad_id,
                lambda i, m, c: _next_token_kernel(graphdef, state, i, m, c),
                extra=lambda idx: (candidates[idx],))
     result = np.zeros(candidates.shape)
@@ -202,7 +202,7 @@ def token_statistics(model: Any, pairs: Sequence[Pair], *, moments: bool = False
     rows, labels = _rows_and_labels(cut, max_length)
     check_token_ids(rows, model)
     graphdef, state = nnx.split(model)
-    out = _run(rows, labels, batch_size, pad_id,
+    out = run_batched(rows, labels, batch_size, pad_id,
                lambda i, m, lab: _stats_kernel(graphdef, state, i, m, lab, moments))
     stats: list[dict[str, np.ndarray]] = [{} for _ in rows]
     names = ("logp", "mask", "mu", "var") if moments else ("logp", "mask")

@@ -13,6 +13,7 @@ names that runs log every N steps and select checkpoints by:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from jax_unlearn import data
 
 from .mia import ATTACKS, mia_auroc
-from .multiple_choice import evaluate_multiple_choice
+from .multiple_choice import build_prompts, evaluate_multiple_choice
 from .perplexity import perplexity
 from .qa import evaluate_qa
 
@@ -33,8 +34,14 @@ def _stem(path: str) -> str:
 class EvalSuite:
     """Files to evaluate on and how (the ``eval`` section of a run config).
 
+    ``num_fewshot`` solved examples from the multiple-choice file ``fewshot`` (e.g. the dev
+    split; examples of the question's subject first when the file has subjects) precede each
+    ``mc`` question.
+
     Raises `jax_unlearn.data.DataError` / ``FileNotFoundError`` naming the file (and key) when a
-    file is missing or malformed, or two files of one kind share a stem (and so a metric name).
+    file is missing or malformed, two files of one kind share a stem (and so a metric name), or
+    ``num_fewshot`` asks for more examples than ``fewshot`` holds (or for some without it); `run`
+    raises `DataError` naming the file whose items cannot be evaluated.
     """
 
     mc: tuple[str, ...] = ()
@@ -46,6 +53,7 @@ class EvalSuite:
     subject: str | None = None
     batch_size: int = 8
     max_new_tokens: int = 32
+    fewshot: str | None = None
 
     def __post_init__(self):
         if (self.mia_forget is None) != (self.mia_holdout is None):
@@ -57,7 +65,12 @@ class EvalSuite:
             if dup is not None:
                 raise data.DataError(f"'eval.{key}' names two files called {dup!r}; their metrics would share a "
                                      "name (rename one)")
+        if self.num_fewshot and self.fewshot is None:
+            raise data.DataError(f"'eval.num_fewshot' is {self.num_fewshot}, but no file of solved examples is given: "
+                                 "set 'eval.fewshot' (jax-unlearn eval: --fewshot) to a multiple-choice file, e.g. "
+                                 "the dev split")
         read = {"mc": [(p, data.read_multiple_choice) for p in self.mc], "qa": [(p, data.read_qa) for p in self.qa],
+                "fewshot": [(p, data.read_multiple_choice) for p in (self.fewshot,) if p is not None],
                 "perplexity": [(p, data.read_texts) for p in self.perplexity],
                 "mia": [(p, data.read_texts) for p in (self.mia_forget, self.mia_holdout) if p is not None]}
         records = {}
@@ -67,6 +80,12 @@ class EvalSuite:
                     raise FileNotFoundError(f"'eval.{key}': file {path} does not exist")
                 records[path] = reader(path)
         object.__setattr__(self, "_records", records)
+        for path in self.mc:  # the prompts need no model: an impossible few-shot setting shows now
+            with _naming("mc", path):
+                build_prompts(records[path], num_fewshot=self.num_fewshot, fewshot=self._shots(), subject=self.subject)
+
+    def _shots(self) -> list | None:
+        return None if self.fewshot is None else self._records[self.fewshot]
 
     def enabled(self) -> bool:
         return bool(self.mc or self.qa or self.mia_forget or self.perplexity)
@@ -83,26 +102,44 @@ class EvalSuite:
         if self.mc:
             out["multiple_choice"] = {}
             for path in self.mc:
-                res = evaluate_multiple_choice(model, tokenizer, r[path], num_fewshot=self.num_fewshot,
-                                               subject=self.subject, batch_size=self.batch_size)
+                with _naming("mc", path):
+                    res = evaluate_multiple_choice(model, tokenizer, r[path], num_fewshot=self.num_fewshot,
+                                                   fewshot=self._shots(), subject=self.subject,
+                                                   batch_size=self.batch_size)
                 out["multiple_choice"][str(path)] = {"accuracy": float(res.accuracy), "n": int(len(res.answers)),
                                                      "by_subject": {k: float(v) for k, v in res.by_subject.items()}}
         if self.qa:
             out["qa"] = {}
             for path in self.qa:
-                res = evaluate_qa(model, tokenizer, r[path], batch_size=self.batch_size,
-                                  max_new_tokens=self.max_new_tokens)
+                with _naming("qa", path):
+                    res = evaluate_qa(model, tokenizer, r[path], batch_size=self.batch_size,
+                                      max_new_tokens=self.max_new_tokens)
                 out["qa"][str(path)] = {"rouge_l_recall": float(res.rouge_l_recall), "n": int(len(res.scores)),
                                         "by_level": {k: float(v) for k, v in res.by_level.items()}}
         if self.mia_forget is not None:
-            scores = mia_auroc(model, tokenizer, r[self.mia_forget], r[self.mia_holdout], batch_size=self.batch_size)
+            with _naming("mia_forget / eval.mia_holdout", f"{self.mia_forget} / {self.mia_holdout}"):
+                scores = mia_auroc(model, tokenizer, r[self.mia_forget], r[self.mia_holdout],
+                                   batch_size=self.batch_size)
             out["mia_auroc"] = {k: float(v) for k, v in scores.items()}
         if self.perplexity:
             out["perplexity"] = {}
             for path in self.perplexity:
-                res = perplexity(model, tokenizer, r[path], batch_size=self.batch_size)
+                with _naming("perplexity", path):
+                    res = perplexity(model, tokenizer, r[path], batch_size=self.batch_size)
                 out["perplexity"][str(path)] = {"perplexity": float(res.perplexity), "tokens": int(res.num_tokens)}
         return out
+
+
+@contextlib.contextmanager
+def _naming(key: str, path: str):
+    """Turns a ValueError about a file's items (an empty text, too few few-shot examples, ...) into
+    a `DataError` naming the key and the file."""
+    try:
+        yield
+    except data.DataError:
+        raise
+    except ValueError as err:
+        raise data.DataError(f"'eval.{key}' {path}: {err}") from None
 
 
 def metric_names(mc=(), qa=(), mia: bool = False, perplexity=()) -> tuple[str, ...]:

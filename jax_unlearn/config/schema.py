@@ -1,0 +1,258 @@
+"""The schema of a run: typed, frozen dataclasses, one per YAML section.
+
+`TrainConfig` is what the training loop (`jax_unlearn.train`) needs: the loop's top-level keys
+and the sections ``mesh`` (`jax_unlearn.sharding.MeshConfig`), ``optim``, ``combiner``,
+``objective``, ``select``, ``stop_when`` and ``lora``. `RunConfig`, the schema of a
+``jax-unlearn unlearn`` file, is a `TrainConfig` plus where the inputs come from: ``model``
+(`ModelSection`), ``data`` (`DataSection`) and ``eval`` (`EvalSection`). Combiner and
+objective names come from the registries (`jax_unlearn.combiners.COMBINERS`,
+`jax_unlearn.objectives.OBJECTIVES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+from omegaconf import MISSING
+
+from jax_unlearn import sharding as sh
+from jax_unlearn.combiners import COMBINERS
+from jax_unlearn.objectives import OBJECTIVES
+from jax_unlearn.registry import Registry
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and what it allows."""
+
+
+def _known(registry: Registry, section: str, name: str) -> None:
+    if name not in registry.names():
+        raise ValueError(f"{section}.name={name!r} is not supported; expected one of {', '.join(registry.names())}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and a decay schedule, after global-norm clipping.
+
+    ``warmup_steps`` (when set) overrides ``warmup_ratio``, whose steps are
+    ``ceil(warmup_ratio * total_steps)`` as in the Hugging Face Trainer.
+
+    ``skip_nonfinite`` (used by `build_tx`): 0 (the default) leaves non-finite updates to the
+    loop, which stops the run at the first one; ``N > 0`` wraps the optimizer in
+    ``optax.apply_if_finite(max_consecutive_errors=N)``: a non-finite combined gradient is
+    skipped (no update, optimizer state kept), up to ``N`` in a row.
+    ``moment_dtype`` stores both Adam moments in that dtype (``None``: the parameters' dtype,
+    optax's default). ``bfloat16`` halves the optimizer state of float32 parameters
+    (float32 master weights, ``model.dtype: float32`` with ``model.compute_dtype: bfloat16``)
+    and ``float32`` keeps exact moments for bfloat16 parameters. The second moment in
+    bfloat16 rounds its small per-step changes (``(1-b2) g^2`` against ``nu``): on unit
+    Gaussian gradients with ``b2=0.999`` it reads 0.4% high after 200 steps, 2% after 500,
+    6% after 1000 (docs/benchmarks.md), so the steps shrink slightly in long runs.
+    """
+
+    lr: float = 1e-5
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    skip_nonfinite: int = 0
+    moment_dtype: Literal["float32", "bfloat16"] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CombinerConfig:
+    """Which combiner heads the chain (a name of `combiners.COMBINERS`) and its settings;
+    ``scope`` applies to ``pcgrad``, ``agree`` to ``sago``."""
+
+    name: str = "sago"
+    alpha: float = 1.0
+    gamma: float = 1.0
+    scope: Literal["module", "global"] = "module"
+    agree: Literal["forget", "sum"] = "forget"
+    diagnostics: bool = True
+
+    def __post_init__(self):
+        _known(COMBINERS, "combiner", self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
+    ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
+    SimNPO, ``reference`` for NPO (``resident``: a frozen copy of the start model;
+    ``precompute``: its sequence log-probs computed once into the forget set, one model held),
+    ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat`` for all
+    (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
+
+    name: str = "grad_diff"
+    retain: Literal["nll", "kl"] = "nll"
+    beta: float = 0.1
+    delta: float = 0.0
+    layer: int = 7
+    steering: float = 2.0
+    trainable: str | None = None
+    seed: int = 0
+    logit_chunk: int | None = None
+    compat: Literal["open_unlearning"] | None = None
+    reference: Literal["resident", "precompute"] = "resident"
+
+    def __post_init__(self):
+        _known(OBJECTIVES, "objective", self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Which state a run exports: with ``metric`` (an evaluation metric name such as
+    ``mc/wmdp_bio/accuracy``, evaluated every ``eval.every`` steps) the evaluated step whose
+    metric is best (``mode`` ``min`` or ``max``; ties keep the earlier step), else the last step."""
+
+    metric: str | None = None
+    mode: Literal["min", "max"] = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class StopConfig:
+    """Ends a run early, as finished, at the first evaluation where ``metric`` <= ``below`` or
+    >= ``above`` (one of the two), e.g. forget accuracy at chance."""
+
+    metric: str | None = None
+    below: float | None = None
+    above: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Parameter-efficient unlearning: with ``rank`` set, LoRA adapters
+    (`jax_unlearn.models.add_lora`) on the ``targets`` projections are the only parameters that
+    train (RMU's ``objective.trainable`` then picks the adapters of the modules it names); the
+    NPO/KL reference is the base model (the adapters' starting values: B = 0), not a second copy
+    of the base weights. ``dropout`` acts on the adapters' inputs during training only."""
+
+    rank: int | None = None
+    alpha: float = 16.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One unlearning run."""
+
+    output_dir: str
+    batch_size: int = 8
+    micro_batches: int = 1
+    micro_batch_weighting: Literal["tokens", "uniform"] = "tokens"
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    seed: int = 0
+    save_every: int = 50
+    keep: int = 2
+    log_every: int = 1
+    mode: Literal["combined", "naive"] = "combined"
+    export: bool = True
+    progress: bool = True
+    mesh: sh.MeshConfig = sh.MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    combiner: CombinerConfig = CombinerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    select: SelectConfig = SelectConfig()
+    stop_when: StopConfig = StopConfig()
+    lora: LoraConfig = LoraConfig()
+
+
+# ----------------------------------------------------------------------------- the run file
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The starting model: a local Hugging Face folder and `load_hf` options."""
+
+    path: str = MISSING
+    tokenizer: str | None = None  # a Hugging Face tokenizer folder; default: ``path``
+    dtype: Dtype = "float32"
+    compute_dtype: Dtype | None = None
+    attention_impl: Literal["xla", "cudnn"] | None = None
+    scan_layers: bool = False
+    remat_policy: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The ``**model_options`` of `jax_unlearn.models.load_hf`."""
+        return dict(compute_dtype=self.compute_dtype, attention_impl=self.attention_impl,
+                    scan_layers=self.scan_layers, remat_policy=self.remat_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Forget and retain files (``.jsonl``/``.json`` text or QA records, ``.txt``), see `data.load_set`;
+    ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`)."""
+
+    forget: str = MISSING
+    retain: str = MISSING
+    max_length: int = 512
+    mode: Literal["auto", "pack", "truncate"] = "auto"
+    forget_format: Literal["auto", "text", "qa"] = "auto"
+    retain_format: Literal["auto", "text", "qa"] = "auto"
+    chunk_bos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Evaluation of the exported model after the run and, with ``every``, during it (every
+    ``every`` steps and at step 0: rows ``eval/<metric>`` in ``metrics.jsonl``, which
+    ``select.metric`` and ``stop_when.metric`` name; see `jax_unlearn.eval.suite`). All optional."""
+
+    mc: list[str] = dataclasses.field(default_factory=list)  # multiple-choice files
+    qa: list[str] = dataclasses.field(default_factory=list)  # QA probe files (ROUGE-L recall)
+    mia_forget: str | None = None  # texts the model was asked to forget ...
+    mia_holdout: str | None = None  # ... and texts it never saw: MIA AUROC between them
+    perplexity: list[str] = dataclasses.field(default_factory=list)  # text files (perplexity)
+    every: int | None = None  # evaluate during the run every this many steps
+    num_fewshot: int = 0  # solved examples before each mc question, from ``fewshot``
+    fewshot: str | None = None  # multiple-choice file of solved examples (e.g. the dev split)
+    subject: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 32
+
+    def enabled(self) -> bool:
+        return bool(self.mc or self.qa or self.mia_forget or self.mia_holdout or self.perplexity)
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metric names an evaluation of these files gives (`jax_unlearn.eval.suite`)."""
+        from jax_unlearn.eval.suite import metric_names
+
+        return metric_names(self.mc, self.qa, self.mia_forget is not None, self.perplexity)
+
+    def suite(self) -> Any:
+        """The `jax_unlearn.eval.suite.EvalSuite` of this section (reads and checks the files)."""
+        from jax_unlearn.eval.suite import EvalSuite
+
+        return EvalSuite(mc=tuple(self.mc), qa=tuple(self.qa), mia_forget=self.mia_forget, mia_holdout=self.mia_holdout,
+                         perplexity=tuple(self.perplexity), num_fewshot=self.num_fewshot, subject=self.subject,
+                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, fewshot=self.fewshot)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(TrainConfig):
+    """One ``jax-unlearn unlearn`` run: the `TrainConfig` keys plus ``model``, ``data`` and ``eval``."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    def train_config(self) -> TrainConfig:
+        """The `TrainConfig` that `train.unlearn` takes."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+# ----------------------------------------------------------------------------- schema helpers
+
