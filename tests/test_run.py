@@ -28,18 +28,27 @@ def _cfg(ws: Path, out: Path, *more: str) -> config.RunConfig:
     return config.load_config(ws / "run.yaml", [f"output_dir={out}", *more])
 
 
-def test_prepare_writes_nothing_and_execute_runs_evaluates_with_fewshot_and_exports(ws, tmp_path):
+FEWSHOT = lambda ws: [f"eval.mc=[{ws / 'mc.jsonl'}]", "eval.num_fewshot=1", f"eval.fewshot={ws / 'dev.jsonl'}",
+                      "eval.every=2"]
+
+
+@pytest.fixture(scope="module")
+def finished(ws, tmp_path_factory):
+    """``(prepared, result)`` of a run with few-shot evaluations every 2 steps; `prepare` wrote nothing."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    prepared = run.prepare(_cfg(ws, out, *FEWSHOT(ws)))
+    assert not out.exists()  # validated and loaded: nothing written
+    return prepared, run.execute(prepared)
+
+
+def test_prepare_writes_nothing_and_execute_runs_evaluates_with_fewshot_and_exports(ws, finished):
     from jax_unlearn.eval import evaluate_multiple_choice
     from jax_unlearn.models import load_hf
 
-    out = tmp_path / "out"
-    cfg = _cfg(ws, out, f"eval.mc=[{ws / 'mc.jsonl'}]", "eval.num_fewshot=1", f"eval.fewshot={ws / 'dev.jsonl'}",
-               "eval.every=2")
-    prepared = run.prepare(cfg)
-    assert not out.exists()  # validated and loaded: nothing written
+    prepared, result = finished
+    out = Path(prepared.cfg.output_dir)
     assert prepared.total_steps == 3 and prepared.resume.newest_step is None and prepared.restarted is None
     assert prepared.forget["input_ids"].shape[1] == 16 and prepared.suite.num_fewshot == 1  # packed 16-token rows
-    result = run.execute(prepared)
     assert result.steps_done == 3 and result.export_dir == out / "model"
     assert {p.name for p in out.iterdir()} >= {"config.yaml", "fingerprint.json", "metrics.jsonl", "checkpoints",
                                                "model", "eval.json"}
@@ -55,11 +64,10 @@ def test_prepare_writes_nothing_and_execute_runs_evaluates_with_fewshot_and_expo
     assert [r["step"] for r in rows if "eval/mc/mc/accuracy" in r] == [0, 2, 3]
 
 
-def test_restart_chooses_a_new_sub_folder_and_prepare_still_writes_nothing(ws, tmp_path):
-    out = tmp_path / "out"
-    run.execute(run.prepare(_cfg(ws, out)))
+def test_restart_chooses_a_new_sub_folder_and_prepare_still_writes_nothing(ws, finished):
+    out = Path(finished[0].cfg.output_dir)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    other = _cfg(ws, out, "seed=1")
+    other = _cfg(ws, out, *FEWSHOT(ws), "seed=1")
     with pytest.raises(train.ResumeError, match=r"(?s)seed: 0 -> 1.*--restart"):
         run.prepare(other)
     prepared = run.prepare(other, restart=True)
@@ -70,11 +78,10 @@ def test_restart_chooses_a_new_sub_folder_and_prepare_still_writes_nothing(ws, t
     assert Path(run.prepare(other, restart=True).cfg.output_dir) == out / "restart-1"
 
 
-def test_export_writes_the_newest_checkpoint(ws, tmp_path):
+def test_export_writes_the_newest_checkpoint(finished, tmp_path):
     from jax_unlearn.models import load_hf
 
-    out = tmp_path / "out"
-    result = run.execute(run.prepare(_cfg(ws, out)))
+    out, result = Path(finished[0].cfg.output_dir), finished[1]
     done = run.export(out, tmp_path / "exported")
     assert done.step == 3 and done.model_dir == tmp_path / "exported" and not done.merged
     a, b = load_hf(tmp_path / "exported"), load_hf(result.export_dir)
