@@ -29,7 +29,14 @@ from ou_reference import (
 from ties import assert_text_agrees
 
 from jax_unlearn.data import DataError
-from jax_unlearn.eval import evaluate_muse, format_muse_table, load_muse
+from jax_unlearn.eval import (
+    evaluate_muse,
+    format_muse_table,
+    load_muse,
+    read_muse_qa,
+    read_muse_texts,
+    read_muse_verbmem,
+)
 from jax_unlearn.eval import muse as muse_mod
 from jax_unlearn.eval.ou_scoring import completion_row
 
@@ -79,6 +86,10 @@ def test_readers_and_layouts(tmp_path):
     assert [q.answer for q in data.retain_qa] == [r["answer"] for r in RETAIN_QA]  # retain2_qa found
     assert data.privleak_forget == PRIV_FORGET and data.privleak_holdout == PRIV_HOLDOUT
     assert data.verbmem[1].gt == VERBMEM[1]["gt"] and len(data.forget_qa_icl) == 2
+    (tmp_path / "github" / "privleak" / "retain2.json").write_text(json.dumps(PRIV_HOLDOUT[:2]))
+    assert read_muse_texts(tmp_path / "github", "retain", "privleak", "retain2") == PRIV_HOLDOUT[:2]
+    assert read_muse_qa(tmp_path / "github" / "knowmem" / "forget_qa.json")[2].answer == FORGET_QA[2]["answer"]
+    assert read_muse_verbmem(tmp_path / "github")[0].prompt == VERBMEM[0]["prompt"]
     only = load_muse(tmp_path / "github", metrics=["privleak"])
     assert only.forget_qa is None and only.verbmem is None and len(only.privleak_holdout) == 4
 

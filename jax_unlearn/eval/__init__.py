@@ -24,7 +24,15 @@ from .multiple_choice import (
     format_prompt,
     format_question,
 )
-from .muse import MuseData, evaluate_muse, format_muse_table, load_muse
+from .muse import (
+    MuseData,
+    evaluate_muse,
+    format_muse_table,
+    load_muse,
+    read_muse_qa,
+    read_muse_texts,
+    read_muse_verbmem,
+)
 from .ou_scoring import PromptTemplate
 from .perplexity import PerplexityResult, perplexity, rolling_windows
 from .qa import QAResult, evaluate_qa, qa_prompt, rouge_l_recall
@@ -71,6 +79,9 @@ __all__ = [
     "perplexity",
     "qa_prompt",
     "read_idk",
+    "read_muse_qa",
+    "read_muse_texts",
+    "read_muse_verbmem",
     "read_tofu_split",
     "rolling_windows",
     "rouge_l_recall",
