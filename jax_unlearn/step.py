@@ -236,6 +236,49 @@ def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *,
     return {**data, objectives.REF_LOGP: out}
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "stacked"))
+def _grad_norms(graphdef, params, rest, batch, stacked: tuple[bool, ...]):
+    """``[b, 3]``: per row, the mean over parameter tensors of the gradient's 1-, 2- and inf-norm."""
+    loss = objectives.nll_loss()
+
+    def row_loss(params, row):
+        one = jax.tree.map(lambda x: x[None], row)
+        return loss(nnx.merge(graphdef, params, rest), one)[0]
+
+    def norms(g, st):
+        x = jnp.abs(g.astype(jnp.float32))
+        x = x.reshape(x.shape[0], -1) if st else x.reshape(1, -1)  # one row per HF tensor
+        return jnp.stack([jnp.sum(x, 1), jnp.sqrt(jnp.sum(jnp.square(x), 1)), jnp.max(x, 1)], axis=1)
+
+    def one(row):
+        grads = jax.tree.leaves(jax.grad(row_loss)(params, row))
+        return jnp.mean(jnp.concatenate([norms(g, st) for g, st in zip(grads, stacked)]), axis=0)
+
+    return jax.lax.map(one, batch)
+
+
+def per_example_grad_norms(model: nnx.Module, batch: Mapping[str, Any], *, p: float = 2.0) -> np.ndarray:
+    """``[b]`` float64: for each row, the mean over parameter tensors of the ``p``-norm (1, 2 or
+    inf, over the tensor's elements) of the gradient of the row's token-mean NLL
+    (`jax_unlearn.objectives.nll_loss` on that row alone) -- the statistic of open-unlearning's
+    GradNorm membership-inference attack (``src/evals/metrics/mia/gradnorm.py``).
+
+    ``batch``: ``input_ids``, ``attention_mask`` and ``labels`` (``[b, s]``, ``-100`` = no loss).
+    Every `nnx.Param` is differentiated; a tensor is one Hugging Face parameter: a leaf, or each
+    layer's slice of a ``scan_layers`` stack. A row without label tokens scores 0. The rows are
+    differentiated one after another (``lax.map``) in one jitted call, so only one row's
+    gradient exists at a time; the model is not changed.
+    """
+    if p not in (1, 2, float("inf")):
+        raise ValueError(f"p must be 1, 2 or inf, got {p!r}")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    scanned = bool(getattr(getattr(model, "options", None), "scan_layers", False))
+    stacked = tuple(scanned and path[0] == "layers" for path, _ in nnx.to_flat_state(params))
+    batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "labels") if k in batch}
+    out = np.asarray(jax.device_get(_grad_norms(graphdef, params, rest, batch, stacked)), np.float64)
+    return out[:, {1: 0, 2: 1}.get(p, 2)]
+
+
 def merge_model(defs: ModelDef, state: TrainState, copy: bool = True) -> nnx.Module:
     """The current model (trainable and frozen parts merged).
 

@@ -37,11 +37,14 @@ def cut_at(text: str, stop_strings: Sequence[str]) -> str:
 def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int,
                   stop_strings: Sequence[str] = (), batch_size: int = 16, max_length: int | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                  add_special_tokens: bool | None = None) -> list[str]:
+                  add_special_tokens: bool | None = None,
+                  clean_up_tokenization_spaces: bool | None = None) -> list[str]:
     """Continuations of ``prompts`` (decoded without special tokens, cut at ``stop_strings``, unstripped).
 
     A prompt is a string (encoded with ``add_special_tokens``) or a list of token ids (used as
-    they are); ``temperature``, ``top_k`` and ``top_p`` are those of `jax_unlearn.models.generate`."""
+    they are); ``temperature``, ``top_k`` and ``top_p`` are those of `jax_unlearn.models.generate`;
+    ``clean_up_tokenization_spaces`` is passed to ``tokenizer.decode`` (``None``: the tokenizer's
+    default)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if isinstance(stop_strings, str):
@@ -65,6 +68,8 @@ def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[i
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = (eos[0] if eos else 0) if pad_id is None else int(pad_id)
     rng = jax.random.key(seed)
+    decode_kw = {} if clean_up_tokenization_spaces is None else {
+        "clean_up_tokenization_spaces": bool(clean_up_tokenization_spaces)}
     out: list[str] = [""] * len(rows)
     for idx, length in scoring.plan_batches([len(r) for r in rows], batch_size):
         fill = np.where(idx >= 0, idx, idx[0])  # filler rows repeat the batch's first (real) row
@@ -75,6 +80,6 @@ def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[i
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
         for j, i in enumerate(idx):
             if i >= 0:
-                text = tokenizer.decode(tokens[j, :lengths[j]].tolist(), skip_special_tokens=True)
+                text = tokenizer.decode(tokens[j, :lengths[j]].tolist(), skip_special_tokens=True, **decode_kw)
                 out[i] = cut_at(text, stop_strings)
     return out

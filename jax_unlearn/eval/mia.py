@@ -15,6 +15,20 @@ text less familiar), as in open-unlearning:
 ``AUROC(forget, holdout) = P(s_holdout > s_forget) + 0.5 P(s_holdout = s_forget)`` over all
 pairs, ``= U / (n_f n_h)`` with scipy's Mann-Whitney ``U`` of the holdout scores: near 1 when
 the model still recognises the forget set, 0.5 when forget and holdout look alike.
+
+These four scores and the AUC are open-unlearning's formulas (``src/evals/metrics/mia/``; the
+AUC is their ``roc_auc_score`` with forget rows labelled 0) applied to a plain text. Where the
+two differ (`jax_unlearn.eval.open_unlearning` and `evaluate_tofu` / `evaluate_muse` compute
+theirs exactly; ``docs/reference.md``, section 13):
+
+* the scored span: here every token of the text after the prefix token; there a row's *label
+  tokens* (a TOFU answer and its EOS, a MUSE text after BOS), and Min-K%/Min-K%++ drop the last
+  of them (their ``tokenwise_logprobs``);
+* Min-K%++: the variance is floored at ``1e-12`` here, clamped at ``1e-6`` there;
+* ZLib: the compressed length of the text itself here, of its decoded label tokens there;
+* length: here the first ``max_length`` tokens; there 512-token QA rows (TOFU) or the prefix plus
+  2048 text tokens (MUSE);
+* ``k = 0.4`` is their configs' value (their class default 0.2 is always overridden).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Three kernels, all on a `CausalLM` split into ``(graphdef, state)``:
   from the last position only (one forward pass scores all choices of a question).
 * `token_statistics`: per continuation token ``log p(x_t)`` and, on request, the mean
   ``mu_t = sum_v p_v log p_v`` and variance ``var_t = sum_v p_v (log p_v - mu_t)^2`` of the
-  log-probability under the model's own next-token distribution (for Min-K%++).
+  log-probability under the model's own next-token distribution (for Min-K%++), and whether
+  ``x_t`` is the argmax of its distribution (for exact memorization / extraction strength).
 """
 
 from __future__ import annotations
@@ -116,21 +117,24 @@ def _next_token_kernel(graphdef, state, ids, mask, candidates):
     return jnp.take_along_axis(logp, candidates, axis=-1)  # [b, C]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "moments"))
-def _stats_kernel(graphdef, state, ids, mask, labels, moments: bool):
+@partial(jax.jit, static_argnames=("graphdef", "moments", "greedy"))
+def _stats_kernel(graphdef, state, ids, mask, labels, moments: bool, greedy: bool = False):
     model = nnx.merge(graphdef, state)
     logits = model(ids, mask)
     logp, lmask = label_logprobs(logits, labels)
-    if not moments:
-        return logp, lmask
-    lsm = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [b, t-1, vocab]
-    p = jnp.exp(lsm)
-    mu = jnp.sum(p * lsm, axis=-1)
-    var = jnp.sum(p * jnp.square(lsm - mu[..., None]), axis=-1)
-    return logp, lmask, mu, var
+    out = (logp, lmask)
+    if moments:
+        lsm = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [b, t-1, vocab]
+        p = jnp.exp(lsm)
+        mu = jnp.sum(p * lsm, axis=-1)
+        var = jnp.sum(p * jnp.square(lsm - mu[..., None]), axis=-1)
+        out += (mu, var)
+    if greedy:
+        out += (jnp.argmax(logits[:, :-1], axis=-1) == labels[:, 1:],)
+    return out
 
 
-def _rows_and_labels(pairs: Sequence[Pair], max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+def rows_and_labels(pairs: Sequence[Pair], max_length: int) -> tuple[list[list[int]], list[list[int]]]:
     """``context + continuation`` keeping the last ``max_length + 1`` tokens (the last token is
     only a label), and labels ``-100`` except on the continuation."""
     rows, labels = [], []
@@ -156,7 +160,7 @@ def continuation_logprobs(model: Any, pairs: Sequence[Pair], *, batch_size: int 
     left-truncated to ``max_length`` input tokens (default ``max_position_embeddings``).
     """
     max_length = default_max_length(model, max_length)
-    rows, labels = _rows_and_labels(pairs, max_length)
+    rows, labels = rows_and_labels(pairs, max_length)
     check_token_ids(rows, model)
     graphdef, state = nnx.split(model)
     out = run_batched(rows, labels, batch_size, pad_id, lambda i, m, lab: _continuation_kernel(graphdef, state, i, m, lab))
@@ -188,24 +192,25 @@ def next_token_logprobs(model: Any, contexts: Sequence[Sequence[int]], candidate
     return result
 
 
-def token_statistics(model: Any, pairs: Sequence[Pair], *, moments: bool = False, batch_size: int = 8,
-                     max_length: int | None = None, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
-    """Per pair, arrays over the continuation tokens kept: ``logp`` and with ``moments`` also
-    ``mu`` and ``var`` (see the module docstring). Rows longer than ``max_length + 1`` tokens
-    keep their *first* ``max_length + 1`` tokens (the continuation is cut at the end)."""
+def token_statistics(model: Any, pairs: Sequence[Pair], *, moments: bool = False, greedy: bool = False,
+                     batch_size: int = 8, max_length: int | None = None, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """Per pair, arrays over the continuation tokens kept: ``logp``, with ``moments`` also
+    ``mu`` and ``var``, with ``greedy`` also ``hit`` (1.0 where the token is the argmax; see the
+    module docstring). Rows longer than ``max_length + 1`` tokens keep their *first*
+    ``max_length + 1`` tokens (the continuation is cut at the end)."""
     max_length = default_max_length(model, max_length)
     cut = []
     for ctx, cont in pairs:
         ctx, cont = list(ctx), list(cont)
         keep = max(max_length + 1 - len(ctx), 0)
         cut.append((ctx, cont[:keep]))
-    rows, labels = _rows_and_labels(cut, max_length)
+    rows, labels = rows_and_labels(cut, max_length)
     check_token_ids(rows, model)
     graphdef, state = nnx.split(model)
     out = run_batched(rows, labels, batch_size, pad_id,
-               lambda i, m, lab: _stats_kernel(graphdef, state, i, m, lab, moments))
+                      lambda i, m, lab: _stats_kernel(graphdef, state, i, m, lab, moments, greedy))
     stats: list[dict[str, np.ndarray]] = [{} for _ in rows]
-    names = ("logp", "mask", "mu", "var") if moments else ("logp", "mask")
+    names = ("logp", "mask") + (("mu", "var") if moments else ()) + (("hit",) if greedy else ())
     for i, arrays in out:
         n = len(cut[i][1])
         d = dict(zip(names, arrays))
