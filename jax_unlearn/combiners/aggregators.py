@@ -316,9 +316,8 @@ def nash_mtl(alpha: float = 1.0, gamma: float = 1.0, max_norm: float = 1.0, upda
     ``|G w - 1/w| < 1e-3``), warm-started from its previous weights; the closed form here is the
     exact fixed point (`jax_unlearn.combiners.weightings.nash_mtl`), so there is no iteration count.
     State kept as in torchjd: the previous weights (ones at first) are reused on the updates
-    between solves (``update_weights_every``) and when there is no solution because a row is zero
-    (torchjd's solver fails and it keeps them). Opposite rows have no positive solution either;
-    torchjd's ECOS then returns weights near zero, here ``u = 0``. Finally ``u`` is scaled to norm
+    between solves (``update_weights_every``) and when there is no positive solution (a zero row,
+    opposite rows: torchjd's solver fails and it keeps them). Finally ``u`` is scaled to norm
     ``max_norm`` if longer (``0`` turns this off).
 
     Asymmetry: scaling a row does not change the Nash solution, so ``gamma`` and ``alpha`` are the

@@ -227,10 +227,10 @@ def nash_mtl(g11: Array, g12: Array, g22: Array, p1: Array = 1.0, p2: Array = 1.
     ``p1 rho^2 + c (p1 - p2) rho - p2 = 0`` (positive root, written to avoid cancellation) and
     ``b1 = sqrt(p1 / (1 + c rho))``. Then ``|d|^2 = p1 + p2`` whatever the gradients' scale.
 
-    Returns ``(w1, w2, ok)``. ``ok`` is False for a zero row (or ``p1 = p2 = 0``): torchjd's solver
-    then fails and it keeps its previous weights, which the caller does too. Two non-zero rows
-    with no positive solution (``1 + c rho <= 0``: opposite rows) give ``w = 0`` (torchjd's ECOS
-    returns weights near zero there). One zero bargaining power gives the one-task solution
+    Returns ``(w1, w2, ok)``. ``ok`` is False where no positive solution exists: a zero row, rows
+    with ``1 + c rho`` at most ``16 eps (1 + rho)`` (0 within the rounding of ``c``: opposite
+    rows), ``p1 = p2 = 0``. torchjd's solver then fails and it keeps its previous weights, which
+    the caller does too. One zero bargaining power gives the one-task solution
     ``w_i = sqrt(p_i) / |g_i|``.
     """
     n1, n2, c = _cosine(g11, g12, g22)
@@ -241,14 +241,15 @@ def nash_mtl(g11: Array, g12: Array, g22: Array, p1: Array = 1.0, p2: Array = 1.
     rho = jnp.where(q >= 0, 2.0 * p2 / _safe(q + root), (root - q) / _safe(2.0 * p1))
     den = 1.0 + c * rho
     pos = (p1 > 0) & (p2 > 0) & (n1 > 0) & (n2 > 0)
-    both = pos & (den > 0) & (rho + c > 0)
+    # 1 + c rho within rounding of 0 (c carries a few ulps): opposite rows, no solution
+    both = pos & (den > 16 * _eps(den) * (1.0 + rho)) & (rho + c > 16 * _eps(den) * (1.0 + rho))
     b1 = jnp.sqrt(p1 / jnp.where(both, den, 1.0))
     b2 = rho * b1
     only1 = (p1 > 0) & (p2 == 0) & (n1 > 0)
     only2 = (p2 > 0) & (p1 == 0) & (n2 > 0)
     w1 = jnp.where(both, b1, jnp.where(only1, jnp.sqrt(p1), 0.0)) / _safe(n1)
     w2 = jnp.where(both, b2, jnp.where(only2, jnp.sqrt(p2), 0.0)) / _safe(n2)
-    return w1, w2, pos | only1 | only2
+    return w1, w2, both | only1 | only2
 
 
 # ----------------------------------------------------------------------------- GradVac
