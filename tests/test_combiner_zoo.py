@@ -713,6 +713,27 @@ def test_inject_hyperparams_schedules_alpha_in_a_chain(name):
     assert float(states[name][0].hyperparams["alpha"]) == 4.0
 
 
+@pytest.mark.parametrize("name, key, value", [
+    ("cagrad", "c", 0.8), ("grad_vac", "beta", 0.1), ("gru", "moving_avg", 0.3), ("gru", "cos_clip", -0.2),
+    ("nash_mtl", "update_weights_every", 2),
+])
+def test_other_settings_are_injectable_hyperparameters(name, key, value):
+    """A numeric setting given to ``optax.inject_hyperparams`` arrives traced: two jitted updates
+    equal the factory's with the plain number."""
+    factory = ju.COMBINERS.get(name)
+    g = _grads(5, (("a", (6,)), ("b", (2, 3))))
+    tx = optax.inject_hyperparams(factory)(**{key: value})
+    state = tx.init(g.forget)
+    plain = factory(**{key: value})
+    ref_state = plain.init(g.forget)
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        got, state = update(g, state)
+        want, ref_state = plain.update(g, ref_state)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    assert key in state.hyperparams
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: ju.cagrad(c=-0.1), r"cagrad: c must lie in \[0.0, inf\]"),
     (lambda: ju.grad_vac(beta=1.5), r"grad_vac: beta must lie in \[0.0, 1.0\]"),

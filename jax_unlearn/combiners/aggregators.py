@@ -130,7 +130,7 @@ def upgrad(alpha: float = 1.0, gamma: float = 1.0, norm_eps: float = 1e-4, reg_e
     ``A = G / trace(G) + reg_eps*I`` (``G / trace`` taken as zeros when ``trace(G) < norm_eps``,
     ``_linalg/_gramian.py:55-87``). Closed form for two rows: ``u = w1 g1 + w2 g2`` with
     ``w1 = 1/2 + 1/2 max(0, -A12/A11)``, ``w2 = 1/2 + 1/2 max(0, -A12/A22)``.
-    Guarantee (``reg_eps = 0``): ``<u, g_f> >= 0`` and ``<u, g_r> >= 0``; ``reg_eps > 0`` allows
+    Guarantee (``norm_eps = reg_eps = 0``): ``<u, g_f> >= 0`` and ``<u, g_r> >= 0``; ``reg_eps > 0`` allows
     ``<u, g_i> >= -reg_eps * trace(G) * w_i``. ``norm_eps`` is absolute: when
     ``gamma^2|g_f|^2 + alpha^2|g_r|^2 < norm_eps`` (1e-4 by default) no projection happens and
     ``u`` is the mean of the rows, as in torchjd; set ``norm_eps=0`` for tiny gradients.
