@@ -1,5 +1,10 @@
 """Times each combiner's jitted update against the memory-bound floor ``gamma*f + alpha*r``.
 
+Every registered combiner is timed (``jax_unlearn.COMBINERS``), with and without its diagnostics.
+A global combiner (blur, gru, ngdiff, the multi-task aggregators, pcgrad global) needs its sums
+over all leaves before it can write any coordinate, so it reads both gradients twice: its floor
+is ~5/3 of the element-wise one (GRU also reads and writes its retain average: ~8/3).
+
 The gradients are a ~100M-parameter pytree with LLaMA-like leaf shapes (tied embedding,
 GQA attention, SwiGLU MLP, RMSNorm scales), float32 by default. Every function is jitted,
 warmed up, then timed ``--repeats`` times in turns (floor, combiner, floor, ...) within one
@@ -68,24 +73,17 @@ def main() -> None:
     alpha, gamma = 1.0, 0.5
 
     floor = jax.jit(lambda f, r: jax.tree.map(lambda x, y: gamma * x + alpha * y, f, r))
-    combiners = {
-        "weighted_sum": ju.weighted_sum(alpha, gamma),
-        "sago": ju.sago(alpha, gamma),
-        "sago_sum": ju.sago(alpha, gamma, agree="sum"),
-        "pcgrad_module": ju.pcgrad(alpha, gamma, scope="module"),
-        "pcgrad_global": ju.pcgrad(alpha, gamma, scope="global"),
-    }
+    # The variants of the first three, then every other registered combiner at its defaults.
+    variants = [("weighted_sum", ju.weighted_sum, {}), ("sago", ju.sago, {}), ("sago_sum", ju.sago, {"agree": "sum"}),
+                ("pcgrad_module", ju.pcgrad, {"scope": "module"}), ("pcgrad_global", ju.pcgrad, {"scope": "global"})]
+    variants += [(name, ju.COMBINERS.get(name), {}) for name in ju.COMBINERS.names()
+                 if name not in ("weighted_sum", "pcgrad", "sago")]
+    combiners = {name: factory(alpha, gamma, **kw) for name, factory, kw in variants}
     # The same combiners without the diagnostic sums (diagnostics=False).
-    combiners.update({
-        name + "/nodiag": factory(alpha, gamma, diagnostics=False, **kw)
-        for name, factory, kw in [("weighted_sum", ju.weighted_sum, {}), ("sago", ju.sago, {}),
-                                  ("sago_sum", ju.sago, {"agree": "sum"}),
-                                  ("pcgrad_module", ju.pcgrad, {"scope": "module"}),
-                                  ("pcgrad_global", ju.pcgrad, {"scope": "global"})]
-    })
+    combiners.update({name + "/nodiag": factory(alpha, gamma, diagnostics=False, **kw) for name, factory, kw in variants})
     fns = {"floor": floor}
     for name, tx in combiners.items():
-        state = tx.init(f)
+        state = tx.init(f)  # stateful combiners (gru, grad_vac, nash_mtl) update from their initial state
         fns[name] = jax.jit(lambda f, r, tx=tx, state=state: tx.update(ju.TwoTaskGrads(f, r), state))
     for fn in fns.values():  # compile and warm up
         for _ in range(2):
@@ -99,10 +97,10 @@ def main() -> None:
     print(f"# {n / 1e6:.1f}M parameters in {len(jax.tree.leaves(f))} leaves, {a.dtype}, "
           f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
           f"jax {jax.__version__}, median of {a.repeats}")
-    print(f"{'function':22s} {'seconds':>9s} {'x floor':>8s} {'GB/s (2 reads + 1 write)':>26s}")
+    print(f"{'function':26s} {'seconds':>9s} {'x floor':>8s} {'GB/s (2 reads + 1 write)':>26s}")
     bytes_moved = 3 * n * dtype.itemsize
     for name, s in med.items():
-        print(f"{name:22s} {s:9.4f} {s / med['floor']:8.2f} {bytes_moved / s / 1e9:26.1f}")
+        print(f"{name:26s} {s:9.4f} {s / med['floor']:8.2f} {bytes_moved / s / 1e9:26.1f}")
     print(json.dumps({"params": n, "dtype": a.dtype, "median_s": med,
                       "ratio_to_floor": {k: v / med["floor"] for k, v in med.items()}}))
 

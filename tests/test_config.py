@@ -72,7 +72,8 @@ def test_a_key_the_chosen_factory_does_not_take_is_an_error(override, message):
 
 
 def test_registries_list_the_library_objects_and_refuse_duplicates():
-    assert COMBINERS.names() == ("weighted_sum", "pcgrad", "sago")
+    assert COMBINERS.names() == ("weighted_sum", "pcgrad", "sago", "blur", "gru", "ngdiff", "mgda", "cagrad",
+                                 "nash_mtl", "imtl_g", "aligned_mtl", "upgrad", "dual_proj", "grad_vac", "con_fig")
     assert OBJECTIVES.names() == ("grad_ascent", "grad_diff", "npo", "simnpo", "rmu")
     assert COMBINERS.get("sago") is ju.sago
     with pytest.raises(ValueError, match="combiner 'sago' is already registered"):

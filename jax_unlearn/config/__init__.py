@@ -21,7 +21,7 @@ too); neither is a run's configuration.
 >>> config.CombinerConfig(name="adam")
 Traceback (most recent call last):
 ...
-ValueError: combiner.name='adam' is not supported; expected one of weighted_sum, pcgrad, sago
+ValueError: combiner.name='adam' is not supported; expected one of weighted_sum, pcgrad, sago, ...
 """
 
 from .checks import check, check_model_fit, check_ranges, check_run_config

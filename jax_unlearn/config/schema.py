@@ -67,8 +67,13 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CombinerConfig:
-    """Which combiner heads the chain (a name of `combiners.COMBINERS`) and its settings;
-    ``scope`` applies to ``pcgrad``, ``agree`` to ``sago``."""
+    """Which combiner heads the chain (a name of `combiners.COMBINERS`) and its settings. Each key
+    applies to the combiners whose factory takes it (a key set away from its default for another
+    combiner is an error naming it): ``scope`` to ``pcgrad``, ``agree`` to ``sago``; ``c`` and
+    ``norm_eps`` to ``cagrad``; ``norm_eps`` and ``reg_eps`` to ``upgrad`` and ``dual_proj``;
+    ``scale_mode`` to ``aligned_mtl``; ``max_norm`` and ``update_weights_every`` to ``nash_mtl``;
+    ``beta`` and ``eps`` to ``grad_vac``; ``rank_rtol`` to ``con_fig``; ``moving_avg`` and
+    ``cos_clip`` to ``gru`` (docs/reference.md, the combiner zoo)."""
 
     name: str = "sago"
     alpha: float = 1.0
@@ -76,6 +81,17 @@ class CombinerConfig:
     scope: Literal["module", "global"] = "module"
     agree: Literal["forget", "sum"] = "forget"
     diagnostics: bool = True
+    c: float = 0.4
+    norm_eps: float = 1e-4
+    reg_eps: float = 1e-4
+    scale_mode: Literal["min", "median", "rmse"] = "min"
+    max_norm: float = 1.0
+    update_weights_every: int = 1
+    beta: float = 0.5
+    eps: float = 1e-8
+    rank_rtol: float | None = None
+    moving_avg: float = 0.8
+    cos_clip: float | None = None
 
     def __post_init__(self):
         _known(COMBINERS, "combiner", self.name)

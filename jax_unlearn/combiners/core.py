@@ -1,4 +1,6 @@
-"""Two-task gradient combiners as optax transformations.
+"""The core of the combiners: ``TwoTaskGrads``, the diagnostics, ``weighted_sum``, ``pcgrad``, ``sago``.
+
+Two-task gradient combiners as optax transformations.
 
 Each combiner takes ``TwoTaskGrads(forget=g_f, retain=g_r)`` (two pytrees shaped like the
 params, both gradients of losses to *minimise*) and returns one update tree ``u`` shaped like
@@ -24,7 +26,10 @@ state holds the last update's global diagnostics (float32) (``conflict_fraction`
 ``cos_update_retain``, ``forget_norm``, ``retain_norm``, ``update_norm``), readable with
 ``optax.tree_utils.tree_get(state, name)``.
 
-`COMBINERS` is the registry of combiner factories by name (configs and the CLI read it).
+`COMBINERS` is the registry of combiner factories by name (configs and the CLI read it); the
+package's other modules (`jax_unlearn.combiners.unlearning`, `jax_unlearn.combiners.aggregators`)
+register theirs in it. A combiner that remembers something between updates (an EMA, the last
+weights) keeps it in a `StatefulCombinerState` beside the same diagnostics.
 """
 
 from __future__ import annotations
@@ -65,6 +70,15 @@ class CombinerState(NamedTuple):
     forget_norm: chex.Array  # |g_f|
     retain_norm: chex.Array  # |g_r|
     update_norm: chex.Array  # |u|
+
+
+class StatefulCombinerState(NamedTuple):
+    """The state of a combiner with memory: the last update's ``diagnostics`` (a `CombinerState`,
+    its fields found by name with ``optax.tree_utils.tree_get`` as for the stateless ones) and the
+    method's ``memory`` (fixed-shape arrays, or a tree shaped like the params)."""
+
+    diagnostics: CombinerState
+    memory: Any
 
 
 class LeafStats(NamedTuple):
@@ -256,27 +270,76 @@ def _diagnostics(s: LeafStats | None) -> CombinerState:
         fn, rn, un)))
 
 
-def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None):
+def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None,
+              init_memory: Callable[[Any], Any] | None = None):
     """Wraps ``combine(forget_leaves, retain_leaves, alpha, gamma, stacks) -> (update_leaves, stats)``
     into an ``optax.GradientTransformation`` whose update takes a ``TwoTaskGrads``; ``stacks``
-    holds each leaf's number of stacked leading axes (`stacked_axes` over ``stack_axis``)."""
+    holds each leaf's number of stacked leading axes (`stacked_axes` over ``stack_axis``).
+
+    With ``init_memory(params) -> memory`` the combiner keeps memory between updates: its state is
+    a `StatefulCombinerState` and ``combine`` takes the memory as a sixth argument and returns
+    ``(update_leaves, stats, new_memory)``."""
     _check_weight("alpha", alpha)
     _check_weight("gamma", gamma)
     if not isinstance(diagnostics, bool):
         raise TypeError(f"{name}: diagnostics must be True or False, got {diagnostics!r}")
 
     def init_fn(params):
-        del params
-        return CombinerState(*(jnp.zeros((), _F32) for _ in CombinerState._fields))
+        zeros = CombinerState(*(jnp.zeros((), _F32) for _ in CombinerState._fields))
+        return zeros if init_memory is None else StatefulCombinerState(zeros, init_memory(params))
 
     def update_fn(updates, state, params=None):
-        del state
         f, r, treedef = _split(updates, name)
         stacks = _stacks(updates, params, len(f), stack_axis) if stack_axis is not None else [0] * len(f)
-        u, stats = combine(f, r, alpha, gamma, stacks)
-        return jax.tree.unflatten(treedef, u), _diagnostics(_total(stats) if diagnostics else None)
+        if init_memory is None:
+            u, stats = combine(f, r, alpha, gamma, stacks)
+        else:
+            u, stats, memory = combine(f, r, alpha, gamma, stacks, state.memory)
+        diag = _diagnostics(_total(stats) if diagnostics else None)
+        new_state = diag if init_memory is None else StatefulCombinerState(diag, memory)
+        return jax.tree.unflatten(treedef, u), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- global combinations
+
+
+def acc_dtype(tree: Any) -> jnp.dtype:
+    """``promote_types(float32, every leaf's dtype)``: the dtype of sums over all leaves of ``tree``
+    (float32 for an empty tree or ``None``)."""
+    dtype = jnp.dtype(_F32)
+    for x in jax.tree.leaves(tree):
+        dtype = jnp.promote_types(dtype, jnp.result_type(x))
+    return dtype
+
+
+def _global_pairs(fs: list, rs: list) -> tuple[list, LeafStats]:
+    """Each leaf's pair sums and their totals over all leaves: the 2x2 Gramian of the Jacobian
+    rows ``[g_f, g_r]`` is ``[[ff, fr], [fr, rr]]`` of the totals (sums of per-leaf partial sums,
+    so a sharded leaf reduces where it lives)."""
+    pairs = [_pair_stats(f, r) for f, r in zip(fs, rs)]
+    return pairs, _total([LeafStats(*p, 0.0, 0.0) for p in pairs])
+
+
+def _combine_global(fs: list, rs: list, pairs: list, cf: chex.Array, cr: chex.Array) -> tuple[list, list]:
+    """``u = cf*g_f + cr*g_r`` leaf by leaf (in each leaf's accumulation dtype, stored in its own
+    dtype) for two scalar coefficients, and the leaves' diagnostic sums."""
+    us = [(_weight(cf, f) * _wide(f) + _weight(cr, f) * _wide(r)).astype(f.dtype) for f, r in zip(fs, rs)]
+    return us, [_with_update(p, u, r) for p, u, r in zip(pairs, us, rs)]
+
+
+def _check_number(combiner: str, name: str, value: Any, low: float, high: float = float("inf"),
+                  low_open: bool = False) -> None:
+    """A setting given as a plain number must lie in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); arrays pass unchecked (``optax.inject_hyperparams`` injects them traced)."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Number) and not isinstance(value, numbers.Real)):
+        raise TypeError(f"{combiner}: {name} must be a real number or a scalar array, got {value!r}")
+    if isinstance(value, numbers.Real):
+        ok = (value > low if low_open else value >= low) and value <= high and value == value
+        if not ok:
+            bounds = f"{'(' if low_open else '['}{low}, {high}]"
+            raise ValueError(f"{combiner}: {name} must lie in {bounds}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- combiners
