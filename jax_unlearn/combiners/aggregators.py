@@ -34,14 +34,14 @@ import optax
 
 from jax_unlearn.combiners import weightings as W
 from jax_unlearn.combiners.core import (
-    _DIAGNOSTICS_ARG,
-    _RETURNS,
-    _check_choice,
-    _check_number,
-    _combine_global,
-    _combiner,
-    _global_pairs,
+    DIAGNOSTICS_ARG,
+    RETURNS_DOC,
     acc_dtype,
+    check_choice,
+    check_number,
+    combine_global,
+    global_pairs,
+    make_combiner,
 )
 
 
@@ -57,19 +57,19 @@ def _gramian_combiner(name: str, coefficients, alpha, gamma, diagnostics: bool, 
 
     def combine(fs, rs, a, g, stacks, *memory):
         del stacks  # one Gramian over every parameter
-        pairs, tot = _global_pairs(fs, rs)
+        pairs, tot = global_pairs(fs, rs)
         dtype = tot.ff.dtype
         aw, gw = jnp.asarray(a).astype(dtype), jnp.asarray(g).astype(dtype)
         out = coefficients(tot.ff, tot.fr, tot.rr, aw, gw, *memory)
-        us, stats = _combine_global(fs, rs, pairs, out[0], out[1])
+        us, stats = combine_global(fs, rs, pairs, out[0], out[1])
         return (us, stats) if init_memory is None else (us, stats, out[2])
 
-    return _combiner(name, combine, alpha, gamma, diagnostics, init_memory=init_memory)
+    return make_combiner(name, combine, alpha, gamma, diagnostics, init_memory=init_memory)
 
 
 def _doc(fn):
     if fn.__doc__:  # absent under python -OO
-        fn.__doc__ = fn.__doc__.format(diagnostics=_DIAGNOSTICS_ARG, returns=_RETURNS)
+        fn.__doc__ = fn.__doc__.format(diagnostics=DIAGNOSTICS_ARG, returns=RETURNS_DOC)
     return fn
 
 
@@ -116,8 +116,8 @@ def mgda(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = True) -> op
 
 
 def _check_eps(name: str, norm_eps, reg_eps) -> None:
-    _check_number(name, "norm_eps", norm_eps, 0.0)
-    _check_number(name, "reg_eps", reg_eps, 0.0)
+    check_number(name, "norm_eps", norm_eps, 0.0)
+    check_number(name, "reg_eps", reg_eps, 0.0)
 
 
 @_doc
@@ -243,7 +243,7 @@ def aligned_mtl(alpha: float = 1.0, gamma: float = 1.0, scale_mode: str = "min",
 
     {returns}
     """
-    _check_choice("scale_mode", scale_mode, ("min", "median", "rmse"))
+    check_choice("scale_mode", scale_mode, ("min", "median", "rmse"))
 
     def coefficients(ff, fr, rr, a, g):
         w1, w2 = W.aligned_mtl(*_rows(ff, fr, rr, a, g), 0.5, 0.5, scale_mode)
@@ -283,8 +283,8 @@ def cagrad(alpha: float = 1.0, gamma: float = 1.0, c: float = 0.4, norm_eps: flo
 
     {returns}
     """
-    _check_number("cagrad", "c", c, 0.0)
-    _check_number("cagrad", "norm_eps", norm_eps, 0.0)
+    check_number("cagrad", "c", c, 0.0)
+    check_number("cagrad", "norm_eps", norm_eps, 0.0)
 
     def coefficients(ff, fr, rr, a, g):
         w1, w2 = W.cagrad(*_rows(ff, fr, rr, a, g), c, norm_eps)
@@ -333,7 +333,7 @@ def nash_mtl(alpha: float = 1.0, gamma: float = 1.0, max_norm: float = 1.0, upda
 
     {returns}
     """
-    _check_number("nash_mtl", "max_norm", max_norm, 0.0)
+    check_number("nash_mtl", "max_norm", max_norm, 0.0)
     if isinstance(update_weights_every, bool) or (isinstance(update_weights_every, (int, float))
                                                   and (update_weights_every < 1
                                                        or int(update_weights_every) != update_weights_every)):
@@ -392,8 +392,8 @@ def grad_vac(alpha: float = 1.0, gamma: float = 1.0, beta: float = 0.5, eps: flo
 
     {returns}
     """
-    _check_number("grad_vac", "beta", beta, 0.0, 1.0)
-    _check_number("grad_vac", "eps", eps, 0.0)
+    check_number("grad_vac", "beta", beta, 0.0, 1.0)
+    check_number("grad_vac", "eps", eps, 0.0)
 
     def init_memory(params):
         return GradVacMemory(jnp.zeros((2,), acc_dtype(params)))
@@ -439,7 +439,7 @@ def con_fig(alpha: float = 1.0, gamma: float = 1.0, rank_rtol: float | None = No
     {returns}
     """
     if rank_rtol is not None:
-        _check_number("con_fig", "rank_rtol", rank_rtol, 0.0)
+        check_number("con_fig", "rank_rtol", rank_rtol, 0.0)
 
     def coefficients(ff, fr, rr, a, g):
         return W.con_fig(ff, fr, rr, g, a, rank_rtol)

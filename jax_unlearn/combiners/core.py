@@ -106,7 +106,7 @@ def _check_weight(name: str, value: Any) -> None:
         raise ValueError(f"combiner weight {name!r} must be a finite number >= 0, got {value!r}")
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {allowed}")
 
@@ -193,13 +193,13 @@ def _f32(x: chex.Array) -> chex.Array:
     return jnp.asarray(x).astype(_F32)
 
 
-def _wide(x: chex.Array) -> chex.Array:
+def widen(x: chex.Array) -> chex.Array:
     """``x`` in ``promote_types(float32, x.dtype)``: bfloat16/float16 -> float32, float64 kept."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(_F32, x.dtype))
 
 
-def _weight(w: chex.Array, like: chex.Array) -> chex.Array:
+def as_weight(w: chex.Array, like: chex.Array) -> chex.Array:
     """A combiner weight in the accumulation dtype of leaf ``like``."""
     return jnp.asarray(w).astype(jnp.promote_types(_F32, jnp.result_type(like)))
 
@@ -209,7 +209,7 @@ def _conflict(f: chex.Array, r: chex.Array) -> chex.Array:
     return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
 
 
-def _sum(x: chex.Array, stack: int = 0) -> chex.Array:
+def tensor_sum(x: chex.Array, stack: int = 0) -> chex.Array:
     """Sum over every axis but the ``stack`` leading ones (in ``x``'s dtype)."""
     return jnp.sum(x, axis=tuple(range(stack, jnp.ndim(x))), dtype=x.dtype)
 
@@ -219,7 +219,7 @@ def _per_tensor(b: chex.Array, like: chex.Array) -> chex.Array:
     return jnp.reshape(b, jnp.shape(b) + (1,) * (jnp.ndim(like) - jnp.ndim(b)))
 
 
-def _pair_stats(f: chex.Array, r: chex.Array, stack: int = 0) -> tuple[chex.Array, ...]:
+def pair_stats(f: chex.Array, r: chex.Array, stack: int = 0) -> tuple[chex.Array, ...]:
     """(size, conflicts, <f,r>, |f|^2, |r|^2) of one leaf in its accumulation dtype, one value
     per tensor: shaped ``f.shape[:stack]`` (scalars for an unstacked leaf).
 
@@ -227,24 +227,24 @@ def _pair_stats(f: chex.Array, r: chex.Array, stack: int = 0) -> tuple[chex.Arra
     product, while a boolean count is twice as slow; no intermediate is shared between the
     four sums, so XLA reads ``f`` and ``r`` once for all of them.
     """
-    fw, rw = _wide(f), _wide(r)
-    conflicts = -_sum(jnp.minimum(jnp.sign(fw) * jnp.sign(rw), 0), stack)
+    fw, rw = widen(f), widen(r)
+    conflicts = -tensor_sum(jnp.minimum(jnp.sign(fw) * jnp.sign(rw), 0), stack)
     size = jnp.full(jnp.shape(f)[:stack], int(np.prod(jnp.shape(f)[stack:])), fw.dtype)  # coordinates per tensor
-    return (size, conflicts, _sum(fw * rw, stack), _sum(fw * fw, stack), _sum(rw * rw, stack))
+    return (size, conflicts, tensor_sum(fw * rw, stack), tensor_sum(fw * fw, stack), tensor_sum(rw * rw, stack))
 
 
-def _with_update(pair: tuple, u: chex.Array, r: chex.Array, stack: int = 0) -> LeafStats:
+def with_update(pair: tuple, u: chex.Array, r: chex.Array, stack: int = 0) -> LeafStats:
     """The pair sums plus ``<u,r>`` and ``|u|^2`` of the stored update ``u``. (Deriving them from
     the pair sums, e.g. ``|u|^2 = g^2|f|^2 + 2gb<f,r> + b^2|r|^2``, would save a pass but cancels
     catastrophically when ``g*f`` nearly opposes ``b*r``, as after a PCGrad projection.)"""
-    uw, rw = _wide(u), _wide(r)
-    return LeafStats(*pair, ur=_sum(uw * rw, stack), uu=_sum(uw * uw, stack))
+    uw, rw = widen(u), widen(r)
+    return LeafStats(*pair, ur=tensor_sum(uw * rw, stack), uu=tensor_sum(uw * uw, stack))
 
 
 def leaf_stats(f: chex.Array, r: chex.Array, u: chex.Array, stack: int = 0) -> LeafStats:
     """All diagnostic sums of one leaf from its forget, retain and update arrays, one value per
     tensor (``stack`` leading axes of stacked tensors; 0: the leaf is one tensor)."""
-    return _with_update(_pair_stats(f, r, stack), u, r, stack)
+    return with_update(pair_stats(f, r, stack), u, r, stack)
 
 
 def _total(stats: list[LeafStats]) -> LeafStats:
@@ -270,7 +270,7 @@ def _diagnostics(s: LeafStats | None) -> CombinerState:
         fn, rn, un)))
 
 
-def _combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None,
+def make_combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None,
               init_memory: Callable[[Any], Any] | None = None):
     """Wraps ``combine(forget_leaves, retain_leaves, alpha, gamma, stacks) -> (update_leaves, stats)``
     into an ``optax.GradientTransformation`` whose update takes a ``TwoTaskGrads``; ``stacks``
@@ -314,22 +314,22 @@ def acc_dtype(tree: Any) -> jnp.dtype:
     return dtype
 
 
-def _global_pairs(fs: list, rs: list) -> tuple[list, LeafStats]:
+def global_pairs(fs: list, rs: list) -> tuple[list, LeafStats]:
     """Each leaf's pair sums and their totals over all leaves: the 2x2 Gramian of the Jacobian
     rows ``[g_f, g_r]`` is ``[[ff, fr], [fr, rr]]`` of the totals (sums of per-leaf partial sums,
     so a sharded leaf reduces where it lives)."""
-    pairs = [_pair_stats(f, r) for f, r in zip(fs, rs)]
+    pairs = [pair_stats(f, r) for f, r in zip(fs, rs)]
     return pairs, _total([LeafStats(*p, 0.0, 0.0) for p in pairs])
 
 
-def _combine_global(fs: list, rs: list, pairs: list, cf: chex.Array, cr: chex.Array) -> tuple[list, list]:
+def combine_global(fs: list, rs: list, pairs: list, cf: chex.Array, cr: chex.Array) -> tuple[list, list]:
     """``u = cf*g_f + cr*g_r`` leaf by leaf (in each leaf's accumulation dtype, stored in its own
     dtype) for two scalar coefficients, and the leaves' diagnostic sums."""
-    us = [(_weight(cf, f) * _wide(f) + _weight(cr, f) * _wide(r)).astype(f.dtype) for f, r in zip(fs, rs)]
-    return us, [_with_update(p, u, r) for p, u, r in zip(pairs, us, rs)]
+    us = [(as_weight(cf, f) * widen(f) + as_weight(cr, f) * widen(r)).astype(f.dtype) for f, r in zip(fs, rs)]
+    return us, [with_update(p, u, r) for p, u, r in zip(pairs, us, rs)]
 
 
-def _check_number(combiner: str, name: str, value: Any, low: float, high: float = float("inf"),
+def check_number(combiner: str, name: str, value: Any, low: float, high: float = float("inf"),
                   low_open: bool = False) -> None:
     """A setting given as a plain number must lie in ``[low, high]`` (``(low, high]`` with
     ``low_open``); arrays pass unchecked (``optax.inject_hyperparams`` injects them traced)."""
@@ -344,12 +344,12 @@ def _check_number(combiner: str, name: str, value: Any, low: float, high: float 
 
 # ----------------------------------------------------------------------------- combiners
 
-_RETURNS = """Returns:
+RETURNS_DOC = """Returns:
       An ``optax.GradientTransformation`` whose ``update`` takes ``TwoTaskGrads`` and returns
       one tree shaped like the params (each leaf in its own dtype); its state is a
       ``CombinerState`` with the diagnostics of the last update."""
 
-_DIAGNOSTICS_ARG = """diagnostics: compute the state's diagnostics (sums over every leaf). With
+DIAGNOSTICS_ARG = """diagnostics: compute the state's diagnostics (sums over every leaf). With
         False they are NaN and, under jit, XLA drops the sums that the update itself
         does not need."""
 
@@ -377,12 +377,12 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
         del stacks  # element-wise: the same for any split into tensors
         us, stats = [], []
         for f, r in zip(fs, rs):
-            aw, gw = _weight(a, f), _weight(g, f)
-            us.append((gw * _wide(f) + aw * _wide(r)).astype(f.dtype))
-            stats.append(_with_update(_pair_stats(f, r), us[-1], r))
+            aw, gw = as_weight(a, f), as_weight(g, f)
+            us.append((gw * widen(f) + aw * widen(r)).astype(f.dtype))
+            stats.append(with_update(pair_stats(f, r), us[-1], r))
         return us, stats
 
-    return _combiner("weighted_sum", combine, alpha, gamma, diagnostics)
+    return make_combiner("weighted_sum", combine, alpha, gamma, diagnostics)
 
 
 def pcgrad(
@@ -421,26 +421,26 @@ def pcgrad(
       >>> u["w"].tolist()
       [1.0, 1.0]
     """
-    _check_choice("scope", scope, ("module", "global"))
+    check_choice("scope", scope, ("module", "global"))
     if stack_axis is not None and not (isinstance(stack_axis, str) and stack_axis):
         raise TypeError(f"pcgrad: stack_axis must be a logical axis name or None, got {stack_axis!r}")
 
     def combine(fs, rs, a, g, stacks):
         if scope == "global":
             stacks = [0] * len(fs)  # one projection for everything: slicing changes nothing
-        pairs = [_pair_stats(f, r, k) for f, r, k in zip(fs, rs, stacks)]
+        pairs = [pair_stats(f, r, k) for f, r, k in zip(fs, rs, stacks)]
         if scope == "global":
             tot = _total([LeafStats(*p, 0.0, 0.0) for p in pairs])
-            shared = _weight(a, tot.fr) - _weight(g, tot.fr) * jnp.minimum(tot.fr, 0.0) / (tot.rr + PCGRAD_EPS)
+            shared = as_weight(a, tot.fr) - as_weight(g, tot.fr) * jnp.minimum(tot.fr, 0.0) / (tot.rr + PCGRAD_EPS)
             betas = [shared.astype(p[2].dtype) for p in pairs]
         else:  # one beta per tensor: [] per leaf, or [layers] per stacked leaf
-            betas = [_weight(a, f) - _weight(g, f) * jnp.minimum(p[2], 0.0) / (p[4] + PCGRAD_EPS)
+            betas = [as_weight(a, f) - as_weight(g, f) * jnp.minimum(p[2], 0.0) / (p[4] + PCGRAD_EPS)
                      for f, p in zip(fs, pairs)]
-        us = [(_weight(g, f) * _wide(f) + _per_tensor(b, f) * _wide(r)).astype(f.dtype)
+        us = [(as_weight(g, f) * widen(f) + _per_tensor(b, f) * widen(r)).astype(f.dtype)
               for f, r, b in zip(fs, rs, betas)]
-        return us, [_with_update(p, u, r, k) for p, u, r, k in zip(pairs, us, rs, stacks)]
+        return us, [with_update(p, u, r, k) for p, u, r, k in zip(pairs, us, rs, stacks)]
 
-    return _combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics,
+    return make_combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics,
                      stack_axis if scope == "module" else None)
 
 
@@ -472,23 +472,23 @@ def sago(
       >>> u["w"].tolist()
       [0.5, 2.0, 6.0]
     """
-    _check_choice("agree", agree, ("forget", "sum"))
+    check_choice("agree", agree, ("forget", "sum"))
 
     def combine(fs, rs, a, g, stacks):
         del stacks  # element-wise: the same for any split into tensors
         us = []
         for f, r in zip(fs, rs):
-            fw, rw, aw, gw = _wide(f), _wide(r), _weight(a, f), _weight(g, f)
+            fw, rw, aw, gw = widen(f), widen(r), as_weight(a, f), as_weight(g, f)
             keep = gw * fw + aw * rw if agree == "sum" else gw * fw
             us.append(jnp.where(_conflict(f, r), aw * rw, keep).astype(f.dtype))
         return us, [leaf_stats(f, r, u) for f, r, u in zip(fs, rs, us)]
 
-    return _combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics)
+    return make_combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics)
 
 
 for _fn in (weighted_sum, pcgrad, sago):
     if _fn.__doc__:  # absent under python -OO
-        _fn.__doc__ = _fn.__doc__.format(diagnostics=_DIAGNOSTICS_ARG, returns=_RETURNS)
+        _fn.__doc__ = _fn.__doc__.format(diagnostics=DIAGNOSTICS_ARG, returns=RETURNS_DOC)
 
 COMBINERS = Registry("combiner")
 for _fn in (weighted_sum, pcgrad, sago):

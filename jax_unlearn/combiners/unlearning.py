@@ -18,17 +18,17 @@ import jax.numpy as jnp
 import optax
 
 from jax_unlearn.combiners.core import (
-    _DIAGNOSTICS_ARG,
-    _RETURNS,
-    _check_number,
-    _combine_global,
-    _combiner,
-    _global_pairs,
-    _pair_stats,
-    _sum,
-    _weight,
-    _wide,
-    _with_update,
+    DIAGNOSTICS_ARG,
+    RETURNS_DOC,
+    as_weight,
+    check_number,
+    combine_global,
+    global_pairs,
+    make_combiner,
+    pair_stats,
+    tensor_sum,
+    widen,
+    with_update,
 )
 
 BLUR_EPS = 1e-10  # added to |g_f|^2 in BLUR's projection, as in the reference (grad_surgery.py:173)
@@ -36,7 +36,7 @@ BLUR_EPS = 1e-10  # added to |g_f|^2 in BLUR's projection, as in the reference (
 
 def _doc(fn):
     if fn.__doc__:  # absent under python -OO
-        fn.__doc__ = fn.__doc__.format(diagnostics=_DIAGNOSTICS_ARG, returns=_RETURNS)
+        fn.__doc__ = fn.__doc__.format(diagnostics=DIAGNOSTICS_ARG, returns=RETURNS_DOC)
     return fn
 
 
@@ -66,11 +66,11 @@ def blur(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = True) -> op
 
     def combine(fs, rs, a, g, stacks):
         del stacks
-        pairs, tot = _global_pairs(fs, rs)
+        pairs, tot = global_pairs(fs, rs)
         aw, gw = jnp.asarray(a).astype(tot.ff.dtype), jnp.asarray(g).astype(tot.ff.dtype)
-        return _combine_global(fs, rs, pairs, gw - aw * tot.fr / (tot.ff + BLUR_EPS), aw)
+        return combine_global(fs, rs, pairs, gw - aw * tot.fr / (tot.ff + BLUR_EPS), aw)
 
-    return _combiner("blur", combine, alpha, gamma, diagnostics)
+    return make_combiner("blur", combine, alpha, gamma, diagnostics)
 
 
 # ----------------------------------------------------------------------------- GRU
@@ -115,9 +115,9 @@ def gru(alpha: float = 1.0, gamma: float = 1.0, moving_avg: float = 0.8, cos_cli
 
     {returns}
     """
-    _check_number("gru", "moving_avg", moving_avg, 0.0, 1.0, low_open=True)
+    check_number("gru", "moving_avg", moving_avg, 0.0, 1.0, low_open=True)
     if cos_clip is not None:
-        _check_number("gru", "cos_clip", cos_clip, -1.0, 0.0)
+        check_number("gru", "cos_clip", cos_clip, -1.0, 0.0)
     remember = not (isinstance(moving_avg, numbers.Real) and moving_avg == 1)
 
     def init_memory(params):
@@ -130,13 +130,13 @@ def gru(alpha: float = 1.0, gamma: float = 1.0, moving_avg: float = 0.8, cos_cli
             if len(prev) != len(fs):
                 raise ValueError(f"gru: the state holds {len(prev)} retain-average leaves but the gradients "
                                  f"have {len(fs)}; initialize the state with the params the gradients are of")
-            ms = [(_weight(moving_avg, r) * _wide(r) + (1 - _weight(moving_avg, r)) * _wide(m)).astype(m.dtype)
+            ms = [(as_weight(moving_avg, r) * widen(r) + (1 - as_weight(moving_avg, r)) * widen(m)).astype(m.dtype)
                   for r, m in zip(rs, prev)]
         else:
             ms = rs
-        pairs = [_pair_stats(f, r) for f, r in zip(fs, rs)]
-        fm = sum((_sum(_wide(f) * _wide(m)) for f, m in zip(fs, ms)), jnp.zeros((), jnp.float32))
-        mm = sum((_sum(_wide(m) * _wide(m)) for m in ms), jnp.zeros((), jnp.float32))
+        pairs = [pair_stats(f, r) for f, r in zip(fs, rs)]
+        fm = sum((tensor_sum(widen(f) * widen(m)) for f, m in zip(fs, ms)), jnp.zeros((), jnp.float32))
+        mm = sum((tensor_sum(widen(m) * widen(m)) for m in ms), jnp.zeros((), jnp.float32))
         ff = sum((p[3] for p in pairs), jnp.zeros((), jnp.float32))
         if cos_clip is None:
             k = fm / jnp.where(mm > 0, mm, 1.0)
@@ -145,13 +145,13 @@ def gru(alpha: float = 1.0, gamma: float = 1.0, moving_avg: float = 0.8, cos_cli
             cos = fm / jnp.where(fn * mn > 0, fn * mn, 1.0)
             k = fn * jnp.maximum(cos, cos_clip) / jnp.where(mn > 0, mn, 1.0)
         k = jnp.where((fm < 0) & (mm > 0), k, 0.0)
-        us = [(_weight(g, f) * (_wide(f) - _weight(k, f) * _wide(m)) + _weight(a, f) * _wide(r)).astype(f.dtype)
+        us = [(as_weight(g, f) * (widen(f) - as_weight(k, f) * widen(m)) + as_weight(a, f) * widen(r)).astype(f.dtype)
               for f, r, m in zip(fs, rs, ms)]
-        stats = [_with_update(p, u, r) for p, u, r in zip(pairs, us, rs)]
+        stats = [with_update(p, u, r) for p, u, r in zip(pairs, us, rs)]
         new = GRUMemory(jax.tree.unflatten(jax.tree.structure(memory.retain_ema), ms) if remember else None)
         return us, stats, new
 
-    return _combiner("gru", combine, alpha, gamma, diagnostics, init_memory=init_memory)
+    return make_combiner("gru", combine, alpha, gamma, diagnostics, init_memory=init_memory)
 
 
 # ----------------------------------------------------------------------------- NGDiff
@@ -184,13 +184,13 @@ def ngdiff(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = True) -> 
 
     def combine(fs, rs, a, g, stacks):
         del stacks
-        pairs, tot = _global_pairs(fs, rs)
+        pairs, tot = global_pairs(fs, rs)
         dtype = tot.ff.dtype
         aw, gw = jnp.asarray(a).astype(dtype), jnp.asarray(g).astype(dtype)
         fn, rn = jnp.sqrt(tot.ff), jnp.sqrt(tot.rr)
         cf = jnp.where(fn > 0, gw / jnp.where(fn > 0, fn, 1.0), 0.0)
         cr = jnp.where(rn > 0, aw / jnp.where(rn > 0, rn, 1.0), 0.0)
-        return _combine_global(fs, rs, pairs, cf, cr)
+        return combine_global(fs, rs, pairs, cf, cr)
 
-    return _combiner("ngdiff", combine, alpha, gamma, diagnostics)
+    return make_combiner("ngdiff", combine, alpha, gamma, diagnostics)
 
