@@ -52,14 +52,19 @@ def test_objective_and_combiner_unlearn_forget_and_keep_retain(objective, combin
     elif objective == "rmu":  # forget activations move to c; retain activations stay put
         assert hist[-1]["forget_loss"] < hist[0]["forget_loss"]
         assert hist[-1]["retain_loss"] < hist[0]["forget_loss"] - hist[-1]["forget_loss"]
-    for m in hist:  # real gradients of a random model: some coordinates conflict, not all
+    for i, m in enumerate(hist):  # real gradients of a random model: some coordinates conflict, not all
         if objective == "grad_ascent":  # no retain loss: g_r = 0, and a zero never conflicts
             assert m["conflict_fraction"] == 0.0
+        elif i == 0 and objective in ("rmu", "grad_diff_kl"):
+            # the model is its own reference at step 0: the retain loss is at its minimum, 0, and its
+            # gradient is 0 in exact arithmetic (what remains is rounding, which may be exactly 0 too)
+            assert 0.0 <= m["conflict_fraction"] < 1.0
         else:
             assert 0.0 < m["conflict_fraction"] < 1.0
         assert np.isfinite(m["forget_loss"]) and np.isfinite(m["retain_loss"])
         if combiner.startswith("sago") and objective != "grad_ascent":  # grad_ascent has g_r = 0
-            assert m["cos_update_retain"] > 0  # SAGO never opposes retention
+            zero_retain = i == 0 and objective in ("rmu", "grad_diff_kl")  # see above: cosine 0 with g_r = 0
+            assert m["cos_update_retain"] >= 0 if zero_retain else m["cos_update_retain"] > 0  # never opposes
 
 
 @pytest.mark.parametrize("objective", ["grad_diff", "npo", "rmu"])
