@@ -160,7 +160,9 @@ def execute(prepared: Prepared) -> train.RunResult:
     """Runs a prepared run: trains (`jax_unlearn.train.unlearn`, which writes ``config.yaml`` and
     ``fingerprint.json`` only once its own checks passed), evaluates during the run with
     ``eval.every``, exports the selected or last state, and evaluates the exported model into
-    ``OUT/eval.json`` (its results in ``RunResult.evaluation``). An interrupted run evaluates nothing."""
+    ``OUT/eval.json`` (its results in ``RunResult.evaluation``). An interrupted run evaluates nothing.
+    The prepared model's buffers become the run's state (each weight is held once): ``prepared``
+    cannot be executed twice."""
     import jax
 
     from jax_unlearn.eval.suite import flatten
@@ -169,7 +171,7 @@ def execute(prepared: Prepared) -> train.RunResult:
     during = None if cfg.eval.every is None else (lambda m: flatten(p.suite.run(m, p.tokenizer)))
     result = train.unlearn(p.model, p.forget, p.retain, cfg.train_config(), tokenizer=p.tokenizer,
                            identity=p.identity, record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during,
-                           eval_every=cfg.eval.every, base_model=cfg.model.path)
+                           eval_every=cfg.eval.every, base_model=cfg.model.path, donate_model=True)
     if p.suite is None or result.interrupted or jax.process_index() != 0:
         return result
     results = p.suite.run(result.model, p.tokenizer)

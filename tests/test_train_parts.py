@@ -145,3 +145,37 @@ def test_record_file_names_are_the_callers_own(tmp_path):
         with pytest.raises(ValueError, match="plain file name of the caller's own"):
             train.unlearn(tiny_model(), data, data, cfg, record={name: "x"})
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_a_donating_run_holds_each_weight_once(tmp_path, donate):
+    """During the run the live arrays shaped like a layer's down-projection are its parameter and
+    Adam's two moments per layer; without ``donate_model`` the caller's model adds its own copy."""
+    from flax import nnx
+    from step_fixtures import make_batch, tiny_model
+
+    from jax_unlearn import sharding
+
+    data = {k: np.asarray(v) for k, v in make_batch(1, rows=16).items()}
+    graphdef, state = nnx.split(tiny_model())  # on the run's mesh, as `jax-unlearn unlearn` loads it
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    model = nnx.merge(graphdef, jax.device_put(state, sharding.param_shardings(state, mesh)))
+    del state  # the unsharded originals
+    shape = tuple(model.layers[0].mlp.down_proj[...].shape)
+    layers = len(model.layers)
+    assert sum(1 for x in jax.tree.leaves(nnx.state(model)) if tuple(x.shape) == shape) == layers  # one per layer
+    seen = []
+
+    def evaluate(m):
+        seen.append(sum(1 for a in jax.live_arrays() if tuple(a.shape) == shape and not a.is_deleted()))
+        return {"x": 0.0}
+
+    cfg = config.TrainConfig(output_dir=str(tmp_path), batch_size=8, max_steps=2, save_every=2, progress=False,
+                             export=False, objective=config.ObjectiveConfig(name="grad_diff"))
+    train.unlearn(model, data, data, cfg, evaluate=evaluate, eval_every=1, donate_model=donate)
+    assert seen and set(seen) == {layers * (3 if donate else 4)}, seen  # params + mu + nu (+ the caller's)
+    if donate:
+        with pytest.raises(RuntimeError, match="deleted"):
+            np.asarray(model.layers[0].mlp.down_proj[...])
+    else:
+        np.asarray(model.layers[0].mlp.down_proj[...])  # the caller's model is intact

@@ -246,12 +246,12 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
         for i, n in enumerate(names):
             def fetch(arr=arr, i=i, n=n, stacked=len(names) > 1):
                 a = arr[i] if stacked else arr
-                return np.asarray(jax.device_get(a)).reshape(shapes[n])
+                return st_io.host_value(a).reshape(shapes[n])
             yield n, shapes[n], arr.dtype, fetch
 
 
 def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwrite: bool = False,
-            max_shard_size: int | str = "5GB") -> Path:
+            max_shard_size: int | str = "5GB") -> Path | None:
     """Write ``model`` as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Writes ``config.json`` (``dtype`` = parameter dtype), safetensors weights (one
@@ -261,6 +261,10 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
     with LoRA adapters is saved with the adapters merged into its weights (`lora.merge_lora`);
     `lora.save_peft` writes the adapters alone.
 
+    A model spread over several processes: every process calls ``save_hf`` (each tensor is
+    gathered to the hosts one at a time, `safetensors_io.host_value`) and process 0 writes the
+    folder; the others return None.
+
     Raises:
       FileExistsError: ``path`` is a non-empty folder (or a file) and ``overwrite`` is False.
     """
@@ -268,6 +272,10 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
     limit = parse_size(max_shard_size)
     if lora.lora_config(model) is not None:
         model = lora.merge_lora(model)
+    if jax.process_index() != 0:  # take part in every tensor's gather, write nothing
+        for *_, fetch in _export_tensors(model):
+            fetch()
+        return None
 
     def fill(tmp: Path) -> None:
         tensors = list(_export_tensors(model))

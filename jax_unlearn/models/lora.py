@@ -317,14 +317,16 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
 
 
 def save_peft(model: CausalLM, path: str | Path, *, base_model_name_or_path: str | None = None,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False) -> Path | None:
     """Write ``model``'s adapters as a peft LoRA folder (``PeftModel.from_pretrained(base, path)``).
 
     Writes ``adapter_config.json`` (``peft_type: LORA``, ``r``, ``lora_alpha``,
     ``target_modules``, ``lora_dropout``, ``task_type: CAUSAL_LM``, ...) and
     ``adapter_model.safetensors`` with ``base_model.model.model.layers.{i}.{self_attn|mlp}.
     {target}.lora_A.weight [r, in]`` / ``lora_B.weight [out, r]`` in the adapters' dtype; its
-    metadata records the base architecture, which `load_peft` checks. Written atomically.
+    metadata records the base architecture, which `load_peft` checks. Written atomically. Across
+    several processes every process calls it (the adapters are gathered to the hosts) and process
+    0 writes; the others return None.
 
     Raises:
       ValueError: the model has no adapters.
@@ -335,16 +337,18 @@ def save_peft(model: CausalLM, path: str | Path, *, base_model_name_or_path: str
         raise ValueError("the model has no LoRA adapters to save (add_lora or load_hf(..., peft=) adds them)")
     st_io.require_safetensors()
     L = model.config.num_hidden_layers
+    tensors: dict[str, np.ndarray] = {}
+    for i, target, _, adapter in _adapted(model):  # every process takes part in each gather
+        a = st_io.host_value(adapter.lora_a[...])  # [(layers,) in, r]
+        b = st_io.host_value(adapter.lora_b[...])  # [(layers,) r, out]
+        for j in (range(L) if i is None else [i]):
+            name = _module_name(j, target)
+            tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray((a[j] if i is None else a).T)
+            tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray((b[j] if i is None else b).T)
+    if jax.process_index() != 0:
+        return None
 
     def fill(tmp: Path) -> None:
-        tensors: dict[str, np.ndarray] = {}
-        for i, target, _, adapter in _adapted(model):
-            a = np.asarray(jax.device_get(adapter.lora_a[...]))  # [(layers,) in, r]
-            b = np.asarray(jax.device_get(adapter.lora_b[...]))  # [(layers,) r, out]
-            for j in (range(L) if i is None else [i]):
-                name = _module_name(j, target)
-                tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray((a[j] if i is None else a).T)
-                tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray((b[j] if i is None else b).T)
         st_io.save_file(tensors, str(tmp / WEIGHTS_FILE),
                         metadata={"format": "pt", BASE_CONFIG_KEY: json.dumps(_architecture(model.config))})
         alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha

@@ -202,10 +202,13 @@ class Run:
         return inference(st.merge_model(self.defs, state, copy=False))
 
 
-def build_run(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, total: int, mesh: Any) -> Run:
+def build_run(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, total: int, mesh: Any,
+              donate_model: bool = False) -> Run:
     """The run's parts (see `Run`): the chain over ``total`` steps, NPO's precomputed reference
-    log-probs when asked for, LoRA adapters, and the copies and optimizer state made sharded,
-    under jit, so no device holds the whole model. ``model`` stays usable."""
+    log-probs when asked for, LoRA adapters, and the state and optimizer state made sharded,
+    under jit, so no device holds the whole model. ``model`` stays usable (the state gets copies
+    of its weights), unless ``donate_model``: then its buffers become the state's (each weight is
+    held once; ``model`` must not be used afterwards)."""
     tx = build_tx(cfg, total)
     objective = build_objective(cfg.objective, model.config.hidden_size)
     batch_sharding = sh.batch_sharding(mesh)
@@ -213,7 +216,7 @@ def build_run(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainCon
         forget = st.add_reference_logprobs(model, forget, batch_size=cfg.batch_size,
                                            logit_chunk=cfg.objective.logit_chunk, sharding=batch_sharding)
     trained_model, train_filter = with_adapters(model, cfg.lora, mesh)
-    defs, state = st.init_state(trained_model, tx, objective, train=train_filter,
+    defs, state = st.init_state(trained_model, tx, objective, copy=not donate_model, train=train_filter,
                                 shardings=functools.partial(sh.train_state_shardings, mesh=mesh, tx=tx))
     shardings = sh.train_state_shardings(state, mesh, tx)
     step = st.make_two_grad_step(defs, objective, tx, step_config(cfg), shardings, batch_sharding)
@@ -320,11 +323,14 @@ def _selected_state(run: Run, state: st.TrainState, evals: Evaluations | None, o
 def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfig, tokenizer: Any = None, *,
             identity: dict | None = None, record: dict[str, str] | None = None,
             evaluate: Callable[[nnx.Module], dict[str, float]] | None = None,
-            eval_every: int | None = None, base_model: str | None = None) -> RunResult:
+            eval_every: int | None = None, base_model: str | None = None, donate_model: bool = False) -> RunResult:
     """Unlearns ``forget`` while keeping ``retain``; resumes the same run from ``cfg.output_dir``.
 
     Args:
-      model: the starting model (a `jax_unlearn.models.CausalLM`); it stays usable.
+      model: the starting model (a `jax_unlearn.models.CausalLM`); it stays usable: the run's
+        state holds copies of its weights, unless ``donate_model``, where the state takes over its
+        buffers (each weight is held once during the run) and ``model`` must not be used
+        afterwards (`jax_unlearn.run.execute` donates the model it loaded).
       forget, retain: token arrays ``input_ids``, ``attention_mask``, ``labels``, each ``[N, seq]``.
       cfg: the run (`jax_unlearn.config.TrainConfig`).
       tokenizer: saved beside the exported model when given.
@@ -356,7 +362,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     fingerprint = fpr.run_fingerprint(cfg, model.config, getattr(model, "options", None), forget, retain,
                                       weights=fpr.params_checksum(model), extra=identity)
     found = check_resume(out, fingerprint, total, length_key(cfg))
-    run = build_run(model, forget, retain, cfg, total, mesh)
+    run = build_run(model, forget, retain, cfg, total, mesh, donate_model)
     state, resumed_from = resume(run, out)
     start = int(state.step)
     total, continued_from = _run_length(out, found, cfg, start, total)
@@ -364,7 +370,7 @@ def unlearn(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainConfi
     if evaluate is not None and eval_every:
         first = None
         if start == 0 and start < total:  # the starting model's row; metric names checked before writing
-            first = evaluate(model)
+            first = evaluate(run.model_of(state))  # the fresh state is the starting model (adapters: B = 0)
             Selection(cfg).check(first)
         evaluations = (evaluate, eval_every, first)
 
