@@ -161,6 +161,8 @@ def execute(prepared: Prepared) -> train.RunResult:
     ``fingerprint.json`` only once its own checks passed), evaluates during the run with
     ``eval.every``, exports the selected or last state, and evaluates the exported model into
     ``OUT/eval.json`` (its results in ``RunResult.evaluation``). An interrupted run evaluates nothing.
+    Across several processes every process runs it (the evaluation is a sharded forward on all of
+    them, each gets the results) and process 0 writes ``eval.json``.
     The prepared model's buffers become the run's state (each weight is held once): ``prepared``
     cannot be executed twice."""
     import jax
@@ -172,10 +174,11 @@ def execute(prepared: Prepared) -> train.RunResult:
     result = train.unlearn(p.model, p.forget, p.retain, cfg.train_config(), tokenizer=p.tokenizer,
                            identity=p.identity, record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during,
                            eval_every=cfg.eval.every, base_model=cfg.model.path, donate_model=True)
-    if p.suite is None or result.interrupted or jax.process_index() != 0:
+    if p.suite is None or result.interrupted:
         return result
-    results = p.suite.run(result.model, p.tokenizer)
-    _write_json(Path(cfg.output_dir) / EVAL_FILE, {"model": str(result.export_dir or cfg.output_dir), **results})
+    results = p.suite.run(result.model, p.tokenizer)  # every process takes part (sharded forward)
+    if jax.process_index() == 0:
+        _write_json(Path(cfg.output_dir) / EVAL_FILE, {"model": str(result.export_dir or cfg.output_dir), **results})
     return dataclasses.replace(result, evaluation=results)
 
 

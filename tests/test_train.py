@@ -204,33 +204,56 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path):
+def test_two_processes_train_evaluate_and_export_as_one_process(tmp_path):
+    """`jax-unlearn unlearn` with evaluations during the run and after it and the export, run by 2
+    processes x 4 devices (jax.distributed) and by 1 process x 8 devices: the same exported
+    weights, the same evaluations in metrics.jsonl and eval.json (written by process 0 alone)."""
+    from cli_fixtures import make_workspace
+    from step_fixtures import assert_moves_close
+
+    from jax_unlearn import cli
+
+    ws = make_workspace(tmp_path / "ws")
     # Adam with eps=1 is Lipschitz in the gradient (update ~ lr*m/(sqrt(v)+1)), so float32
     # reassociation in the collectives stays float32-small in the weights; with eps=1e-8 a
     # near-zero gradient coordinate would turn that noise into a full-size, CPU-dependent update.
-    run = dict(max_steps=4, mesh={"data": 2, "fsdp": 2, "tensor": 2},
-               optim={"lr": 0.5, "eps": 1.0, "schedule": "constant"})
-    one = tmp_path / "one"
-    finish(worker(one, **run))
-    two = tmp_path / "two"
-    port = _free_port()
-    procs = []
+    args = [str(ws / "run.yaml"), "max_steps=4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optim.lr=0.5",
+            "optim.eps=1.0", "optim.schedule=constant", "optim.warmup_ratio=0", "eval.every=2", f"eval.mc=[{ws / 'mc.jsonl'}]",
+            f"eval.qa=[{ws / 'qa.jsonl'}]", f"eval.perplexity=[{ws / 'holdout.jsonl'}]"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(["unlearn", *args, f"output_dir={one}"]) == 0  # this process: 8 devices
+    port, procs = _free_port(), []
     for pid in range(2):
         env = os.environ.copy()
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                    JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-        procs.append(worker(two, env=env, **run))
-    results = [finish(p, timeout=400) for p in procs]
-    assert all(r["distributed"] and r["steps_done"] == 4 for r in results)
-    from step_fixtures import assert_moves_close, tiny_model
-
-    from jax_unlearn.models import save_hf
-
-    save_hf(tiny_model(), tmp_path / "start")
-    a, b, start = weights(one), weights(two), load_file(tmp_path / "start" / "model.safetensors")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys; from jax_unlearn.cli import main; sys.exit(main(sys.argv[1:]))",
+             "unlearn", *args, f"output_dir={two}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-3000:]
+        assert "done: 4/4 steps" in out
+    start = load_file(ws / "base" / "model.safetensors")
+    a, b = weights(one), weights(two)
     assert a.keys() == b.keys() == start.keys()
     assert_moves_close(b, a, start)
-    assert all(np.abs(a[k] - start[k]).max() > 1e-4 for k in a)  # every tensor moved well beyond rounding
+    moved = {k: np.abs(a[k] - start[k]).max() / (np.finfo(np.float32).eps * np.abs(start[k]).max()) for k in a}
+    assert min(moved.values()) > 100, moved  # every tensor moved well beyond float32 rounding
+
+    def evaluations(out: Path) -> list[dict]:
+        from jax_unlearn.eval.suite import flatten
+
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        final = {k: v for k, v in json.loads((out / "eval.json").read_text()).items() if k != "model"}
+        return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/mc/mc/accuracy" in r] + [
+            flatten(final)]
+
+    got, want = evaluations(two), evaluations(one)
+    assert len(want) == 4 and all(any("perplexity" in k for k in r) for r in want)  # steps 0, 2, 4, the export
+    assert [r.keys() for r in got] == [r.keys() for r in want]
+    for g, w in zip(got, want):  # float32 models whose weights agree to float32 reassociation noise
+        assert g == pytest.approx(w, rel=1e-4)
 
 
 def test_end_to_end_from_text_and_qa_files(tmp_path):

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jax_unlearn.data import pad_rows
+from jax_unlearn.models.partitioning import host_value
 from jax_unlearn.token_math import IGNORE, label_logprobs
 
 Pair = tuple[Sequence[int], Sequence[int]]
@@ -64,7 +65,9 @@ def run_batched(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] |
          kernel: Callable[..., Any], extra: Callable[[np.ndarray], tuple] = lambda idx: ()) -> list[tuple[int, tuple]]:
     """Apply ``kernel(ids, mask[, labels], *extra(idx))`` batch by batch; returns ``(row, outputs)``
     pairs with the outputs as host NumPy arrays (one slice per real row). Every batch is
-    dispatched before any result is read back, so host padding overlaps device work."""
+    dispatched before any result is read back, so host padding overlaps device work. With a model
+    spread over several processes every process calls this with the same rows (each output is
+    gathered to every host, `jax_unlearn.models.partitioning.host_value`)."""
     pending = []
     for idx, length in plan_batches([len(r) for r in rows], batch_size):
         fill = np.where(idx >= 0, idx, idx[0])  # filler rows repeat the batch's first (real) row
@@ -74,7 +77,7 @@ def run_batched(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] |
         pending.append((idx, kernel(*arrays, *extra(fill))))
     results = []
     for idx, out in pending:
-        out = jax.device_get(out)
+        out = jax.tree.map(host_value, out)
         out = out if isinstance(out, tuple) else (out,)
         for j, i in enumerate(idx):
             if i >= 0:

@@ -26,7 +26,7 @@ from . import lora
 from . import safetensors_io as st_io
 from .config import ModelConfig, ModelOptions
 from .llama import CausalLM
-from .partitioning import ShardingSpec, logical_axes, sharding_fn
+from .partitioning import ShardingSpec, host_value, logical_axes, sharding_fn
 from .safetensors_io import CheckpointError, write_folder
 
 SINGLE_FILE = "model.safetensors"
@@ -246,7 +246,7 @@ def _export_tensors(model: CausalLM) -> Iterator[tuple[str, tuple[int, ...], Any
         for i, n in enumerate(names):
             def fetch(arr=arr, i=i, n=n, stacked=len(names) > 1):
                 a = arr[i] if stacked else arr
-                return st_io.host_value(a).reshape(shapes[n])
+                return host_value(a).reshape(shapes[n])
             yield n, shapes[n], arr.dtype, fetch
 
 
@@ -262,7 +262,7 @@ def save_hf(model: CausalLM, path: str | Path, tokenizer: Any = None, *, overwri
     `lora.save_peft` writes the adapters alone.
 
     A model spread over several processes: every process calls ``save_hf`` (each tensor is
-    gathered to the hosts one at a time, `safetensors_io.host_value`) and process 0 writes the
+    gathered to the hosts one at a time, `partitioning.host_value`) and process 0 writes the
     folder; the others return None.
 
     Raises:

@@ -48,7 +48,7 @@ from flax import nnx
 from . import safetensors_io as st_io
 from .config import ModelConfig
 from .llama import CausalLM
-from .partitioning import ShardingSpec, logical_axes, sharding_fn
+from .partitioning import ShardingSpec, host_value, logical_axes, sharding_fn
 from .safetensors_io import CheckpointError
 
 #: target name -> (parent module in a decoder layer, logical axis of ``in``, of ``out``)
@@ -339,8 +339,8 @@ def save_peft(model: CausalLM, path: str | Path, *, base_model_name_or_path: str
     L = model.config.num_hidden_layers
     tensors: dict[str, np.ndarray] = {}
     for i, target, _, adapter in _adapted(model):  # every process takes part in each gather
-        a = st_io.host_value(adapter.lora_a[...])  # [(layers,) in, r]
-        b = st_io.host_value(adapter.lora_b[...])  # [(layers,) r, out]
+        a = host_value(adapter.lora_a[...])  # [(layers,) in, r]
+        b = host_value(adapter.lora_b[...])  # [(layers,) r, out]
         for j in (range(L) if i is None else [i]):
             name = _module_name(j, target)
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray((a[j] if i is None else a).T)

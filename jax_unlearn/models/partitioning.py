@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -215,3 +216,14 @@ def weight_axes(var: nnx.Variable, ndim: int) -> tuple:
     layer-stacked parameter drops the leading ``layers`` name)."""
     axes = tuple(var.get_metadata().get("out_sharding") or ())
     return ((None,) * ndim + axes)[-ndim:]
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """The whole value of ``x`` in this host's memory. An array spread over the devices of several
+    processes is gathered tensor by tensor (``process_allgather``, a collective: every process must
+    call this for the same arrays in the same order); nothing ever gathers onto one device."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -153,17 +153,6 @@ def to_device(host: np.ndarray, sharding) -> jax.Array:
     return jax.device_put(host)
 
 
-def host_value(x: jax.Array) -> np.ndarray:
-    """The whole value of ``x`` in this host's memory. An array spread over the devices of several
-    processes is gathered tensor by tensor (``process_allgather``, a collective: every process must
-    call this for the same arrays in the same order); nothing ever gathers onto one device."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
                   files: dict[str, Path], folder: Path, ignore: Callable[[str], bool] = lambda name: False) -> None:
     """Raises `CheckpointError` naming the folder, file and tensor when ``found`` (name -> shape,
