@@ -147,10 +147,12 @@ def test_record_file_names_are_the_callers_own(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("donate", [False, True])
-def test_a_donating_run_holds_each_weight_once(tmp_path, donate):
+def test_a_donating_run_holds_each_weight_once(tmp_path, donate, lora):
     """During the run the live arrays shaped like a layer's down-projection are its parameter and
-    Adam's two moments per layer; without ``donate_model`` the caller's model adds its own copy."""
+    Adam's two moments per layer (LoRA: the frozen base weight alone); without ``donate_model`` the
+    caller's model adds its own copy."""
     from flax import nnx
     from step_fixtures import make_batch, tiny_model
 
@@ -171,9 +173,11 @@ def test_a_donating_run_holds_each_weight_once(tmp_path, donate):
         return {"x": 0.0}
 
     cfg = config.TrainConfig(output_dir=str(tmp_path), batch_size=8, max_steps=2, save_every=2, progress=False,
-                             export=False, objective=config.ObjectiveConfig(name="grad_diff"))
+                             export=False, objective=config.ObjectiveConfig(name="grad_diff"),
+                             lora=config.LoraConfig(rank=2 if lora else None, targets=["q_proj"]))
     train.unlearn(model, data, data, cfg, evaluate=evaluate, eval_every=1, donate_model=donate)
-    assert seen and set(seen) == {layers * (3 if donate else 4)}, seen  # params + mu + nu (+ the caller's)
+    held = 1 if lora else 3  # the weight (+ Adam's mu and nu when it trains)
+    assert seen and set(seen) == {layers * (held if donate else held + 1)}, seen  # (+ the caller's copy)
     if donate:
         with pytest.raises(RuntimeError, match="deleted"):
             np.asarray(model.layers[0].mlp.down_proj[...])
