@@ -137,11 +137,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jax_unlearn.data import load_tokenizer
     from jax_unlearn.eval.suite import EvalSuite
 
-    if not (args.mc or args.qa or args.mia_forget or args.mia_holdout or args.perplexity):
-        raise CLIError("eval: nothing to evaluate; give --mc, --qa, --perplexity or --mia-forget with --mia-holdout")
+    if not (args.mc or args.qa or args.mia_forget or args.mia_holdout or args.perplexity or args.tofu or args.muse):
+        raise CLIError("eval: nothing to evaluate; give --mc, --qa, --perplexity, --mia-forget with --mia-holdout, "
+                       "--tofu or --muse")
+    if (args.retain_logs or args.template) and not (args.tofu or args.muse):
+        raise CLIError("eval: --retain-logs and --template apply to --tofu / --muse; neither is given")
     if (args.mia_forget is None) != (args.mia_holdout is None):
         raise CLIError("eval: --mia-forget and --mia-holdout go together")
-    for path in [*args.mc, *args.qa, *args.perplexity, *filter(None, [args.mia_forget, args.mia_holdout])]:
+    for path in [*args.mc, *args.qa, *args.perplexity, *filter(None, [args.mia_forget, args.mia_holdout,
+                                                                      args.retain_logs, args.template])]:
         if not Path(path).is_file():
             raise CLIError(f"eval: file {path} does not exist")
     if args.peft is not None and not Path(args.peft).is_dir():
@@ -150,18 +154,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_writable(Path(args.out), "eval: --out", folder=False)
     if args.num_fewshot and not args.mc:
         raise CLIError(f"eval: --num-fewshot {args.num_fewshot} applies to --mc files; none is given")
+    for flag, source in (("--tofu", args.tofu), ("--muse", args.muse)):
+        if source and not source.startswith("hub:") and not Path(source).is_dir():
+            raise CLIError(f"eval: {flag} {source} is not a folder (expected the benchmark's files, or hub:NAME)")
     suite = EvalSuite(mc=tuple(args.mc), qa=tuple(args.qa), mia_forget=args.mia_forget, mia_holdout=args.mia_holdout,
                       perplexity=tuple(args.perplexity), num_fewshot=args.num_fewshot, subject=args.subject,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, fewshot=args.fewshot)
+    benchmarks = _benchmarks(args)  # reads the TOFU/MUSE files and the template first: a typo shows now
     tok = load_tokenizer(args.tokenizer or args.model)
     model = _load_model(args.model, args.dtype, peft=args.peft)
-    results = suite.run(model, tok)
-    print(format_table(results))
+    results = suite.run(model, tok) if suite.enabled() else {}
+    if results:
+        print(format_table(results))
+    for name, (evaluate, table) in benchmarks.items():
+        results[name] = evaluate(model, tok)
+        print(table(results[name]))
     if args.out:
         _write_json(Path(args.out), {"model": str(args.model), **({"peft": str(args.peft)} if args.peft else {}),
                                      **results})
         print(f"results: {args.out}")
     return 0
+
+
+def _benchmarks(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
+    """``{"tofu"|"muse": (evaluate(model, tokenizer) -> result, table(result) -> text)}`` for the
+    benchmarks asked for, their files read now (`jax_unlearn.eval.tofu`, `jax_unlearn.eval.muse`)."""
+    import functools
+
+    from jax_unlearn.eval import muse, tofu
+    from jax_unlearn.eval.ou_scoring import DEFAULT_TEMPLATE, read_template
+
+    template = read_template(args.template) if args.template else DEFAULT_TEMPLATE
+    out = {}
+    if args.tofu:
+        data = tofu.load_tofu(args.tofu, forget_split=args.tofu_split)
+        out["tofu"] = (functools.partial(tofu.evaluate_tofu, data=data, retain_logs=args.retain_logs,
+                                         template=template, truth_ratio_definition=args.truth_ratio,
+                                         batch_size=args.batch_size), tofu.format_tofu_table)
+    if args.muse:
+        data = muse.load_muse(args.muse)
+        out["muse"] = (functools.partial(muse.evaluate_muse, data=data, retain_logs=args.retain_logs,
+                                         template=template, batch_size=args.batch_size), muse.format_muse_table)
+    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -464,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Evaluate a model folder: multiple-choice accuracy (--mc, records with question,
             choices, answer), QA ROUGE-L recall (--qa, records with question, answer, level) and
-            membership-inference AUROC between forget and holdout texts. Prints a table and
-            writes JSON with --out."""))
+            membership-inference AUROC between forget and holdout texts, and open-unlearning's
+            TOFU (--tofu) and MUSE (--muse) tables. Prints a table and writes JSON with --out."""))
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: --model)")
     p.add_argument("--mc", action="append", default=[], metavar="FILE", help="multiple-choice file (repeatable)")
@@ -485,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (default float32)")
     p.add_argument("--out", metavar="FILE", help="write the results as JSON")
     p.add_argument("--peft", metavar="DIR", help="PEFT LoRA adapter folder to add onto --model")
+    p.add_argument("--tofu", metavar="DIR", help="TOFU files (locuslab/TOFU's forget10.json, ...; or "
+                   "hub:locuslab/TOFU with 'datasets'): open-unlearning's TOFU table")
+    p.add_argument("--tofu-split", default="forget10", choices=["forget01", "forget05", "forget10"],
+                   help="TOFU forget split (its holdout split follows; default forget10)")
+    p.add_argument("--truth-ratio", default="open_unlearning", choices=["open_unlearning", "tofu_paper"],
+                   help="truth-ratio definition (default: open-unlearning's code; docs/reference.md)")
+    p.add_argument("--muse", metavar="DIR", help="MUSE files (muse-bench/MUSE-News or -Books layout; or "
+                   "hub:muse-bench/MUSE-News): open-unlearning's MUSE table")
+    p.add_argument("--retain-logs", metavar="FILE", help="the retain model's TOFU_EVAL.json / MUSE_EVAL.json (or "
+                   "this command's --out on it): forget quality and privleak need it")
+    p.add_argument("--template", metavar="FILE", help="the model's prompt template: open-unlearning's template_args "
+                   "as YAML/JSON (its configs/model/<model>.yaml); default 'Question: ...\\nAnswer: '")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -50,7 +50,7 @@ import logging
 import numbers
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -385,6 +385,10 @@ class TokenizeOptions:
       truncation: what `tokenize_texts` / `tokenize_qa` do with a row longer than ``max_length``
         tokens: ``"right"`` cuts its end (and logs how many rows of the set were cut),
         ``"error"`` raises `DataError` naming the set, the row and its length.
+      qa_encoder: ``(question, answer) -> (prompt ids, answer ids)``; when given, `tokenize_qa`
+        takes a QA pair's tokens from it (loss on the answer ids, nothing appended) instead of
+        ``qa_prompt``/``qa_answer`` -- e.g. open-unlearning's chat-template rows
+        (`jax_unlearn.eval.ou_scoring.qa_row`, which the run's ``data.template`` selects).
     """
 
     separator: str = "\n\n"
@@ -395,6 +399,7 @@ class TokenizeOptions:
     qa_answer: str = " {answer}"
     append_eos: bool = True
     truncation: Literal["right", "error"] = "right"
+    qa_encoder: Callable[[str, str], tuple[Sequence[int], Sequence[int]]] | None = None
 
     def __post_init__(self):
         if self.truncation not in ("right", "error"):
@@ -554,10 +559,17 @@ def tokenize_qa(pairs: Sequence[QAPair], tokenizer, max_length: int, options: To
     Returns a `Dataset` ``[len(pairs), max_length]``. The text is tokenised as one string and
     a token takes a loss when it ends inside the answer part (character offsets from a fast
     tokenizer), so prompt and special tokens have label ``-100``; the appended EOS has a loss.
+    With ``options.qa_encoder`` a row is its ``prompt ids + answer ids`` (loss on the answer ids).
     """
     _check_length(max_length)
     if not pairs:
         raise DataError(f"the {name} set is empty (no QA pairs to tokenise)")
+    if options.qa_encoder is not None:
+        encoded = [options.qa_encoder(p.question, p.answer) for p in pairs]
+        seqs = [[*prompt, *answer] for prompt, answer in encoded]
+        masks = [[False] * len(prompt) + [True] * len(answer) for prompt, answer in encoded]
+        seqs, masks = _truncate(seqs, masks, max_length, options, name)
+        return _rows(seqs, masks, max_length, _pad_id(tokenizer), name)
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("tokenize_qa needs a fast (Rust) tokenizer for character offsets; "
                         "save the tokenizer with a tokenizer.json")

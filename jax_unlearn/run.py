@@ -25,7 +25,7 @@ from flax import nnx
 
 from jax_unlearn import data, sharding, train
 from jax_unlearn import fingerprint as fpr
-from jax_unlearn.config import ConfigError, RunConfig, check_model_fit, load_config, to_yaml
+from jax_unlearn.config import ConfigError, RunConfig, check_model_fit, data_template, load_config, to_yaml
 from jax_unlearn.models import ModelOptions, check_hf, load_hf
 
 CONFIG_NAME = "config.yaml"  # the resolved config, written into every run folder
@@ -101,10 +101,18 @@ def _restart_dir(out: Path, fingerprint: dict, total: int, length_key: str) -> P
 
 
 def _load_sets(cfg: RunConfig, tokenizer: Any) -> tuple[data.Dataset, data.Dataset]:
-    d = cfg.data
+    """The forget and retain sets; with ``data.template`` QA pairs are open-unlearning's rows."""
+    d, template, encoder = cfg.data, data_template(cfg), None
+    if template is not None:
+        from jax_unlearn.eval.ou_scoring import qa_row
+
+        def encoder(question: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+            row = qa_row(tokenizer, question, answer, template=template, max_length=d.max_length)
+            return row.context, row.target
+
     return data.load_unlearning_sets(d.forget, d.retain, tokenizer, d.max_length, mode=d.mode,
                                      forget_format=d.forget_format, retain_format=d.retain_format,
-                                     options=data.TokenizeOptions(chunk_bos=d.chunk_bos))
+                                     options=data.TokenizeOptions(chunk_bos=d.chunk_bos, qa_encoder=encoder))
 
 
 def prepare(cfg: RunConfig, *, restart: bool = False) -> Prepared:

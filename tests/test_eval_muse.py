@@ -219,3 +219,25 @@ def test_evaluate_muse_equals_open_unlearning_recomputed_with_transformers(tmp_p
 
     table = format_muse_table(result).splitlines()
     assert table[0] == "MUSE" and [line.split()[0] for line in table[2:]] == list(s)
+
+
+def test_cli_eval_muse_writes_what_evaluate_muse_returns(tmp_path, capsys):
+    """``jax-unlearn eval --muse DIR --retain-logs FILE`` = `evaluate_muse` with those logs (privleak
+    against the retain model's Min-K AUC, 0.8 here, instead of 0.5)."""
+    from hf_fixtures import checkpoint
+
+    from jax_unlearn import cli
+
+    folder = write_muse(tmp_path / "muse")
+    TOK.save_pretrained(tmp_path / "tok")
+    retain = {"mia_min_k": {"agg_value": 0.8}}  # a retain model's logs (open-unlearning's MUSE_EVAL.json layout)
+    (tmp_path / "retain.json").write_text(json.dumps(retain))
+    args = ["eval", "--model", str(checkpoint("llama_gqa", seed=4)[0]), "--tokenizer", str(tmp_path / "tok"),
+            "--batch-size", "4", "--muse", str(folder), "--retain-logs", str(tmp_path / "retain.json"),
+            "--out", str(tmp_path / "out.json")]
+    assert cli.main(args) == 0
+    got = json.loads((tmp_path / "out.json").read_text())["muse"]["summary"]
+    want = evaluate_muse(model_pair(4)[0], TOK, folder, retain_logs=retain, batch_size=4)["summary"]
+    without = evaluate_muse(model_pair(4)[0], TOK, folder, metrics=["privleak"], batch_size=4)["summary"]
+    assert got == pytest.approx(want, rel=1e-6) and got["privleak"] != pytest.approx(without["privleak"])
+    assert "privleak" in capsys.readouterr().out

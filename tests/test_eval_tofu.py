@@ -6,6 +6,7 @@ restatements of open-unlearning's code in ``tests/ou_reference.py`` (tokenisatio
 """
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -412,3 +413,36 @@ def test_evaluate_tofu_options_and_errors(tmp_path):
         per_example_grad_norms(model, {}, p=0.5)
     with pytest.raises(ValueError, match="question_key='q'"):
         evaluate_tofu(model, TOK, folder, metrics=["forget_Q_A_Prob"], question_key="q")
+
+
+def test_cli_eval_tofu_prints_the_table_and_writes_what_evaluate_tofu_returns(tmp_path, capsys):
+    """``jax-unlearn eval --tofu DIR --template FILE --retain-logs FILE`` = `evaluate_tofu` with
+    that template and those logs; bad inputs exit 2 naming the flag or file, before any model loads."""
+    import yaml
+
+    from jax_unlearn import cli
+
+    folder = write_tofu(tmp_path / "tofu")
+    model_dir = checkpoint("llama_gqa", seed=4)[0]
+    TOK.save_pretrained(tmp_path / "tok")
+    (tmp_path / "template.yaml").write_text(yaml.safe_dump({"template_args": TEMPLATE}))
+    retain_model, _ = model_pair(5)
+    retain = evaluate_tofu(retain_model, TOK, folder, metrics=["forget_truth_ratio"], max_new_tokens=4, batch_size=4)
+    (tmp_path / "retain.json").write_text(json.dumps(retain))
+    base = ["eval", "--model", str(model_dir), "--tokenizer", str(tmp_path / "tok"), "--batch-size", "4"]
+    args = [*base, "--tofu", str(folder), "--template", str(tmp_path / "template.yaml"),
+            "--retain-logs", str(tmp_path / "retain.json"), "--out", str(tmp_path / "out.json")]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    got = json.loads((tmp_path / "out.json").read_text())["tofu"]
+    want = evaluate_tofu(model_pair(4)[0], TOK, folder, template=PromptTemplate.from_dict(TEMPLATE),
+                         retain_logs=tmp_path / "retain.json", batch_size=4)
+    assert got["summary"] == pytest.approx(want["summary"], rel=1e-6)
+    assert got["summary"]["forget_quality"] is not None  # the retain logs reached it
+    assert format_tofu_table(want).splitlines()[0] in printed and "forget_quality" in printed
+    for extra, match in ([["--tofu", str(tmp_path / "nope")], "--tofu .*nope is not a folder"],
+                         [["--tofu", str(folder), "--template", str(tmp_path / "nope.yaml")], "nope.yaml does not exist"],
+                         [["--mc", str(tmp_path / "template.yaml"), "--retain-logs", str(tmp_path / "retain.json")],
+                          "--retain-logs and --template apply to --tofu / --muse"]):
+        assert cli.main([*base, *extra]) == 2
+        assert re.search(match, capsys.readouterr().err), extra

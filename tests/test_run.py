@@ -89,3 +89,34 @@ def test_export_writes_the_newest_checkpoint(finished, tmp_path):
     np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
     with pytest.raises(config.ConfigError, match="is not empty; pass --overwrite"):
         run.export(out, tmp_path / "exported")
+
+
+def test_data_template_makes_open_unlearnings_qa_rows(ws, tmp_path):
+    """``data.template`` (open-unlearning's template_args) tokenises the QA set as its QADataset
+    does (`preprocess_chat_instance`, restated in ou_reference.py), right-padded; without it the
+    rows differ (control); an unknown template field is refused naming the key."""
+    import yaml
+    from ou_reference import ou_preprocess_chat_instance
+
+    template = {"user_start_tag": "Q: ", "user_end_tag": "\n", "asst_start_tag": "A: ", "asst_end_tag": "\n\n",
+                "system_prompt_with_special_tokens": "Answer briefly.\n"}
+    spec = yaml.safe_load((ws / "run.yaml").read_text())
+    spec["data"]["template"] = template
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    cfg = config.load_config(tmp_path / "t.yaml", [f"output_dir={tmp_path / 'out'}", "data.max_length=48", "batch_size=4", "mesh.tensor=2"])
+    prepared = run.prepare(cfg)
+    tok, L = prepared.tokenizer, cfg.data.max_length
+    pairs = [json.loads(line) for line in (ws / "retain.jsonl").read_text().splitlines()]
+    cfg_ou = {"apply_chat_template": False, **template}
+    for i, p in enumerate(pairs):
+        ref = ou_preprocess_chat_instance(tok, cfg_ou, [p["question"]], [p["answer"]], L)
+        n = len(ref["input_ids"])
+        assert n <= L and prepared.retain["input_ids"][i, :n].tolist() == ref["input_ids"]
+        assert prepared.retain["labels"][i, :n].tolist() == ref["labels"]
+        assert (prepared.retain["labels"][i, n:] == -100).all() and prepared.retain["attention_mask"][i].sum() == n
+    plain = run.prepare(config.load_config(ws / "run.yaml", [f"output_dir={tmp_path / 'out'}", "data.max_length=48", "batch_size=4", "mesh.tensor=2"]))
+    assert plain.retain["input_ids"].tolist() != prepared.retain["input_ids"].tolist()
+    spec["data"]["template"] = {"user_start": "Q: "}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(config.ConfigError, match=r"'data\.template\.user_start' is not a template field"):
+        config.load_config(tmp_path / "bad.yaml", [f"output_dir={tmp_path / 'out'}"])

@@ -24,7 +24,7 @@ Traceback (most recent call last):
 ValueError: combiner.name='adam' is not supported; expected one of weighted_sum, pcgrad, sago, ...
 """
 
-from .checks import check, check_model_fit, check_ranges, check_run_config
+from .checks import check, check_model_fit, check_ranges, check_run_config, data_template
 from .factories import (
     build_combiner,
     build_objective,
@@ -56,6 +56,6 @@ __all__ = [
     "DTYPES", "CombinerConfig", "ConfigError", "DataSection", "EvalSection", "LoraConfig", "ModelSection",
     "ObjectiveConfig", "OptimConfig", "RunConfig", "SelectConfig", "StopConfig", "TrainConfig", "build_combiner",
     "build_objective", "build_optimizer", "build_schedule", "build_tx", "check", "check_model_fit", "check_ranges",
-    "check_run_config", "describe", "load_config", "moments_in", "parse_override", "set_hyperparams", "step_config",
+    "check_run_config", "data_template", "describe", "load_config", "moments_in", "parse_override", "set_hyperparams", "step_config",
     "to_yaml",
 ]

@@ -5,6 +5,7 @@ devices (batch size against the data set, the mesh) are `jax_unlearn.train.check
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -136,6 +137,8 @@ def check_run_config(cfg: RunConfig) -> None:
         value = getattr(cfg.mesh, key.split(".")[1])
         if value == 0 or value < -1:
             raise ConfigError(f"'{key}' is {value!r}; expected an integer > 0, or -1 for all remaining devices")
+    if cfg.data.template is not None:
+        data_template(cfg)
     if (cfg.eval.mia_forget is None) != (cfg.eval.mia_holdout is None):
         raise ConfigError("'eval.mia_forget' and 'eval.mia_holdout' go together: set both or neither")
     if cfg.eval.every is not None and cfg.eval.every < 1:
@@ -175,3 +178,19 @@ def check_model_fit(cfg: RunConfig, model_config: Any) -> None:
                               f"num_hidden_layers={model_config.num_hidden_layers} ({where}); "
                               f"expected 0 <= objective.layer < {model_config.num_hidden_layers}")
 
+
+def data_template(cfg: RunConfig):
+    """``data.template`` as an open-unlearning `PromptTemplate` (None when unset); `ConfigError`
+    naming the key for an unknown field or a value of the wrong type."""
+    if cfg.data.template is None:
+        return None
+    from jax_unlearn.eval.ou_scoring import PromptTemplate
+
+    fields = {f.name: f.type for f in dataclasses.fields(PromptTemplate)}
+    for key, value in cfg.data.template.items():
+        if key not in fields:
+            raise ConfigError(f"'data.template.{key}' is not a template field; expected some of {sorted(fields)}")
+        want = bool if key == "apply_chat_template" else str
+        if not (isinstance(value, want) or (value is None and "None" in str(fields[key]))):
+            raise ConfigError(f"'data.template.{key}' is {value!r}; expected a {want.__name__}")
+    return PromptTemplate.from_dict(dict(cfg.data.template))

@@ -90,7 +90,7 @@ def _check_keys(tree: Any, cls, prefix: str, source: str) -> None:
                 raise ConfigError(f"{source}: '{name}' is a section, got {value!r}; set its keys "
                                   f"({', '.join(f.name for f in dataclasses.fields(tp))}) as '{name}.KEY=VALUE'")
             _check_keys(value, tp, name + ".", source)
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and typing.get_origin(tp) is not dict:  # a mapping field takes one
             raise ConfigError(f"{source}: '{name}' takes a value ({describe(hints[key])}), not a section")
 
 

@@ -210,7 +210,10 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     """Forget and retain files (``.jsonl``/``.json`` text or QA records, ``.txt``), see `data.load_set`;
-    ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`)."""
+    ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`);
+    ``template``: QA pairs become open-unlearning's rows for that model (its ``template_args``:
+    ``apply_chat_template``, ``system_prompt``, ``date_string``, ``user_start_tag``, ...; see
+    `jax_unlearn.eval.ou_scoring.PromptTemplate`) instead of ``Question: ...\nAnswer: ...``."""
 
     forget: str = MISSING
     retain: str = MISSING
@@ -219,6 +222,7 @@ class DataSection:
     forget_format: Literal["auto", "text", "qa"] = "auto"
     retain_format: Literal["auto", "text", "qa"] = "auto"
     chunk_bos: bool = False
+    template: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,12 +24,14 @@ removed, stripped).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jax_unlearn.data import pad_rows
+from jax_unlearn.data import DataError, pad_rows
 
 from . import scoring
 from .generation import generate_text
@@ -72,6 +74,27 @@ class PromptTemplate:
 
 
 DEFAULT_TEMPLATE = PromptTemplate()
+
+
+def read_template(path: str | os.PathLike) -> PromptTemplate:
+    """A `PromptTemplate` from a YAML or JSON file holding open-unlearning's ``template_args``
+    mapping (e.g. copied from its ``configs/model/<model>.yaml``); `DataError` naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"template file {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"template file {path} is not YAML/JSON: {' '.join(str(err).split())}") from None
+    spec = spec.get("template_args", spec) if isinstance(spec, Mapping) else spec
+    if not isinstance(spec, Mapping):
+        raise DataError(f"template file {path}: expected a mapping of template_args, got {type(spec).__name__}")
+    try:
+        return PromptTemplate.from_dict(spec)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"template file {path}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)
