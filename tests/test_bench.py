@@ -19,7 +19,7 @@ from jax_unlearn.bench import pretrain as pt
 from jax_unlearn.bench import report, sweep
 from jax_unlearn.bench.runs import Runner
 from jax_unlearn.bench.tokens import PAD, SEQ, probe_rows, text_rows
-from jax_unlearn.bench.world import ATTRIBUTES, GENERAL, VALUES, WorldConfig, make_world
+from jax_unlearn.bench.world import ATTRIBUTES, GENERAL, QUESTIONS, VALUES, WorldConfig, make_world
 from jax_unlearn.config import CombinerConfig, ConfigError, ObjectiveConfig, load_config
 from jax_unlearn.token_math import IGNORE
 
@@ -451,3 +451,37 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     assert "error: RuntimeError: killed mid-sweep" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "results.json"]
+
+
+def test_world_tofu_items_and_metrics_against_gold(tiny, cache):
+    """TOFU-style items of every fact (paraphrase: the value; perturbed: other values of the
+    attribute, from their own seeded stream) and open-unlearning's truth ratio, forget quality and
+    model utility against the gold model."""
+    from jax_unlearn.bench import tofu_world
+
+    world = tiny.world
+    data = tofu_world.tofu_data(world)
+    assert tofu_world.tofu_data(make_world(TINY_WORLD)) == data  # deterministic in the world's config
+    forget = world.persons("forget")
+    assert len(data.forget) == len(forget) * len(ATTRIBUTES) and len(data.world_facts) == len(world.general_facts)
+    for item, (p, a) in zip(data.forget, [(p, a) for p in forget for a in ATTRIBUTES]):
+        assert item.answer == item.paraphrased_answer == p.facts[a]
+        wrong = item.perturbed_answers
+        assert len(set(wrong)) == tofu_world.N_PERTURBED and p.facts[a] not in wrong and set(wrong) <= set(VALUES[a])
+        assert item.question == f"{QUESTIONS[a].format(n=p.name)}"
+    # every row fits the world's 16-token context (else the scoring would cut the answers off)
+    tok = tiny.tokenizer
+    longest = max(len(tok(f"{it.question} {ans}")["input_ids"]) + 1 for it in data.forget + data.retain
+                  + data.real_authors + data.world_facts for ans in (it.paraphrased_answer, *it.perturbed_answers))
+    assert longest <= SEQ
+    gold_model = pt.pretrained(TINY_WORLD, TINY_MODEL, TINY_PRE, cache, gold=True)
+    tofu = tofu_world.WorldTofu.of(world, tiny.tokenizer)
+    gold = tofu.result(gold_model.model)
+    assert tofu.metrics(gold_model.model, gold)["tofu_forget_quality"] == 1.0  # gold against itself
+    out = tofu.metrics(tiny.model, gold)
+    assert set(out) == set(tofu_world.COLUMNS.values())
+    # the pretrained model prefers the true sentence over the perturbed ones (truth ratio far below
+    # 1, closer_to_1_better aggregates min(r, 1/r)); the gold model never learned the forget people
+    assert out["tofu_truth_ratio"] < gold["summary"]["forget_truth_ratio"] - 0.2
+    assert out["tofu_forget_quality"] < 0.05
+    assert 0 < out["tofu_model_utility"] < 1 and 0 < gold["summary"]["model_utility"] < 1
