@@ -19,10 +19,10 @@ the general facts (perturbed: other values of the same relation). The truth rati
 the model's probability of the true value with that of wrong values of the same kind. `evaluate_tofu` then computes
 open-unlearning's table on them (``jax_unlearn.eval.tofu``: the same code as for TOFU's files),
 with the gold model's result as the retain model's logs. Two things differ from TOFU's files: the
-answers are one word (the world's answers are one token), and open-unlearning's rows end with EOS,
-which the world's models never saw after an answer; every probability carries that same last
-factor, so truth ratios (ratios of per-token probabilities) are comparable, absolute
-probabilities are low.
+answers are one word (the world's answers are one token), and the rows end with the answer, not
+with EOS as open-unlearning's do: the world's QA lines end with the bare value and its models
+never saw an EOS after one (with it, every probability would carry that near-zero last factor and
+model utility, a harmonic mean of probabilities, would read near 0 for every model).
 """
 
 from __future__ import annotations
@@ -77,6 +77,22 @@ def tofu_data(world: World) -> TofuData:
                     forget_split="world_forget", holdout_split="", source=f"world {world.config.seed}")
 
 
+class _WithoutEOS:
+    """``tokenizer`` without an EOS token (`jax_unlearn.eval.ou_scoring.qa_row` appends none, greedy
+    generation runs ``max_new_tokens``); everything else is the tokenizer's."""
+
+    eos_token_id = None
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldTofu:
     """open-unlearning's TOFU metrics of a model of ``world`` (`evaluate_tofu` on `tofu_data`)."""
@@ -92,7 +108,7 @@ class WorldTofu:
 
     def result(self, model: Any, gold: dict | None = None) -> dict:
         """`evaluate_tofu`'s result; ``gold`` (the gold model's result) is the retain model's logs."""
-        return evaluate_tofu(model, self.tokenizer, self.data, metrics=METRICS, retain_logs=gold, template=TEMPLATE,
+        return evaluate_tofu(model, _WithoutEOS(self.tokenizer), self.data, metrics=METRICS, retain_logs=gold, template=TEMPLATE,
                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                              max_length=SEQ)
 
