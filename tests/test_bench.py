@@ -482,7 +482,7 @@ def test_world_tofu_items_and_metrics_against_gold(tiny, cache):
     assert set(out) == set(tofu_world.COLUMNS.values())
     # the pretrained model prefers the true sentence over the perturbed ones (truth ratio far below
     # 1, closer_to_1_better aggregates min(r, 1/r)); the gold model never learned the forget people
-    assert out["tofu_truth_ratio"] < gold["summary"]["forget_truth_ratio"] - 0.2
+    assert out["tofu_truth_ratio"] < 0.25 * gold["summary"]["forget_truth_ratio"]
     assert out["tofu_forget_quality"] < 0.05
     # model utility: both models keep the retain people, held-out people and general facts (rows end
     # with the answer, as the world's QA lines do: an EOS factor would pull every probability to ~0)
