@@ -99,16 +99,21 @@ class CombinerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
-    ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
-    SimNPO, ``reference`` for NPO (``resident``: a frozen copy of the start model;
-    ``precompute``: its sequence log-probs computed once into the forget set, one model held),
-    ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat`` for all
-    (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
+    """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` (``nll``,
+    ``kl`` or ``none``) and ``logit_chunk`` for the log-likelihood objectives, ``beta`` for
+    NPO/SimNPO/DPO/IdkDPO/UNDIAL/WGA (this key's default, 0.1, applies to all of them:
+    open-unlearning's UNDIAL uses 10, its WGA 1), ``delta`` for SimNPO, ``beta1``/``beta2`` for
+    SatImp, ``ignore_first`` for CE-U, ``reference`` for NPO/DPO/IdkDPO (``resident``: a frozen
+    copy of the start model; ``precompute``: its sequence log-probs computed once into the
+    forget set, one model held), ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat``
+    for all (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
 
     name: str = "grad_diff"
-    retain: Literal["nll", "kl"] = "nll"
+    retain: Literal["nll", "kl", "none"] = "nll"
     beta: float = 0.1
+    beta1: float = 5.0
+    beta2: float = 1.0
+    ignore_first: int = 1
     delta: float = 0.0
     layer: int = 7
     steering: float = 2.0
@@ -210,7 +215,9 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     """Forget and retain files (``.jsonl``/``.json`` text or QA records, ``.txt``), see `data.load_set`;
-    ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`)."""
+    ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`);
+    ``idk``: IdkDPO's "I don't know" responses, one per line (`data.read_idk`; only with
+    ``objective.name: idk_dpo``, which needs it)."""
 
     forget: str = MISSING
     retain: str = MISSING
@@ -219,6 +226,7 @@ class DataSection:
     forget_format: Literal["auto", "text", "qa"] = "auto"
     retain_format: Literal["auto", "text", "qa"] = "auto"
     chunk_bos: bool = False
+    idk: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
