@@ -143,9 +143,10 @@ def pdu_forget_loss(compat: str | None = None) -> LossFn:
     """PDU's forget loss: ``L = mean_t (max_v z_t,v - mean_v z_t,v)^2``, pushing each position's
     logits towards uniform. Default: the positions that predict a label token (``labels[:, t+1]
     != -100``); ``compat="open_unlearning"``: the reference's unshifted mask (``labels[:, t] != -100``
-    over all ``s`` positions: the logits at a label token, which predict the token after it) and
-    its plain ``sum / count``: a micro-batch without label tokens gives NaN, value and gradient,
-    as there (torch's 0/0)."""
+    over all ``s`` positions: the logits at a label token, which predict the token after it). A
+    micro-batch without label tokens gives NaN there, value and gradient (torch's 0/0); here
+    the value is NaN and the gradient zero, as for the other losses (XLA need not keep a
+    ``0 * inf`` NaN under jit, so the reference's NaN gradient is not reproducible)."""
     check_compat_mode(compat)
 
     def loss_fn(model, batch: Batch, ref=None):
@@ -153,13 +154,11 @@ def pdu_forget_loss(compat: str | None = None) -> LossFn:
         logits = at_least_f32(model(batch["input_ids"], batch.get("attention_mask")))  # [b, s, V]
         gap = (jnp.max(logits, axis=-1) - jnp.mean(logits, axis=-1)) ** 2  # [b, s]
         labels = batch["labels"]
-        if compat:  # the reference's sum / count as is: no label token gives NaN, its gradient too
-            mask = (labels != IGNORE).astype(jnp.float32)
-            n = jnp.sum(mask)
-            loss = jnp.sum(gap * mask) / n
-            return loss, {"pdu": loss, "weight": n}
-        mask = jnp.concatenate([(labels[:, 1:] != IGNORE), jnp.zeros_like(labels[:, :1], bool)], axis=1)
-        loss, n = pooled_mean(gap, mask.astype(jnp.float32), None)
+        if compat:
+            mask = labels != IGNORE
+        else:
+            mask = jnp.concatenate([(labels[:, 1:] != IGNORE), jnp.zeros_like(labels[:, :1], bool)], axis=1)
+        loss, n = pooled_mean(gap, mask.astype(jnp.float32), compat)
         return loss, {"pdu": loss, "weight": n}
 
     return loss_fn

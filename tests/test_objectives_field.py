@@ -11,6 +11,8 @@ against this library's documented formulas (the reference's where they agree).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,14 +100,21 @@ def with_alternate(name):
 # ----------------------------------------------------------------------------- the two sides
 
 
-def jax_value_and_grads(loss_fn, batch):
-    jb = {k: jnp.asarray(v) for k, v in batch.items()}
-    ref = EmbedModel(jnp.asarray(E_REF), jnp.asarray(W_REF), jnp.asarray(P_REF))
+@functools.cache
+def _compiled(name: str, compat: str | None):
+    """The jitted value and gradients of loss ``name`` in mode ``compat`` (one compilation serves
+    every batch layout: they share their shapes)."""
+    loss_fn = LOSSES[name][0](compat)
 
-    def f(e, w):
-        return loss_fn(EmbedModel(e, w, jnp.asarray(P)), jb, ref)[0]
+    def f(e, w, batch):
+        ref = EmbedModel(jnp.asarray(E_REF), jnp.asarray(W_REF), jnp.asarray(P_REF))
+        return loss_fn(EmbedModel(e, w, jnp.asarray(P)), batch, ref)[0]
 
-    value, (ge, gw) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(E), jnp.asarray(W))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+def jax_value_and_grads(name, compat, batch):
+    value, (ge, gw) = _compiled(name, compat)(jnp.asarray(E), jnp.asarray(W), batch)
     return float(value), np.asarray(ge), np.asarray(gw)
 
 
@@ -204,23 +213,26 @@ LOSSES = {  # name -> (library loss for a compat mode, reference formula, defaul
 @pytest.mark.parametrize("layout", sorted(FORGET))
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_compat_mode_equals_open_unlearning(name, layout):
-    make, ou, _ = LOSSES[name]
+    _, ou, _ = LOSSES[name]
     batch = with_alternate(layout)
-    got, want = jax_value_and_grads(make(OU), batch), torch_value_and_grads(ou, batch)
+    got, want = jax_value_and_grads(name, OU, batch), torch_value_and_grads(ou, batch)
+    if name == "pdu" and layout in EMPTY:  # the reference's 0/0 gradient is NaN; ours is zero (documented)
+        assert np.isnan(want[2]).all() and not np.abs(got[2]).any() and not np.abs(got[1]).any()
+        got, want = got[:1], want[:1]
     for g, w in zip(got, want):
         assert_close(g, w)
     # the reference's NaN (a mean over no label token) is kept; DPO (log-ratios 0) and UNDIAL
     # (every position counts) stay finite
     assert np.isfinite(want[0]) == (layout not in EMPTY or name in ("dpo", "undial"))
-    assert np.nanmax(np.abs(want[2])) > 0 or layout in EMPTY  # a real gradient reaches W (no vacuous match)
+    assert layout in EMPTY or np.abs(want[2]).max() > 0  # a real gradient reaches W (no vacuous match)
 
 
 @pytest.mark.parametrize("layout", sorted(FORGET))
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_default_mode_equals_the_documented_formula(name, layout):
-    make, ou, default = LOSSES[name]
+    _, ou, default = LOSSES[name]
     batch = with_alternate(layout)
-    got = jax_value_and_grads(make(None), batch)
+    got = jax_value_and_grads(name, None, batch)
     want = torch_value_and_grads(default or _or_zero(ou), batch)
     for g, w in zip(got, want):
         assert_close(g, w)
@@ -234,8 +246,8 @@ def test_the_modes_differ_where_the_reference_counts_other_positions():
     give different values in the two modes, so the parity tests tell the modes apart."""
     batch = with_alternate("ragged_with_empty_row")
     for name in ("undial", "pdu", "dpo"):
-        a = jax_value_and_grads(LOSSES[name][0](None), batch)[0]
-        b = jax_value_and_grads(LOSSES[name][0](OU), batch)[0]
+        a = jax_value_and_grads(name, None, batch)[0]
+        b = jax_value_and_grads(name, OU, batch)[0]
         assert abs(a - b) > 1e-3 * max(abs(a), abs(b)), name
 
 
