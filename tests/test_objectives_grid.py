@@ -23,7 +23,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from step_fixtures import OBJECTIVES as OLD, chain, make_batch, tiny_model
+from step_fixtures import OBJECTIVES as OLD
+from step_fixtures import chain, make_batch, tiny_model
 
 import jax_unlearn as ju
 from jax_unlearn import config, train
