@@ -17,7 +17,8 @@ from jax_unlearn import config as rc
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "demo.yaml")  # run configs; demo.yaml: test_bench
+ALL = sorted(p for p in CONFIGS.rglob("*.yaml")  # run configs; demo.yaml: test_bench; objectives/: test_objectives_cli
+             if p.name != "demo.yaml" and p.relative_to(CONFIGS).parts[0] != "objectives")
 USER = ["model.path=/models/m", "data.forget=forget.jsonl", "data.retain=retain.jsonl"]
 
 # The reference's experiments: configs/experiment/unlearn/{wmdp,rwku}/*.yaml except wmdp/default.yaml

@@ -1,5 +1,5 @@
 """Every objective with every combiner: finite losses, every trainable parameter moves, the
-forget NLL rises under the paper's combiners; and a run of a new objective resumes bit-identically.
+forget NLL rises under the paper's combiners.
 
 The grid shares its compiled programs: one jitted two-gradient function per objective (the
 forget and retain losses and their gradients, as `jax_unlearn.step` computes them) and one
@@ -9,8 +9,8 @@ compilations, not their product. CI runs every new
 objective with ``weighted_sum``, ``pcgrad`` and ``sago``, and one new objective (WGA) with every
 combiner; the full grid (every registered objective, old ones and their variants included, with
 every combiner) is marked ``exhaustive`` (``pytest -m exhaustive tests/test_objectives_grid.py``).
-The real jitted step (`jax_unlearn.step.make_two_grad_step`) runs IdkDPO with SAGO in the resume
-test, through `jax_unlearn.train.unlearn`, with the precomputed reference of both answers.
+The real jitted step (`jax_unlearn.step.make_two_grad_step`) runs IdkDPO with SAGO, and resumes
+bit-identically, through ``jax-unlearn unlearn`` in tests/test_objectives_cli.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from step_fixtures import OBJECTIVES as OLD
 from step_fixtures import chain, make_batch, tiny_model
 
 import jax_unlearn as ju
-from jax_unlearn import config, train
 from jax_unlearn import objectives as obj
 from jax_unlearn import step as st
 from jax_unlearn.combiners import CombinerState, TwoTaskGrads
@@ -159,30 +158,6 @@ def test_the_grid_covers_every_registered_objective_and_combiner():
     names = {o.split("_kl")[0] for o in ALL_OBJECTIVES}
     assert set(obj.OBJECTIVES.names()) <= names
     assert len(ALL_COMBINERS) == 15
-
-
-def _cfg(out, steps: int) -> config.TrainConfig:
-    return config.TrainConfig(output_dir=str(out), batch_size=8, max_steps=steps, save_every=1, progress=False,
-                              export=False, optim=config.OptimConfig(lr=0.02, clip_norm=None),
-                              objective=config.ObjectiveConfig(name="idk_dpo", beta=0.5, reference="precompute"),
-                              combiner=config.CombinerConfig(name="sago"))
-
-
-def test_a_new_objective_resumes_bit_identically(tmp_path):
-    """IdkDPO + SAGO through the run loop with the reference log-probs of both answers
-    precomputed: 2 steps straight equal 1 step, a restart and 1 more, bit for bit."""
-    forget = {k: np.asarray(v) for k, v in _with_alternate(make_batch(21, rows=16), 23).items()}
-    retain = {k: np.asarray(v) for k, v in make_batch(22, rows=16).items()}
-    straight = train.unlearn(tiny_model(), forget, retain, _cfg(tmp_path / "a", 2)).model
-    train.unlearn(tiny_model(), forget, retain, _cfg(tmp_path / "b", 1))
-    resumed = train.unlearn(tiny_model(), forget, retain, _cfg(tmp_path / "b", 2))
-    assert resumed.resumed_from == 1
-    changed = False
-    for a, b, s in zip(jax.tree.leaves(nnx.state(straight)), jax.tree.leaves(nnx.state(resumed.model)),
-                       jax.tree.leaves(nnx.state(tiny_model()))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        changed |= not np.array_equal(np.asarray(a), np.asarray(s))
-    assert changed  # control: the run did train
 
 
 def test_precomputed_reference_covers_both_answers():
