@@ -37,7 +37,11 @@ Every mode reports ``metrics["weight"]``: label tokens (NLL, default KL, default
 with a label token (default NPO/SimNPO), all rows (compat NPO/SimNPO/RMU) or positions
 (compat KL).
 
-`OBJECTIVES` is the registry of objective factories by name (configs and the CLI read it).
+`OBJECTIVES` is the registry of objective factories by name (configs and the CLI read it):
+the paper's ``grad_ascent``, ``grad_diff``, ``npo``, ``simnpo``, ``rmu`` and open-unlearning's
+``dpo``, ``idk_dpo`` (DPO here; its forget batches carry the preferred answers in ``alt_*``
+columns, `ALT`), ``undial``, ``wga``, ``satimp``, ``ce_u``, ``pdu`` (their forget losses in
+`jax_unlearn.token_losses`; docs/reference.md, section 15).
 """
 
 from __future__ import annotations

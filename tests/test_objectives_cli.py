@@ -94,3 +94,16 @@ def test_bad_idk_data_is_refused_before_anything_is_written(workspace, tmp_path,
     assert cli.main(_args(workspace, out, *[c.format(root=workspace) for c in change])) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dpo_without_alternates_is_refused_before_anything_is_written(tmp_path):
+    from step_fixtures import make_batch, tiny_model
+
+    from jax_unlearn import config, train
+
+    rows = {k: np.asarray(v) for k, v in make_batch(1).items()}
+    cfg = config.TrainConfig(output_dir=str(tmp_path / "run"), batch_size=8, max_steps=1, progress=False,
+                             objective=config.ObjectiveConfig(name="idk_dpo"))
+    with pytest.raises(config.ConfigError, match="'idk_dpo' needs the forget set's alternate answers.*data.idk"):
+        train.unlearn(tiny_model(), rows, rows, cfg)
+    assert not (tmp_path / "run").exists()
