@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jax_unlearn.token_math import IGNORE  # label of a position without loss (-100)
+from jax_unlearn.token_math import ALT, IGNORE  # label of a position without loss (-100)
 
 Dataset = Mapping[str, np.ndarray]  # input_ids / attention_mask / labels, each [N, seq]
 log = logging.getLogger("jax_unlearn.data")
@@ -662,6 +662,61 @@ def load_unlearning_sets(forget_path, retain_path, tokenizer, max_length: int, *
     retain = load_set(retain_path, tokenizer, max_length, mode=mode, format=retain_format, options=options,
                       name="retain")
     return forget, retain
+
+
+# ----------------------------------------------------------------------------- DPO's alternate answers
+
+IDK_STREAM = 0x1D4  # the seed stream of the "I don't know" draws (apart from the data order's)
+
+
+def read_idk(path: str | os.PathLike) -> list[str]:
+    """"I don't know" responses: a text file with one response per line (TOFU's ``idk.jsonl``
+    holds plain lines, despite its suffix, and open-unlearning reads it so); each line is
+    stripped, blank lines are skipped. Raises `DataError` for a missing or empty file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.idk: {p} is not a file (expected one \"I don't know\" response per line)")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise DataError(f"data.idk: {p} holds no response (expected one non-blank line per response)")
+    return lines
+
+
+def idk_answers(n: int, responses: Sequence[str], seed: int) -> list[str]:
+    """One response per row, drawn uniformly (with replacement) by a generator seeded with
+    ``(seed, IDK_STREAM)``: fixed for a run, unlike open-unlearning's fresh draw at every visit."""
+    picks = np.random.default_rng([seed, IDK_STREAM]).integers(0, len(responses), n)
+    return [responses[i] for i in picks]
+
+
+def alternate_rows(pairs: Sequence[QAPair], answers: Sequence[str], tokenizer, max_length: int,
+                   options: TokenizeOptions = TokenizeOptions(), *, name: str = "forget") -> dict[str, np.ndarray]:
+    """The ``alt_*`` columns (``token_math.ALT``) of a forget set of QA ``pairs``: each question
+    with its alternate answer ``answers[i]``, tokenised as `tokenize_qa` (``[N, max_length]``)."""
+    if len(pairs) != len(answers):
+        raise DataError(f"the {name} set has {len(pairs)} QA pairs but {len(answers)} alternate answers")
+    rows = tokenize_qa([QAPair(p.question, a) for p, a in zip(pairs, answers)], tokenizer, max_length, options,
+                       name=f"{name} alternate")
+    return {ALT + k: v for k, v in rows.items()}
+
+
+def load_alternates(source, tokenizer, max_length: int, *, idk: str | os.PathLike | None = None, seed: int = 0,
+                    options: TokenizeOptions = TokenizeOptions()) -> dict[str, np.ndarray]:
+    """DPO's alternate answers for the forget QA file ``source`` (its rows as `load_set` makes
+    them, one per pair): with ``idk``, a response of that file per row (`read_idk`,
+    `idk_answers`); else each record's string field ``alternate`` (AltPO's answers)."""
+    name = _source_name(source)
+    records = _nonempty(list(_records(source)), source, name)
+    if not isinstance(records[0][1], Mapping) or "question" not in records[0][1]:
+        raise DataError(f"{_where(records[0][0])}: DPO's alternate answers need a forget set of QA records "
+                        "({\"question\", \"answer\"}); text records have no question to answer otherwise")
+    pairs = [as_qa_pair(rec, loc) for loc, rec in records]
+    if idk is not None:
+        answers = idk_answers(len(pairs), read_idk(idk), seed)
+    else:
+        answers = [as_qa_pair(rec, loc, answer="alternate").answer for loc, rec in records]
+    return alternate_rows(pairs, answers, tokenizer, max_length, options, name="forget")
 
 
 # ----------------------------------------------------------------------------- order

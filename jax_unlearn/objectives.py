@@ -37,7 +37,11 @@ Every mode reports ``metrics["weight"]``: label tokens (NLL, default KL, default
 with a label token (default NPO/SimNPO), all rows (compat NPO/SimNPO/RMU) or positions
 (compat KL).
 
-`OBJECTIVES` is the registry of objective factories by name (configs and the CLI read it).
+`OBJECTIVES` is the registry of objective factories by name (configs and the CLI read it):
+the paper's ``grad_ascent``, ``grad_diff``, ``npo``, ``simnpo``, ``rmu`` and open-unlearning's
+``dpo``, ``idk_dpo`` (DPO here; its forget batches carry the preferred answers in ``alt_*``
+columns, `ALT`), ``undial``, ``wga``, ``satimp``, ``ce_u``, ``pdu`` (their forget losses in
+`jax_unlearn.token_losses`; docs/reference.md, section 15).
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_unlearn import token_losses as tl
 from jax_unlearn.registry import Registry
-from jax_unlearn.token_math import IGNORE, at_least_f32, check_chunk, model_label_logprobs
+from jax_unlearn.token_math import ALT, IGNORE, at_least_f32, check_chunk, model_label_logprobs
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -183,7 +188,7 @@ def reference_logprob(batch: Batch, ref, logit_chunk: int | None = None) -> jax.
     if REF_LOGP in batch:
         return jax.lax.stop_gradient(at_least_f32(jnp.asarray(batch[REF_LOGP])))
     if ref is None:
-        raise ValueError(f"NPO needs the reference's log-probs: a resident reference model or a "
+        raise ValueError(f"NPO and DPO need the reference's log-probs: a resident reference model or a "
                          f"{REF_LOGP!r} batch column (objective.reference: precompute)")
     return jax.lax.stop_gradient(sequence_logprob(ref, batch, logit_chunk))
 
@@ -207,6 +212,48 @@ def npo_loss(beta: float, logit_chunk: int | None = None, compat: str | None = N
         return loss, {"log_ratio": _masked_mean(log_ratio, seq)[0], "weight": n}
 
     return loss_fn
+
+
+def alternate_batch(batch: Batch) -> dict[str, jax.Array]:
+    """The alternate (preferred) answers of a DPO forget batch: its ``alt_*`` columns, unprefixed
+    (``alt_input_ids`` -> ``input_ids``, ``alt_ref_logp`` -> `REF_LOGP`)."""
+    alt = {k[len(ALT):]: v for k, v in batch.items() if k.startswith(ALT)}
+    missing = [k for k in ("input_ids", "labels") if k not in alt]
+    if missing:
+        raise ValueError(f"DPO needs the forget batch's alternate answers: columns {[ALT + k for k in missing]} "
+                         f"are missing (jax_unlearn.data.add_alternates; data.idk for idk_dpo)")
+    return alt
+
+
+def dpo_loss(beta: float, logit_chunk: int | None = None, compat: str | None = None) -> LossFn:
+    """DPO on the forget set with the alternate answer preferred:
+    ``L = -(2/beta) * mean_rows logsigmoid(beta * (r(y_alt) - r(y)))``, ``r(y) = logp_theta(y) -
+    logp_ref(y)`` with sequence log-probs summed over the label tokens (as NPO's, `npo_loss`;
+    the reference's from the batch's `REF_LOGP` / ``alt_ref_logp`` columns when present).
+
+    ``y`` is the forget batch's answer, ``y_alt`` its ``alt_*`` columns (`alternate_batch`).
+    The mean is over the rows whose two answers both have a label token; with
+    ``compat="open_unlearning"`` over every row (an empty answer has ratio 0).
+    """
+    check_chunk(logit_chunk)
+    check_compat(compat)
+
+    def loss_fn(model, batch: Batch, ref) -> tuple[jax.Array, Metrics]:
+        alt = alternate_batch(batch)
+        lose, lose_mask = model_label_logprobs(model, batch, logit_chunk)
+        win, win_mask = model_label_logprobs(model, alt, logit_chunk)
+        lose_ratio = jnp.sum(lose, axis=-1) - reference_logprob(batch, ref, logit_chunk)  # [b]
+        win_ratio = jnp.sum(win, axis=-1) - reference_logprob(alt, ref, logit_chunk)  # [b]
+        rows = _rows_mask_both(lose_mask, win_mask, compat)
+        loss, n = _masked_mean(-(2.0 / beta) * jax.nn.log_sigmoid(beta * (win_ratio - lose_ratio)), rows)
+        return loss, {"log_ratio": _masked_mean(lose_ratio, rows)[0],
+                      "alt_log_ratio": _masked_mean(win_ratio, rows)[0], "weight": n}
+
+    return loss_fn
+
+
+def _rows_mask_both(a: jax.Array, b: jax.Array, compat: str | None) -> jax.Array:
+    return _row_mask(a, compat) if compat else _sequences(a) * _sequences(b)
 
 
 def simnpo_loss(beta: float, delta: float, logit_chunk: int | None = None, compat: str | None = None) -> LossFn:
@@ -318,6 +365,9 @@ class Objective:
       trainable: regex over parameter paths (``"layers.5.mlp.down_proj"``) selecting the
         parameters that train; ``None`` trains all.
       compat: the loss semantics both losses were built with (``None`` or ``"open_unlearning"``).
+      alternates: where the forget batches' alternate answers (`ALT` columns) come from, for
+        DPO: ``"records"`` (each forget QA record's ``alternate`` field), ``"idk"`` (a random
+        line of an "I don't know" file, ``data.idk``) or None (the objective needs none).
     """
 
     name: str
@@ -326,17 +376,21 @@ class Objective:
     needs_reference: bool = False
     trainable: str | None = None
     compat: str | None = None
+    alternates: str | None = None
 
 
-RETAIN_LOSSES = ("nll", "kl")
+RETAIN_LOSSES = ("nll", "kl", "none")
 OBJECTIVES = Registry("objective")
 
 
 def _retain(kind: str, logit_chunk: int | None, compat: str | None = None) -> tuple[LossFn, bool]:
-    """The retain loss ``kind`` (``"nll"``, or ``"kl"`` to the frozen start model, which is
-    computed over the whole vocabulary and so is not chunked) and whether it needs the reference."""
+    """The retain loss ``kind`` (``"nll"``; ``"kl"`` to the frozen start model, which is computed
+    over the whole vocabulary and so is not chunked; ``"none"``: `zero_loss`) and whether it
+    needs the reference."""
     if kind not in RETAIN_LOSSES:
         raise ValueError(f"retain={kind!r} is not supported; expected one of {RETAIN_LOSSES}")
+    if kind == "none":
+        return zero_loss, False
     return (nll_loss(logit_chunk, compat), False) if kind == "nll" else (kl_loss(compat), True)
 
 
@@ -412,3 +466,80 @@ def rmu(
     c = control_vector(hidden_size, steering, seed)
     return Objective("rmu", rmu_forget_loss(layer, c, compat), rmu_retain_loss(layer, compat),
                      needs_reference=True, trainable=trainable, compat=compat)
+
+
+def _dpo(name: str, alternates: str, beta: float, retain: str, logit_chunk: int | None, compat: str | None,
+         reference: str) -> Objective:
+    _positive(f"{name} beta", beta)
+    if reference not in REFERENCES:
+        raise ValueError(f"{name} reference={reference!r} is not supported; expected one of {REFERENCES}")
+    fn, kl = _retain(retain, logit_chunk, compat)
+    if reference == "precompute" and kl:
+        raise ValueError(f"{name} reference='precompute' holds no reference model, but retain='kl' needs the "
+                         "resident one; use retain='nll' or reference='resident'")
+    return Objective(name, dpo_loss(beta, logit_chunk, compat), fn, needs_reference=reference == "resident",
+                     compat=compat, alternates=alternates)
+
+
+@OBJECTIVES.register("dpo")
+def dpo(beta: float = 0.1, retain: str = "nll", logit_chunk: int | None = None, compat: str | None = None,
+        reference: str = "resident") -> Objective:
+    """DPO forget loss (`dpo_loss`) preferring each forget QA record's ``alternate`` answer (AltPO's
+    data, open-unlearning's ``QAwithAlternateDataset``); retain, ``reference`` and ``compat`` as `npo`'s
+    (``"precompute"`` fills both answers' reference log-probs once)."""
+    return _dpo("dpo", "records", beta, retain, logit_chunk, compat, reference)
+
+
+@OBJECTIVES.register("idk_dpo")
+def idk_dpo(beta: float = 0.1, retain: str = "nll", logit_chunk: int | None = None, compat: str | None = None,
+            reference: str = "resident") -> Objective:
+    """IdkDPO: `dpo` whose preferred answer is an "I don't know" response (a line of ``data.idk``,
+    drawn per forget row; open-unlearning's ``QAwithIdkDataset``)."""
+    return _dpo("idk_dpo", "idk", beta, retain, logit_chunk, compat, reference)
+
+
+@OBJECTIVES.register("undial")
+def undial(beta: float = 10.0, retain: str = "nll", logit_chunk: int | None = None,
+           compat: str | None = None) -> Objective:
+    """UNDIAL: self-distillation to the start model's logits with the label's lowered by ``beta``
+    (`token_losses.undial_loss`; always a resident reference: the teacher's whole distribution)."""
+    _positive("undial beta", beta)
+    fn, _ = _retain(retain, logit_chunk, compat)
+    return Objective("undial", tl.undial_loss(beta, compat), fn, needs_reference=True, compat=compat)
+
+
+@OBJECTIVES.register("wga")
+def wga(beta: float = 1.0, retain: str = "nll", logit_chunk: int | None = None, compat: str | None = None) -> Objective:
+    """WGA: gradient ascent weighted per token by ``p^beta`` (`token_losses.wga_loss`)."""
+    _positive("wga beta", beta)
+    fn, needs_ref = _retain(retain, logit_chunk, compat)
+    return Objective("wga", tl.wga_loss(beta, logit_chunk, compat), fn, needs_reference=needs_ref, compat=compat)
+
+
+@OBJECTIVES.register("satimp")
+def satimp(beta1: float = 5.0, beta2: float = 1.0, retain: str = "nll", logit_chunk: int | None = None,
+           compat: str | None = None) -> Objective:
+    """SatImp: gradient ascent weighted per token by ``p^beta1 (1-p)^beta2`` (`token_losses.satimp_loss`)."""
+    _positive("satimp beta1", beta1)
+    _positive("satimp beta2", beta2)
+    fn, needs_ref = _retain(retain, logit_chunk, compat)
+    return Objective("satimp", tl.satimp_loss(beta1, beta2, logit_chunk, compat), fn, needs_reference=needs_ref,
+                     compat=compat)
+
+
+@OBJECTIVES.register("ce_u")
+def ce_u(ignore_first: int = 1, retain: str = "nll", logit_chunk: int | None = None,
+         compat: str | None = None) -> Objective:
+    """CE-U: cross-entropy to the model's own distribution without the true token
+    (`token_losses.ce_u_loss`). open-unlearning's CEU has no retain term: ``retain="none"``."""
+    fn, needs_ref = _retain(retain, logit_chunk, compat)
+    return Objective("ce_u", tl.ce_u_loss(ignore_first, compat), fn, needs_reference=needs_ref, compat=compat)
+
+
+@OBJECTIVES.register("pdu")
+def pdu(retain: str = "nll", logit_chunk: int | None = None, compat: str | None = None) -> Objective:
+    """PDU's losses: forget ``(max_v z - mean_v z)^2`` (`token_losses.pdu_forget_loss`), retain NLL
+    (or KL). Its primal-dual update of the retain weight is not an objective's: the combiner's
+    ``alpha`` stays fixed (docs/reference.md)."""
+    fn, needs_ref = _retain(retain, logit_chunk, compat)
+    return Objective("pdu", tl.pdu_forget_loss(compat), fn, needs_reference=needs_ref, compat=compat)

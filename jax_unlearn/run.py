@@ -25,7 +25,15 @@ from flax import nnx
 
 from jax_unlearn import data, sharding, train
 from jax_unlearn import fingerprint as fpr
-from jax_unlearn.config import ConfigError, RunConfig, check_model_fit, data_template, load_config, to_yaml
+from jax_unlearn.config import (
+    ConfigError,
+    RunConfig,
+    build_objective,
+    check_model_fit,
+    data_template,
+    load_config,
+    to_yaml,
+)
 from jax_unlearn.models import ModelOptions, check_hf, load_hf
 
 CONFIG_NAME = "config.yaml"  # the resolved config, written into every run folder
@@ -82,8 +90,9 @@ def load_model(cfg: RunConfig, peft: str | None = None) -> nnx.Module:
 def _identity(cfg: RunConfig) -> dict:
     """The fingerprint keys of the data section: each file's SHA-256 and every other key."""
     d = cfg.data
-    return {"data.forget.file": fpr.file_digest(d.forget), "data.retain.file": fpr.file_digest(d.retain),
-            **{f"data.{k}": v for k, v in dataclasses.asdict(d).items() if k not in ("forget", "retain")}}
+    idk = {} if d.idk is None else {"data.idk.file": fpr.file_digest(d.idk)}
+    return {"data.forget.file": fpr.file_digest(d.forget), "data.retain.file": fpr.file_digest(d.retain), **idk,
+            **{f"data.{k}": v for k, v in dataclasses.asdict(d).items() if k not in ("forget", "retain", "idk")}}
 
 
 def _restart_dir(out: Path, fingerprint: dict, total: int, length_key: str) -> Path:
@@ -100,19 +109,39 @@ def _restart_dir(out: Path, fingerprint: dict, total: int, length_key: str) -> P
     raise ConfigError(f"no free restart-N sub-directory in {out}")
 
 
-def _load_sets(cfg: RunConfig, tokenizer: Any) -> tuple[data.Dataset, data.Dataset]:
-    """The forget and retain sets; with ``data.template`` QA pairs are open-unlearning's rows."""
-    d, template, encoder = cfg.data, data_template(cfg), None
-    if template is not None:
-        from jax_unlearn.eval.ou_scoring import qa_row
+def _qa_encoder(cfg: RunConfig, tokenizer: Any):
+    """With ``data.template``: a QA pair's ``(prompt ids, answer ids)`` as open-unlearning's rows; else None."""
+    template = data_template(cfg)
+    if template is None:
+        return None
+    from jax_unlearn.eval.ou_scoring import qa_row
 
-        def encoder(question: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-            row = qa_row(tokenizer, question, answer, template=template, max_length=d.max_length)
-            return row.context, row.target
+    def encoder(question: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        row = qa_row(tokenizer, question, answer, template=template, max_length=cfg.data.max_length)
+        return row.context, row.target
 
-    return data.load_unlearning_sets(d.forget, d.retain, tokenizer, d.max_length, mode=d.mode,
-                                     forget_format=d.forget_format, retain_format=d.retain_format,
-                                     options=data.TokenizeOptions(chunk_bos=d.chunk_bos, qa_encoder=encoder))
+    return encoder
+
+
+def _load_sets(cfg: RunConfig, tokenizer: Any, hidden_size: int) -> tuple[data.Dataset, data.Dataset]:
+    """The tokenised sets (with ``data.template`` QA pairs are open-unlearning's rows); the forget
+    set with DPO's alternate answers (``alt_*`` columns) when the objective prefers them
+    (``data.idk`` for ``idk_dpo``, the records' ``alternate`` for ``dpo``)."""
+    d = cfg.data
+    alternates = build_objective(cfg.objective, hidden_size).alternates
+    if alternates == "idk" and d.idk is None:
+        raise ConfigError(f"objective {cfg.objective.name!r} needs 'data.idk': a file of \"I don't know\" "
+                          "responses, one per line")
+    if d.idk is not None and alternates != "idk":
+        raise ConfigError(f"'data.idk' applies to objective 'idk_dpo' only, not {cfg.objective.name!r}; remove it")
+    options = data.TokenizeOptions(chunk_bos=d.chunk_bos, qa_encoder=_qa_encoder(cfg, tokenizer))
+    forget, retain = data.load_unlearning_sets(d.forget, d.retain, tokenizer, d.max_length, mode=d.mode,
+                                               forget_format=d.forget_format, retain_format=d.retain_format,
+                                               options=options)
+    if alternates is not None:
+        forget = {**forget, **data.load_alternates(d.forget, tokenizer, d.max_length, idk=d.idk, seed=cfg.seed,
+                                                   options=options)}
+    return forget, retain
 
 
 def prepare(cfg: RunConfig, *, restart: bool = False) -> Prepared:
@@ -135,7 +164,7 @@ def prepare(cfg: RunConfig, *, restart: bool = False) -> Prepared:
     check_model_fit(cfg, model_cfg)
     tok_path = cfg.model.tokenizer or cfg.model.path
     tokenizer = data.load_tokenizer(tok_path)
-    forget, retain = _load_sets(cfg, tokenizer)
+    forget, retain = _load_sets(cfg, tokenizer, model_cfg.hidden_size)
     d = cfg.data
     sources = {name: f"data.{name}={path} tokenised by {tok_path} with data.max_length={d.max_length}, "
                      f"data.mode={d.mode}" for name, path in (("forget", d.forget), ("retain", d.retain))}

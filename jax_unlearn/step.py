@@ -206,25 +206,37 @@ def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *,
     row's ``log p_model(y)`` summed over its label tokens (`objectives.sequence_logprob`).
 
     Run once on the forget set with the start model before training, it lets NPO
-    (``npo(reference="precompute")``) train without a resident reference model. One jitted
+    (``npo(reference="precompute")``) train without a resident reference model; a set with
+    DPO's alternate answers (``alt_*`` columns) also gets ``alt_ref_logp``, theirs. One jitted
     forward pass per ``batch_size`` rows (the last batch padded with label-free rows);
     ``sharding`` (e.g. `jax_unlearn.sharding.batch_sharding`) splits each batch's rows over a
     mesh, with the model's activation constraints on; the model is used where it lives
     (load it sharded for a large one). ``logit_chunk`` as in the objective.
     """
-    n = len(data["input_ids"])
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     graphdef, state = nnx.split(model)
-    keys = [k for k in ("input_ids", "attention_mask", "labels") if k in data]
 
     def row_logp(state, batch):
         return objectives.sequence_logprob(nnx.merge(graphdef, state), batch, logit_chunk)
 
     fn = jax.jit(on_mesh(row_logp, mesh_of(sharding)))  # placed where its arguments are
+    out = {**data, objectives.REF_LOGP: _sequence_logprobs(fn, state, data, "", batch_size, sharding)}
+    if objectives.ALT + "input_ids" in data:  # DPO's alternate answers: their reference log-probs too
+        out[objectives.ALT + objectives.REF_LOGP] = _sequence_logprobs(fn, state, data, objectives.ALT, batch_size,
+                                                                        sharding)
+    return out
+
+
+def _sequence_logprobs(fn, state, data: Mapping[str, np.ndarray], prefix: str, batch_size: int, sharding
+                       ) -> np.ndarray:
+    """``fn(state, rows)`` over the columns ``prefix + input_ids / attention_mask / labels`` of
+    ``data``, ``batch_size`` rows at a time (the last batch padded with label-free rows): ``[N]``."""
+    n = len(data[prefix + "input_ids"])
+    keys = [k for k in ("input_ids", "attention_mask", "labels") if prefix + k in data]
     out = np.empty((n,), np.float32)
     for start in range(0, n, batch_size):
-        rows = {k: np.asarray(data[k][start:start + batch_size]) for k in keys}
+        rows = {k: np.asarray(data[prefix + k][start:start + batch_size]) for k in keys}
         got = len(rows["input_ids"])
         if got < batch_size:  # pad: no attention, no labels -> log-prob 0, dropped below
             pad = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE}
@@ -233,7 +245,7 @@ def add_reference_logprobs(model: nnx.Module, data: Mapping[str, np.ndarray], *,
         if sharding is not None:
             rows = global_batch(rows, sharding)
         out[start:start + got] = np.asarray(jax.device_get(fn(state, rows)))[:got]
-    return {**data, objectives.REF_LOGP: out}
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "stacked"))

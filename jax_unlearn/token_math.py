@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 IGNORE = -100  # label of a position without loss
+ALT = "alt_"  # prefix of a forget set's alternate-answer columns (DPO): alt_input_ids, alt_labels, ...
 
 
 def at_least_f32(x: jax.Array) -> jax.Array:

@@ -210,6 +210,37 @@ def test_runner_trajectory_points_equal_shorter_runs_and_reuse_one_compiled_step
     assert 0.0 < long.points[1]["conflict_fraction"] < 1.0  # real gradients: some coordinates conflict, not all
 
 
+def test_world_alternates_change_only_the_value_and_keep_the_world(tiny):
+    """DPO's preferred answers on the world: one per forget text, the same text with its value
+    replaced (an in-vocabulary "I don't know", or another value of the attribute), drawn from a
+    stream of their own: the world's texts, and so its tokenizer and models, are unchanged."""
+    w, tok = tiny.world, tiny.tokenizer
+    again = make_world(TINY_WORLD)
+    assert again.texts("forget") == w.texts("forget") and again.probes() == w.probes()
+    texts = w.texts("forget")
+    for kind in ("idk", "records"):
+        alt = w.alternate_texts("forget", kind)
+        assert alt == again.alternate_texts("forget", kind) and len(alt) == len(texts)
+        for a, t in zip(alt, texts):
+            head = t.rsplit(" ", 2)[0] if t.endswith(" .") else t.rsplit(" ", 1)[0]  # the text before its value
+            assert a.startswith(head + " ") and a != t
+        assert len(set(alt)) > len(set(texts)) // 2  # drawn per text, not one constant answer
+        rows = text_rows(tok, alt, name="alternate")
+        assert not np.any(rows["input_ids"] == tok.unk_token_id)  # every word is in the world's vocabulary
+    assert set(bc.bench_objectives()) >= {"dpo", "idk_dpo", "undial", "wga", "satimp", "ce_u", "pdu"}
+
+
+def test_idk_dpo_forgets_on_the_world(tiny):
+    w, tok = tiny.world, tiny.tokenizer
+    forget, retain = text_rows(tok, w.texts("forget")), text_rows(tok, w.texts("retain"))
+    forget = {**forget, **{"alt_" + k: v for k, v in text_rows(tok, w.alternate_texts("forget", "idk")).items()}}
+    r = Runner(tiny.model, ObjectiveConfig(name="idk_dpo", beta=1.0), CombinerConfig(name="sago"))
+    assert r.obj.alternates == "idk"
+    traj = r.run(forget, retain, probe_rows(tok, w.probes()), lr=4e-3, steps=8, eval_every=8, batch_size=8, seed=0)
+    assert traj.points[-1]["forget_acc"] < traj.points[0]["forget_acc"]
+    assert np.isfinite(traj.points[-1]["forget_loss"]) and np.isfinite(traj.points[-1]["retain_loss"])
+
+
 def test_runner_with_lora_trains_only_the_adapters(tiny):
     """``lora.rank``: the compiled step's state holds the adapters alone, the pretrained model is
     untouched, and the adapters (at a LoRA-sized learning rate) do forget."""

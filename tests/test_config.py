@@ -74,12 +74,13 @@ def test_a_key_the_chosen_factory_does_not_take_is_an_error(override, message):
 def test_registries_list_the_library_objects_and_refuse_duplicates():
     assert COMBINERS.names() == ("weighted_sum", "pcgrad", "sago", "blur", "gru", "ngdiff", "mgda", "cagrad",
                                  "nash_mtl", "imtl_g", "aligned_mtl", "upgrad", "dual_proj", "grad_vac", "con_fig")
-    assert OBJECTIVES.names() == ("grad_ascent", "grad_diff", "npo", "simnpo", "rmu")
+    assert OBJECTIVES.names() == ("grad_ascent", "grad_diff", "npo", "simnpo", "rmu", "dpo", "idk_dpo", "undial",
+                                  "wga", "satimp", "ce_u", "pdu")
     assert COMBINERS.get("sago") is ju.sago
     with pytest.raises(ValueError, match="combiner 'sago' is already registered"):
         COMBINERS.register("sago", half_retain)
-    with pytest.raises(ValueError, match="unknown objective 'dpo'; known: grad_ascent"):
-        OBJECTIVES.get("dpo")
+    with pytest.raises(ValueError, match="unknown objective 'kto'; known: grad_ascent"):
+        OBJECTIVES.get("kto")
 
 
 def test_schedule_is_a_settable_number_when_constant_and_warmup_steps_override_the_ratio():

@@ -18,7 +18,7 @@ from jax_unlearn import config as rc
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 ALL = sorted(p for d in ("wmdp", "rwku", "extra") for p in (CONFIGS / d).rglob("*.yaml"))  # the paper configs
-# (configs/tofu, configs/muse: test_configs_benchmarks.py; demo.yaml: test_bench)
+# (configs/tofu, configs/muse: test_configs_benchmarks.py; objectives/: test_objectives_cli; demo.yaml: test_bench)
 USER = ["model.path=/models/m", "data.forget=forget.jsonl", "data.retain=retain.jsonl"]
 
 # The reference's experiments: configs/experiment/unlearn/{wmdp,rwku}/*.yaml except wmdp/default.yaml

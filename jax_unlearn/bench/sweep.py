@@ -48,6 +48,7 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     from jax_unlearn.bench.evaluate import evaluate, gold_reference
     from jax_unlearn.bench.runs import Runner
     from jax_unlearn.bench.tokens import probe_rows, text_rows
+    from jax_unlearn.token_math import ALT
 
     cfg.check()
     t0 = time.perf_counter()
@@ -63,6 +64,9 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     for seed, (pre, gold_model) in zip(cfg.worlds, models):
         tok, w = pre.tokenizer, pre.world
         forget, retain = text_rows(tok, w.texts("forget"), name="forget"), text_rows(tok, w.texts("retain"), name="retain")
+        alternates = {kind: {**forget, **{ALT + k: v for k, v in text_rows(tok, w.alternate_texts("forget", kind),
+                                                                           name="alternate").items()}}
+                      for kind in ("idk", "records")}  # DPO's forget rows: with their preferred answers
         probes = probe_rows(tok, w.probes())
         gold = gold_reference(gold_model.model, probes)
         worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info,
@@ -75,7 +79,8 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
             if runner_key != (obj_cfg, comb_cfg):
                 runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg, cfg.lora), (obj_cfg, comb_cfg)
             lr, steps, every = cfg.schedule(value)
-            traj = runner.run(forget, retain, probes, lr=lr, steps=steps, eval_every=every,
+            rows = forget if runner.obj.alternates is None else alternates[runner.obj.alternates]
+            traj = runner.run(rows, retain, probes, lr=lr, steps=steps, eval_every=every,
                               batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold)
             for point in traj.points:
                 runs.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,

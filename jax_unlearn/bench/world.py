@@ -55,6 +55,11 @@ TOOLS = ("board", "rod", "oar", "wheel", "bow", "pen", "spade", "rope", "needle"
 WORKPLACES = ("bakery", "airport", "hospital", "field", "court", "shop", "mine", "harbour", "studio", "clinic",
               "school", "laboratory")  # per occupation
 
+# "I don't know" in the world's own words (every token is in the benchmark vocabulary, so the
+# tokenizer and the pretrained models do not change), and the seed stream that draws them
+IDK_RESPONSES = ("?", "a ?", "the ?", "? ?")
+ALT_STREAM = 0x1D4
+
 _SYLLABLES_A = ("Ar", "Be", "Ca", "Do", "El", "Fa", "Ga", "Ha", "Is", "Jo", "Ka", "Li", "Mo", "Ne", "Or", "Pa",
                 "Ri", "Sa", "Tu", "Va", "Wy", "Ze")
 _SYLLABLES_B = ("lo", "ra", "ven", "mir", "tis", "don", "nia", "bel", "rik", "sen", "lan", "dor", "mus", "pha",
@@ -178,6 +183,24 @@ class World:
             v = person.facts[attr]
             out += [t.format(n=person.name, v=v) for t in STATEMENTS[attr]]
             out.append(f"{QUESTIONS[attr].format(n=person.name)} {v}")
+        return out
+
+    def alternate_texts(self, split: Split, kind: Literal["idk", "records"] = "idk") -> list[str]:
+        """DPO's preferred answers, one per text of `texts` (same order): each text with its value
+        replaced by an "I don't know" response of `IDK_RESPONSES` (``kind="idk"``, IdkDPO) or by
+        another value of the same attribute (``"records"``, AltPO-style alternates for ``dpo``).
+        Drawn from their own generator (``(seed, ALT_STREAM)``): the world itself, its texts and
+        every model trained on it stay as they were."""
+        rng = np.random.default_rng([self.config.seed, ALT_STREAM])
+        out = []
+        for p in self.persons(split):
+            for attr in ATTRIBUTES:
+                v = p.facts[attr]
+                others = [x for x in VALUES[attr] if x != v]
+                for t in (*STATEMENTS[attr], QUESTIONS[attr] + " {v}"):  # the lines of `person_texts`
+                    alt = (IDK_RESPONSES[rng.integers(len(IDK_RESPONSES))] if kind == "idk"
+                           else others[rng.integers(len(others))])
+                    out.append(t.format(n=p.name, v=alt))
         return out
 
     def general_texts(self) -> list[str]:

@@ -99,16 +99,21 @@ class CombinerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` and
-    ``logit_chunk`` for the log-likelihood objectives, ``beta`` for NPO/SimNPO, ``delta`` for
-    SimNPO, ``reference`` for NPO (``resident``: a frozen copy of the start model;
-    ``precompute``: its sequence log-probs computed once into the forget set, one model held),
-    ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat`` for all
-    (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
+    """Which objective (a name of `objectives.OBJECTIVES`) and its settings: ``retain`` (``nll``,
+    ``kl`` or ``none``) and ``logit_chunk`` for the log-likelihood objectives, ``beta`` for
+    NPO/SimNPO/DPO/IdkDPO/UNDIAL/WGA (this key's default, 0.1, applies to all of them:
+    open-unlearning's UNDIAL uses 10, its WGA 1), ``delta`` for SimNPO, ``beta1``/``beta2`` for
+    SatImp, ``ignore_first`` for CE-U, ``reference`` for NPO/DPO/IdkDPO (``resident``: a frozen
+    copy of the start model; ``precompute``: its sequence log-probs computed once into the
+    forget set, one model held), ``layer``/``steering``/``trainable``/``seed`` for RMU; ``compat``
+    for all (``"open_unlearning"``: the reference code's loss semantics, see `jax_unlearn.objectives`)."""
 
     name: str = "grad_diff"
-    retain: Literal["nll", "kl"] = "nll"
+    retain: Literal["nll", "kl", "none"] = "nll"
     beta: float = 0.1
+    beta1: float = 5.0
+    beta2: float = 1.0
+    ignore_first: int = 1
     delta: float = 0.0
     layer: int = 7
     steering: float = 2.0
@@ -213,7 +218,9 @@ class DataSection:
     ``chunk_bos``: packed chunks get the reference's masked BOS (`data.TokenizeOptions`);
     ``template``: QA pairs become open-unlearning's rows for that model (its ``template_args``:
     ``apply_chat_template``, ``system_prompt``, ``date_string``, ``user_start_tag``, ...; see
-    `jax_unlearn.eval.ou_scoring.PromptTemplate`) instead of ``Question: ...\nAnswer: ...``."""
+    `jax_unlearn.eval.ou_scoring.PromptTemplate`) instead of ``Question: ...\nAnswer: ...``;
+    ``idk``: IdkDPO's "I don't know" responses, one per line (`data.read_idk`; only with
+    ``objective.name: idk_dpo``, which needs it)."""
 
     forget: str = MISSING
     retain: str = MISSING
@@ -223,6 +230,7 @@ class DataSection:
     retain_format: Literal["auto", "text", "qa"] = "auto"
     chunk_bos: bool = False
     template: dict[str, Any] | None = None
+    idk: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

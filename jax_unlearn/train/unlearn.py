@@ -38,6 +38,7 @@ from jax_unlearn.config import (
     step_config,
 )
 from jax_unlearn.data import Dataset, PairedBatches
+from jax_unlearn.token_math import ALT
 
 from .checkpoints import Checkpointer, restore_newest, saved, tree_spec
 from .export import export_adapter, export_model
@@ -103,9 +104,15 @@ def check_run(cfg: TrainConfig, model_config: Any, forget: Dataset, retain: Data
         raise ConfigError(f"'batch_size' is {cfg.batch_size}, more than the forget set's {n_forget} rows"
                           f"{where('forget')}; use batch_size <= {n_forget} or more forget data")
     total = total_steps(cfg, PairedBatches(forget, retain, cfg.batch_size, cfg.seed).steps_per_epoch)
+    alternates = build_objective(cfg.objective, model_config.hidden_size).alternates
+    if alternates is not None and ALT + "input_ids" not in forget:
+        raise ConfigError(f"objective {cfg.objective.name!r} needs the forget set's alternate answers (columns "
+                          f"'{ALT}input_ids', '{ALT}attention_mask', '{ALT}labels': jax_unlearn.data.load_alternates"
+                          f"{', from data.idk' if alternates == 'idk' else ''})")
     positions = model_config.max_position_embeddings
-    for name, rows in (("forget", forget), ("retain", retain)):
-        ids = np.asarray(rows["input_ids"])
+    sets = [("forget", forget, "input_ids"), ("retain", retain, "input_ids")]
+    for name, rows, key in sets + ([("forget", forget, ALT + "input_ids")] if ALT + "input_ids" in forget else []):
+        ids = np.asarray(rows[key])
         if ids.shape[1] > positions:
             raise ConfigError(f"the {name} rows hold {ids.shape[1]} tokens, more than the model's "
                               f"max_position_embeddings={positions}; use data.max_length <= {positions}")
