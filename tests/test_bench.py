@@ -537,6 +537,10 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     for criterion in ("gold", "fixed"):
         assert "sago - weighted_sum" in results["paired"][criterion]["grad_diff"]
         assert f"({criterion} criterion" in printed
+    robust = results["paired_robustness"]["gold"]  # the robustness columns' paired differences too
+    assert {"relearn_forget_acc", "int4_forget_acc", "paraphrase_forget_acc"} <= set(robust)
+    assert "sago - weighted_sum" in robust["int4_forget_acc"]["grad_diff"]
+    assert "Paired differences of int4_forget_acc" in printed
     before = (out / "results.json").read_bytes()
     assert cli.main(["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "combiners=[nope]"]) == 2
     assert "allowed values" in capsys.readouterr().err
