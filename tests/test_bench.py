@@ -39,7 +39,7 @@ TINY = ["world.people=24", "world.forget=4", "world.retain=10", "world.unseen=4"
         "world.last_names=6", "model.hidden=32", "model.layers=2", "model.heads=2", "model.kv_heads=1",
         "model.intermediate=64", "pretrain.max_steps=800", "pretrain.batch_size=32", "pretrain.lr=1e-2",
         "pretrain.warmup=20", "pretrain.eval_every=100", "grid.values=[4e-3,2e-3]", "grid.steps=6",
-        "grid.evals=3", "batch_size=8"]
+        "grid.evals=3", "batch_size=8", "robustness.quantize=[int4]"]  # one scheme: fewer compilations
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
