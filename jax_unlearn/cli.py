@@ -64,7 +64,15 @@ def _check_writable(path: Path, what: str, folder: bool) -> None:
 
 
 def format_table(results: dict) -> str:
-    """Results of `jax_unlearn.eval.suite.EvalSuite.run` as a two-column text table."""
+    """Results of `jax_unlearn.eval.suite.EvalSuite.run` as a two-column text table (the
+    robustness attacks' results under their attack's name)."""
+    rows = _table_rows(results)
+    for attack, r in results.get("robustness", {}).items():
+        rows += [(f"[{attack}] {k}", v) for k, v in _table_rows(r)]
+    return rows
+
+
+def _table_rows(results: dict) -> list[tuple[str, str]]:
     rows = []
     for path, r in results.get("multiple_choice", {}).items():
         rows.append((f"MC accuracy  {path}", f"{r['accuracy']:.4f}  (n={r['n']})"))
@@ -76,11 +84,7 @@ def format_table(results: dict) -> str:
         rows.append((f"MIA AUROC  {attack}", f"{v:.4f}"))
     for path, r in results.get("perplexity", {}).items():
         rows.append((f"perplexity  {path}", f"{r['perplexity']:.4f}  ({r['tokens']} tokens)"))
-    if not rows:
-        return "(no results)"
-    width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 24)
-    return "\n".join([f"{'metric':<{width}}  value", line] + [f"{k:<{width}}  {v}" for k, v in rows])
+    return rows
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -135,17 +139,27 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from jax_unlearn.data import load_tokenizer
+    from jax_unlearn.eval.robustness import parse_scheme
     from jax_unlearn.eval.suite import EvalSuite
 
-    if not (args.mc or args.qa or args.mia_forget or args.mia_holdout or args.perplexity or args.tofu or args.muse):
+    if not (args.mc or args.qa or args.mia_forget or args.mia_holdout or args.perplexity or args.paraphrase_mc
+            or args.paraphrase_qa or args.tofu or args.muse):
         raise CLIError("eval: nothing to evaluate; give --mc, --qa, --perplexity, --mia-forget with --mia-holdout, "
-                       "--tofu or --muse")
+                       "--tofu or --muse"
+                       + (" (the robustness attacks re-run those metrics)" if args.relearn or args.relearn_benign
+                          or args.quantize else ""))
     if (args.retain_logs or args.template) and not (args.tofu or args.muse):
         raise CLIError("eval: --retain-logs and --template apply to --tofu / --muse; neither is given")
+    for scheme in args.quantize:
+        try:
+            parse_scheme(scheme)
+        except ValueError as err:
+            raise CLIError(f"eval: --quantize {scheme}: {err}") from None
     if (args.mia_forget is None) != (args.mia_holdout is None):
         raise CLIError("eval: --mia-forget and --mia-holdout go together")
-    for path in [*args.mc, *args.qa, *args.perplexity, *filter(None, [args.mia_forget, args.mia_holdout,
-                                                                      args.retain_logs, args.template])]:
+    for path in [*args.mc, *args.qa, *args.perplexity, *args.paraphrase_mc, *args.paraphrase_qa,
+                 *filter(None, [args.mia_forget, args.mia_holdout, args.relearn, args.relearn_benign,
+                                args.retain_logs, args.template])]:
         if not Path(path).is_file():
             raise CLIError(f"eval: file {path} does not exist")
     if args.peft is not None and not Path(args.peft).is_dir():
@@ -159,11 +173,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"eval: {flag} {source} is not a folder (expected the benchmark's files, or hub:NAME)")
     suite = EvalSuite(mc=tuple(args.mc), qa=tuple(args.qa), mia_forget=args.mia_forget, mia_holdout=args.mia_holdout,
                       perplexity=tuple(args.perplexity), num_fewshot=args.num_fewshot, subject=args.subject,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, fewshot=args.fewshot)
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
+                      relearn=args.relearn, relearn_benign=args.relearn_benign, relearn_steps=args.relearn_steps,
+                      relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size,
+                      relearn_max_length=args.relearn_max_length, relearn_seed=args.relearn_seed,
+                      quantize=tuple(args.quantize), paraphrase_mc=tuple(args.paraphrase_mc),
+                      paraphrase_qa=tuple(args.paraphrase_qa))
     benchmarks = _benchmarks(args)  # reads the TOFU/MUSE files and the template first: a typo shows now
     tok = load_tokenizer(args.tokenizer or args.model)
     model = _load_model(args.model, args.dtype, peft=args.peft)
-    results = suite.run(model, tok) if suite.enabled() else {}
+    asked = args.mc or args.qa or args.mia_forget or args.perplexity or args.paraphrase_mc or args.paraphrase_qa
+    results = suite.run(model, tok) if asked else {}
     if results:
         print(format_table(results))
     for name, (evaluate, table) in benchmarks.items():
@@ -384,6 +404,17 @@ def _int_at_least(least: int):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 EPILOG = textwrap.dedent(f"""\
     exit status: 0 done, {EXIT_FAILURE} failed (non-finite step, I/O, unexpected error), {EXIT_USAGE} usage or input
     error (nothing written), {EXIT_INTERRUPTED} interrupted by SIGTERM/SIGINT with a checkpoint saved (rerun to
@@ -513,6 +544,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewshot", metavar="FILE", help="multiple-choice file of solved examples (e.g. the dev split)")
     p.add_argument("--subject", help="subject for --mc questions without one (e.g. biology)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="rows per forward pass (default 8)")
+    g = p.add_argument_group("robustness attacks (each re-runs the metrics above on an attacked copy of the model)")
+    g.add_argument("--relearn", metavar="FILE", help="texts (part of the forget set) to fine-tune a copy on")
+    g.add_argument("--relearn-benign", metavar="FILE", help="benign texts (retain / general) to fine-tune a copy on")
+    g.add_argument("--relearn-steps", type=_int_at_least(1), default=10, help="fine-tuning steps (default 10)")
+    g.add_argument("--relearn-lr", type=_positive_float, default=1e-5, help="Adam learning rate (default 1e-5)")
+    g.add_argument("--relearn-batch-size", type=_int_at_least(1), default=4, help="rows per step (default 4)")
+    g.add_argument("--relearn-max-length", type=_int_at_least(1), default=128,
+                   help="tokens per fine-tuning row (longer texts are cut; default 128)")
+    g.add_argument("--relearn-seed", type=int, default=0, help="data order (default 0)")
+    g.add_argument("--quantize", action="append", default=[], metavar="SCHEME",
+                   help="round-to-nearest weight-only quantization of the linear layers: int8, int4 (per channel), "
+                        "int4_g128 (per group of 128 inputs), ... (repeatable)")
+    g.add_argument("--paraphrase-mc", action="append", default=[], metavar="FILE",
+                   help="multiple-choice file asking the forget facts in templates never trained on (repeatable)")
+    g.add_argument("--paraphrase-qa", action="append", default=[], metavar="FILE",
+                   help="QA probe file asking the forget facts in templates never trained on (repeatable)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=32,
                    help="generation budget for --qa (default 32)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,

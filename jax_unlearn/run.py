@@ -207,7 +207,7 @@ def execute(prepared: Prepared) -> train.RunResult:
     from jax_unlearn.eval.suite import flatten
 
     p, cfg = prepared, prepared.cfg
-    during = None if cfg.eval.every is None else (lambda m: flatten(p.suite.run(m, p.tokenizer)))
+    during = None if cfg.eval.every is None else (lambda m: flatten(p.suite.run(m, p.tokenizer, attacks=False)))
     result = train.unlearn(p.model, p.forget, p.retain, cfg.train_config(), tokenizer=p.tokenizer,
                            identity=p.identity, record={CONFIG_NAME: to_yaml(cfg)}, evaluate=during,
                            eval_every=cfg.eval.every, base_model=cfg.model.path, donate_model=True)

@@ -15,7 +15,8 @@ ALLOWED = {  # narrower than "any lower layer", as docs/architecture.md's table 
     "combiners": {"registry"}, "accumulate": {"combiners"}, "token_losses": {"token_math"},
     "objectives": {"registry", "token_math", "token_losses"},
     "data": {"token_math"}, "step": {"combiners", "accumulate", "objectives"}, "sharding": {"models"},
-    "eval": {"eval", "data", "token_math", "models", "step"},  # step: per_example_grad_norms (GradNorm MIA)
+    "eval": {"eval", "data", "token_math", "models", "step", "objectives"},  # step: per_example_grad_norms (GradNorm
+    # MIA), make_step (the relearning attack); objectives: nll (the relearning loss)
 }
 
 

@@ -19,7 +19,16 @@ from jax_unlearn.bench import pretrain as pt
 from jax_unlearn.bench import report, sweep
 from jax_unlearn.bench.runs import Runner
 from jax_unlearn.bench.tokens import PAD, SEQ, probe_rows, text_rows
-from jax_unlearn.bench.world import ATTRIBUTES, GENERAL, QUESTIONS, VALUES, WorldConfig, make_world
+from jax_unlearn.bench.world import (
+    ATTRIBUTES,
+    GENERAL,
+    PARAPHRASES,
+    QUESTIONS,
+    STATEMENTS,
+    VALUES,
+    WorldConfig,
+    make_world,
+)
 from jax_unlearn.config import CombinerConfig, ConfigError, ObjectiveConfig, load_config
 from jax_unlearn.token_math import IGNORE
 
@@ -30,7 +39,7 @@ TINY = ["world.people=24", "world.forget=4", "world.retain=10", "world.unseen=4"
         "world.last_names=6", "model.hidden=32", "model.layers=2", "model.heads=2", "model.kv_heads=1",
         "model.intermediate=64", "pretrain.max_steps=800", "pretrain.batch_size=32", "pretrain.lr=1e-2",
         "pretrain.warmup=20", "pretrain.eval_every=100", "grid.values=[4e-3,2e-3]", "grid.steps=6",
-        "grid.evals=3", "batch_size=8"]
+        "grid.evals=3", "batch_size=8", "robustness.quantize=[int4]"]  # one scheme: fewer compilations
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -87,6 +96,34 @@ def test_texts_and_probes_cover_every_fact_and_keep_unseen_people_out_of_pretrai
     # general facts are about the same cities and animals the people's facts name
     assert {s for rel, s, _ in w.general_facts if rel in ("country", "food", "sound")} == (
         set(VALUES["city"]) | set(VALUES["pet"]))
+
+
+def test_paraphrases_are_held_out_templates_in_the_tokenizers_words_and_forget_halves_split():
+    w = make_world(TINY_WORLD)
+    trained = {t for ts in STATEMENTS.values() for t in ts} | set(QUESTIONS.values()) | {g[1] for g in GENERAL.values()}
+    assert set(PARAPHRASES) == set(ATTRIBUTES) and not set(PARAPHRASES.values()) & trained
+    texts = w.all_texts()
+    plain, context = w.paraphrase_probes(), w.paraphrase_probes(context=True)
+    assert len(plain) == len(context) == len(w.people) * len(ATTRIBUTES)
+    for probe in plain + context:  # no training text asks this question (nor contains the prompt)
+        question = probe.prompt[probe.prompt.index("Q :"):]
+        assert not any(question in t for t in texts)
+    vocab = {word for t in texts for word in t.split()}  # the word-level tokenizer's words
+    assert all(word in vocab for p in context for word in p.prompt.split())
+    for p, c in zip(plain, context):  # the context states another fact of the same person, then the question
+        assert c.prompt.endswith(p.prompt) and c.answer == p.answer and c.subject == p.subject
+        assert c.prompt[:-len(p.prompt)].strip() in texts and c.prompt.startswith(p.subject)
+    # the world itself is unchanged: probes and texts do not include paraphrases
+    assert not {p.prompt for p in plain} & {p.prompt for p in w.probes()}
+    seen, unseen = w.forget_halves()
+    assert (len(seen), len(unseen)) == (TINY_WORLD.forget // 2, TINY_WORLD.forget - TINY_WORLD.forget // 2)
+    assert sorted(p.name for p in seen + unseen) == sorted(p.name for p in w.persons("forget"))
+    assert w.forget_halves() == (seen, unseen)  # deterministic
+    worlds = [make_world(dataclasses.replace(TINY_WORLD, forget=10, retain=8, seed=k)) for k in range(4)]
+    assert any([p.name for p in v.forget_halves()[0]] != [p.name for p in v.persons("forget")[:5]] for v in worlds)
+    assert w.person_probes(unseen) == [p for p in w.probes() if p.subject in {q.name for q in unseen}]
+    with pytest.raises(ValueError, match="world.forget >= 2"):
+        make_world(dataclasses.replace(TINY_WORLD, forget=1)).forget_halves()
 
 
 def test_default_world_has_at_least_100_probes_per_group():
@@ -393,10 +430,69 @@ def test_demo_yaml_is_the_built_in_demo_config():
     ("gold_tolerance=2", "'gold_tolerance' must lie in [0, 1], got 2"),
     ("lora.rank=0", "'lora.rank' is 0"),
     ("lora.targets=[qkv]", "'lora.targets' is ['qkv']"),
+    ("robustness.quantize=[int4,fp8]", "robustness.quantize: quantization scheme 'fp8'"),
+    ("robustness.relearn_steps=0", "robustness.relearn_steps must be an integer >= 1"),
+    ("robustness.relearn_lr=0", "robustness.relearn_lr must be a finite number > 0"),
+    ("robustness.relearn_batch_size=200", "'robustness.relearn_batch_size'=200 exceeds the 150 rows"),
+    ("world.forget=1 batch_size=8", "world.forget=1 needs to be >= 2"),
 ])
 def test_bench_config_errors_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("(", r"\(")):
-        load_config(None, [override], schema=bc.BenchConfig)
+        load_config(None, override.split(), schema=bc.BenchConfig)
+
+
+# ----------------------------------------------------------------------------- robustness attacks
+
+
+def _gradient_ascent(model, rows, steps, lr):
+    """``steps`` Adam steps that *raise* the NLL of ``rows``: shallow unlearning."""
+    import optax
+
+    from jax_unlearn import step as st
+    from jax_unlearn.data import EpochBatches
+    from jax_unlearn.objectives import nll
+
+    def ascent(m, batch, ref=None):
+        loss, metrics = nll(m, batch, ref)
+        return -loss, metrics
+
+    tx = optax.adam(lr)
+    defs, state = st.init_state(model, tx)
+    step, data = st.make_step(defs, ascent, tx), EpochBatches(rows, 16, 0)
+    for t in range(steps):
+        state, _ = step(state, data(t))
+    return st.merge_model(defs, state)
+
+
+def test_relearning_restores_gradient_ascent_but_teaches_the_gold_model_nothing(tiny, cache):
+    from jax_unlearn.bench.attacks import Attacks, attack_data, group_accuracy
+    from jax_unlearn.eval import answer_accuracy
+
+    gold = pt.pretrained(TINY_WORLD, TINY_MODEL, TINY_PRE, cache, gold=True)
+    data = attack_data(tiny.world, tiny.tokenizer)
+    section = bc.RobustnessSection(quantize=["int4"])
+    attacks = Attacks(section, data)
+    attacks.set_original(tiny.model)
+    assert attacks.original >= 0.9  # the pretrained model knows the unseen half
+    unlearned = _gradient_ascent(tiny.model, text_rows(tiny.tokenizer, tiny.world.texts("forget")), 4, 3e-3)
+    hit, floor = attacks(unlearned), attacks(gold.model)
+    assert hit["relearn_unseen_before"] <= 0.3 and group_accuracy(unlearned, data.probes, "forget") <= 0.3
+
+    def p_true(model):  # mean p(answer | question) over the unseen half's probes (finer than accuracy)
+        return float(np.mean(np.exp(answer_accuracy(model, data.unseen.contexts, data.unseen.answer).logprob)))
+
+    relearned, relearned_gold = attacks.relearner(unlearned, data.relearn), attacks.relearner(gold.model, data.relearn)
+    # relearning on one half brings the other half back ...
+    assert hit["relearn_forget_acc"] >= hit["relearn_unseen_before"] + 0.1 and hit["relearn_recovered"] > 0
+    assert p_true(relearned) >= p_true(unlearned) + 0.1
+    # ... while the gold model, which never learned the forget people, gains nothing beyond its prior
+    assert floor["relearn_forget_acc"] <= floor["relearn_unseen_before"]
+    assert p_true(relearned_gold) <= p_true(gold.model) + 0.02
+    assert p_true(relearned) >= p_true(relearned_gold) + 0.1
+    assert attacks(gold.model) == floor  # deterministic under the attack's seed
+    assert set(floor) == set(sweep.summary_keys(dataclasses.replace(bc.BenchConfig(), robustness=section))) - set(
+        sweep.SUMMARY_KEYS)
+    assert floor["int4_retain_heldout_acc"] >= 0.5  # the quantized gold model still answers
 
 
 # ----------------------------------------------------------------------------- CLI end to end
@@ -444,6 +540,17 @@ def test_demo_end_to_end(tmp_path, tiny, cache, capsys):
     assert "results.json" in printed
     assert results["worlds"][0]["gold"]["cached"]  # the gold model of the first test came from the cache
     assert results["worlds"][0]["cached"]  # the tiny model came from the cache fixture
+    # the robustness columns: the gold model's floor, and the selected runs' attacks at the gold-matched bar
+    from jax_unlearn.bench.attacks import robustness_keys
+
+    keys = robustness_keys(cfg.robustness)
+    assert "relearn_forget_acc" in keys and "int4_forget_acc" in keys and "paraphrase_forget_acc" in keys
+    assert all(results["gold"][k] is not None or k.endswith("recovered") for k in keys)
+    attacked = [s for s in results["summary"]["gold"]["grad_diff"].values() if s is not None]
+    attacked += [s for s in results["summary"]["gold"]["simnpo"].values() if s is not None]
+    assert attacked and all(s["int4_forget_acc"] is not None and s["relearn_forget_acc"] is not None
+                            for s in attacked)
+    assert "[robustness, gold-matched]" in printed
 
 
 @pytest.mark.slow
@@ -461,6 +568,10 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     for criterion in ("gold", "fixed"):
         assert "sago - weighted_sum" in results["paired"][criterion]["grad_diff"]
         assert f"({criterion} criterion" in printed
+    robust = results["paired_robustness"]["gold"]  # the robustness columns' paired differences too
+    assert {"relearn_forget_acc", "int4_forget_acc", "paraphrase_forget_acc"} <= set(robust)
+    assert "sago - weighted_sum" in robust["int4_forget_acc"]["grad_diff"]
+    assert "Paired differences of int4_forget_acc" in printed
     before = (out / "results.json").read_bytes()
     assert cli.main(["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "combiners=[nope]"]) == 2
     assert "allowed values" in capsys.readouterr().err

@@ -83,6 +83,36 @@ class GridSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RobustnessSection:
+    """The robustness attacks run on each objective x combiner's selected runs and on the gold
+    model (`jax_unlearn.bench.attacks`): relearning ``relearn_steps`` AdamW steps of
+    ``relearn_batch_size`` rows at ``relearn_lr`` (data order ``seed``), weight-only
+    quantization ``quantize`` (``int<bits>`` per channel, ``int<bits>_g<size>`` per group), and
+    paraphrased questions. ``enabled: false`` skips them all."""
+
+    enabled: bool = True
+    relearn_steps: int = 10
+    relearn_lr: float = 3e-3
+    relearn_batch_size: int = 16
+    quantize: list[str] = dataclasses.field(default_factory=lambda: ["int8", "int4", "int4_g128"])
+    seed: int = 0
+
+    def __post_init__(self):
+        from jax_unlearn.eval.robustness import RelearnConfig, parse_scheme
+
+        try:
+            RelearnConfig(steps=self.relearn_steps, lr=self.relearn_lr, batch_size=self.relearn_batch_size,
+                          seed=self.seed)
+        except ValueError as err:
+            raise ValueError(f"robustness.{err}".replace("relearn ", "relearn_", 1)) from None
+        for s in self.quantize:
+            try:
+                parse_scheme(s)
+            except ValueError as err:
+                raise ValueError(f"robustness.quantize: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """``jax-unlearn demo`` / ``sweep`` (``configs/demo.yaml`` holds these defaults)."""
 
@@ -103,6 +133,7 @@ class BenchConfig:
     gold_tolerance: float = 0.02  # the "gold" criterion: forget accuracy <= the gold model's + this
     seed: int = 0  # data order
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank set: LoRA adapters train alone
+    robustness: RobustnessSection = dataclasses.field(default_factory=RobustnessSection)
 
     def check(self) -> None:
         """Raises ValueError naming the key when a value cannot run."""
@@ -146,6 +177,14 @@ class BenchConfig:
             if self.batch_size > n * rows:
                 raise ValueError(f"'batch_size'={self.batch_size} exceeds the {n * rows} {split} rows "
                                  f"of world.{split}={n} people")
+        if self.robustness.enabled:
+            seen = self.world.forget // 2  # the relearning attack's half of the forget people
+            if seen < 1:
+                raise ValueError(f"the robustness attacks split the forget people in two halves: world.forget="
+                                 f"{self.world.forget} needs to be >= 2 (or set robustness.enabled=false)")
+            if self.robustness.relearn_batch_size > seen * rows:
+                raise ValueError(f"'robustness.relearn_batch_size'={self.robustness.relearn_batch_size} exceeds the "
+                                 f"{seen * rows} rows of the relearning half ({seen} forget people)")
         heldout = make_world(self.world).persons("heldout")
         if not any(p.neighbour for p in heldout) or all(p.neighbour for p in heldout):
             raise ValueError(f"world {self.world.seed} needs held-out people both sharing and not sharing a name "

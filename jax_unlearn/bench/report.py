@@ -12,6 +12,58 @@ COLUMNS = (("forget", "forget_acc"), ("retain", "retain_acc"), ("held-out", "ret
            ("MIA AUROC", "mia_auroc"), ("forget quality", "forget_quality"), ("PrivLeak", "privleak"))
 
 
+def robustness_columns(results: dict) -> list[tuple[str, str]]:
+    """``(header, key)`` of the robustness columns present in ``results["gold"]``."""
+    gold = results["gold"]
+    cols = [("forget half", "relearn_unseen_before"), ("relearn", "relearn_forget_acc"),
+            ("recovered", "relearn_recovered"), ("benign relearn", "relearn_benign_forget_acc")]
+    cols += [(k[:-len("_forget_acc")], k) for k in gold if k.startswith("int") and k.endswith("_forget_acc")]
+    cols += [("int4 held-out", "int4_retain_heldout_acc"), ("paraphrase", "paraphrase_forget_acc"),
+             ("+context", "paraphrase_context_forget_acc"), ("+context held-out", "paraphrase_context_retain_heldout_acc")]
+    return [(h, k) for h, k in cols if k in gold]
+
+
+def robustness_table(results: dict, criterion: str = "gold") -> list[str]:
+    """Forget accuracy under each attack of the runs selected under ``criterion``, next to the
+    gold model's (the floor) and the pretrained model's; ``[]`` without robustness columns."""
+    cols = robustness_columns(results)
+    if not cols:
+        return []
+    multi = len(results["worlds"]) > 1
+    head = ["objective", "combiner", *(h for h, _ in cols)]
+    rows = []
+    for o, by_c in results["summary"][criterion].items():
+        for c, s in by_c.items():
+            rows.append([o, c, "no run reached the bar"] if s is None else [o, c, *(_cell(s.get(k)) for _, k in cols)])
+    rows.append(["(gold)", "retrained", *(_cell(results["gold"].get(k)) for _, k in cols)])
+    pre = [w["pretrained_attacks"] for w in results["worlds"] if "pretrained_attacks" in w]
+    if pre:
+        mean = lambda k: None if any(p.get(k) is None for p in pre) else float(np.mean([p[k] for p in pre]))
+        rows.append(["(start)", "pretrained", *(_cell(mean(k)) for _, k in cols)])
+    title = "gold-matched" if criterion == "gold" else "fixed bar"
+    return [f"[robustness, {title}] forget accuracy under attack of the selected runs{' (means over worlds)' if multi else ''}"
+            ": relearn = the unseen forget half after fine-tuning on the other half, benign = after fine-tuning on "
+            "retain texts, intN = weight-only round-to-nearest, paraphrase = held-out question templates:",
+            *_table(head, rows)]
+
+
+def paired_robustness_lines(results: dict, criterion: str = "gold") -> list[str]:
+    """Paired per-world differences of each robustness column under ``criterion``."""
+    lines = []
+    for key, by_o in results.get("paired_robustness", {}).get(criterion, {}).items():
+        lines.append(f"Paired differences of {key} over worlds ({criterion} criterion; a - b, mean [95% interval]; "
+                     "lower = deeper forgetting):")
+        for o, pairs in by_o.items():
+            for name, e in pairs.items():
+                if not e["n"]:
+                    lines.append(f"  {o:10s} {name:24s} no world where both were attacked")
+                    continue
+                ci = f" [{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}]" if "ci95" in e else ""
+                lines.append(f"  {o:10s} {name:24s} mean {100 * e['mean']:+.1f} points{ci}, "
+                             f"positive in {e['positive']}/{e['n']}")
+    return lines
+
+
 def _cell(value: float | None) -> str:
     if value is None:
         return "-"
@@ -81,9 +133,15 @@ def format_table(results: dict) -> str:
     lines.append(f"gold model (retrained without the forget people): forget accuracy {gold['forget_acc']:.3f}, "
                  f"MIA AUROC {_cell(gold['mia_auroc'])}; unseen people under the pretrained model: "
                  f"{_cell(_start_mean(results, 'unseen_acc'))}")
+    robust = robustness_table(results, "gold")
+    if robust:
+        lines += [""] + robust
     if len(results["worlds"]) > 1:
         for criterion in ("gold", "fixed"):
             lines += [""] + paired_lines(results, criterion)
+        robust_pairs = paired_robustness_lines(results, "gold")
+        if robust_pairs:
+            lines += [""] + robust_pairs
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ class Trajectory:
     lr: float
     points: list[dict]  # {"step", metrics..., "conflict_fraction" (mean since the last point)}
     seconds: float
+    models: list | None = None  # with keep_models: the model at each point (points[0]: the starting model)
 
 
 def run_config(objective: ObjectiveConfig, combiner: CombinerConfig, lora: LoraConfig = LoraConfig()) -> TrainConfig:
@@ -74,14 +75,17 @@ class Runner:
         self.step = st.make_two_grad_step(self.defs, self.obj, self.tx, step_config(cfg))
 
     def run(self, forget: dict, retain: dict, probes: ProbeRows, *, lr: float, steps: int, eval_every: int,
-            batch_size: int, seed: int, start: dict | None = None, gold: Gold | None = None) -> Trajectory:
+            batch_size: int, seed: int, start: dict | None = None, gold: Gold | None = None,
+            keep_models: bool = False) -> Trajectory:
         """``steps`` steps at ``lr``, evaluating every ``eval_every`` steps (``start``: the
-        step-0 evaluation, if already known; ``gold``: the metrics against the gold model too)."""
+        step-0 evaluation, if already known; ``gold``: the metrics against the gold model too;
+        ``keep_models``: keep a copy of the model at each point, for the robustness attacks)."""
         t0 = time.perf_counter()
         _, state = st.init_state(self.model, self.tx, self.obj, train=self.train)
         state = state._replace(opt_state=set_hyperparams(state.opt_state, learning_rate=lr))
         points = [{"step": 0, **(start or evaluate(self.model, probes, gold))}]
         conflicts = []
+        models = [self.model] if keep_models else None
         data = PairedBatches(forget, retain, batch_size, seed)
 
         def collect(done, state, metrics):
@@ -95,6 +99,10 @@ class Runner:
             p["forget_loss"], p["retain_loss"] = float(metrics["forget_loss"]), float(metrics["retain_loss"])
             points.append(p)
             conflicts.clear()
+            if models is not None:
+                kept = st.merge_model(self.defs, state, copy=True)
+                kept.eval()
+                models.append(kept)
 
         run_steps(self.step, state, data, 0, steps, [Every(1, collect), Every(eval_every, point)])
-        return Trajectory(self.objective.name, self.combiner.name, lr, points, time.perf_counter() - t0)
+        return Trajectory(self.objective.name, self.combiner.name, lr, points, time.perf_counter() - t0, models)

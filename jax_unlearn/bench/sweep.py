@@ -39,12 +39,30 @@ SUMMARY_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neigh
 GOLD_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neighbour_acc", "heldout_other_acc",
              "general_acc", "mia_auroc", "unseen_acc")
 CRITERIA = ("gold", "fixed")
+#: robustness columns whose paired differences between combiners the sweep reports (when present)
+PAIRED_ROBUSTNESS = ("relearn_forget_acc", "relearn_benign_forget_acc", "int4_forget_acc", "int4_g128_forget_acc",
+                     "paraphrase_forget_acc", "paraphrase_context_forget_acc")
+
+
+def summary_keys(cfg: BenchConfig) -> tuple[str, ...]:
+    """`SUMMARY_KEYS` plus the robustness columns of ``cfg.robustness``."""
+    from jax_unlearn.bench.attacks import robustness_keys
+
+    return SUMMARY_KEYS + robustness_keys(cfg.robustness)
+
+
+def gold_keys(cfg: BenchConfig) -> tuple[str, ...]:
+    """`GOLD_KEYS` plus the robustness columns of ``cfg.robustness`` (the gold model's floor)."""
+    from jax_unlearn.bench.attacks import robustness_keys
+
+    return GOLD_KEYS + robustness_keys(cfg.robustness)
 
 
 def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Runs the whole grid and returns the results dict written to ``results.json``."""
     from tqdm import tqdm
 
+    from jax_unlearn.bench.attacks import Attacks, attack_data
     from jax_unlearn.bench.evaluate import evaluate, gold_reference
     from jax_unlearn.bench.runs import Runner
     from jax_unlearn.bench.tokens import probe_rows, text_rows
@@ -54,8 +72,7 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     t0 = time.perf_counter()
     runs: list[dict] = []
     worlds = []
-    groups = [(o, c, v) for o, c in itertools.product(cfg.objectives, cfg.combiners) for v in cfg.grid.values]
-    total = len(cfg.worlds) * len(groups)
+    total = len(cfg.worlds) * len(cfg.objectives) * len(cfg.combiners) * len(cfg.grid.values)
     models = [(pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress),
                pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress,
                           gold=True))
@@ -69,31 +86,57 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
                       for kind in ("idk", "records")}  # DPO's forget rows: with their preferred answers
         probes = probe_rows(tok, w.probes())
         gold = gold_reference(gold_model.model, probes)
+        attacks = None
+        if cfg.robustness.enabled:
+            attacks = Attacks(cfg.robustness, attack_data(w, tok))
+            attacks.set_original(pre.model)
         worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info,
                        "gold": {"cached": gold_model.cached, "path": str(gold_model.path),
-                                "pretrain": gold_model.info, **_renamed(gold.metrics)}})
+                                "pretrain": gold_model.info, **_renamed(gold.metrics),
+                                **(attacks(gold_model.model) if attacks else {})},
+                       **({"pretrained_attacks": attacks(pre.model)} if attacks else {})})
         start = evaluate(pre.model, probes, gold)
+        bars = {"gold": gold.metrics["forget_acc"] + cfg.gold_tolerance, "fixed": cfg.forget_threshold}
         runner, runner_key = None, None  # a Runner's compiled step serves every learning rate
-        for objective, combiner, value in groups:
-            obj_cfg, comb_cfg, p = cfg.run_configs(objective, combiner, value)
-            if runner_key != (obj_cfg, comb_cfg):
-                runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg, cfg.lora), (obj_cfg, comb_cfg)
-            lr, steps, every = cfg.schedule(value)
-            rows = forget if runner.obj.alternates is None else alternates[runner.obj.alternates]
-            traj = runner.run(rows, retain, probes, lr=lr, steps=steps, eval_every=every,
-                              batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold)
-            for point in traj.points:
-                runs.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,
-                             "steps": point.pop("step"), **_renamed(point)})
-            bar.update()
-            bar.set_postfix_str(f"{objective}/{combiner} {cfg.grid.param}={value:g}")
+        for objective, combiner in itertools.product(cfg.objectives, cfg.combiners):
+            mine, kept = [], []  # this objective x combiner's runs and their models (for the attacks)
+            for value in cfg.grid.values:
+                obj_cfg, comb_cfg, p = cfg.run_configs(objective, combiner, value)
+                if runner_key != (obj_cfg, comb_cfg):
+                    runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg, cfg.lora), (obj_cfg, comb_cfg)
+                lr, steps, every = cfg.schedule(value)
+                rows = forget if runner.obj.alternates is None else alternates[runner.obj.alternates]
+                traj = runner.run(rows, retain, probes, lr=lr, steps=steps, eval_every=every,
+                                  batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold,
+                                  keep_models=attacks is not None)
+                for i, point in enumerate(traj.points):
+                    mine.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,
+                                 "steps": point.pop("step"), **_renamed(point)})
+                    kept.append(None if traj.models is None else traj.models[i])
+                bar.update()
+                bar.set_postfix_str(f"{objective}/{combiner} {cfg.grid.param}={value:g}")
+            if attacks is not None:
+                attack_selected(mine, kept, attacks, bars)
+            runs += mine
     bar.close()
     return summarize_sweep(cfg, worlds, runs, round(time.perf_counter() - t0, 1))
 
 
+def attack_selected(runs: list[dict], models: list, attacks, bars: dict[str, float]) -> None:
+    """Runs the robustness ``attacks`` on the model of each run `best_run` selects under each bar
+    (the runs of one objective x combiner in one world) and adds their metrics to that run."""
+    done: set[int] = set()
+    for threshold in bars.values():
+        best = best_run(runs, threshold)
+        if best is None or id(best) in done:
+            continue
+        done.add(id(best))
+        best.update(attacks(models[next(i for i, r in enumerate(runs) if r is best)]))
+
+
 def summarize_sweep(cfg: BenchConfig, worlds: list[dict], runs: list[dict], seconds: float) -> dict[str, Any]:
     """The results dict of a sweep from its worlds (with their gold metrics) and runs."""
-    gold_by_world = {w["seed"]: {k: w["gold"][k] for k in GOLD_KEYS} for w in worlds}
+    gold_by_world = {w["seed"]: {k: w["gold"].get(k) for k in gold_keys(cfg)} for w in worlds}
     by_world = {}
     for w in worlds:
         mine = [r for r in runs if r["world"] == w["seed"]]
@@ -101,11 +144,13 @@ def summarize_sweep(cfg: BenchConfig, worlds: list[dict], runs: list[dict], seco
         by_world[w["seed"]] = {c: summarize(mine, cfg, bars[c]) for c in CRITERIA}
         by_world[w["seed"]]["best_forget_quality"] = summarize(mine, cfg, None)
     out = {"config": dataclasses.asdict(cfg), "worlds": worlds, "runs": runs,
-           "gold": {k: _mean([g[k] for g in gold_by_world.values()]) for k in GOLD_KEYS},
+           "gold": {k: _mean([g[k] for g in gold_by_world.values()]) for k in gold_keys(cfg)},
            "summary_by_world": by_world,
            "summary": {c: mean_summary({s: b[c] for s, b in by_world.items()}, cfg) for c in CRITERIA},
            "best_forget_quality": mean_summary({s: b["best_forget_quality"] for s, b in by_world.items()}, cfg),
            "paired": {c: paired_differences({s: b[c] for s, b in by_world.items()}, cfg) for c in CRITERIA},
+           "paired_robustness": {c: {k: paired_differences({s: b[c] for s, b in by_world.items()}, cfg, k)
+                                     for k in PAIRED_ROBUSTNESS if k in summary_keys(cfg)} for c in CRITERIA},
            "seconds": seconds}
     return out
 
@@ -139,8 +184,8 @@ def summarize(runs: list[dict], cfg: BenchConfig, threshold: float | None) -> di
         out[o] = {}
         for c in cfg.combiners:
             best = best_run([r for r in runs if r["objective"] == o and r["combiner"] == c], threshold)
-            out[o][c] = None if best is None else {k: best.get(k) for k in (*SUMMARY_KEYS, "lr", cfg.grid.param,
-                                                                            "steps")}
+            out[o][c] = None if best is None else {k: best.get(k) for k in (*summary_keys(cfg), "lr",
+                                                                            cfg.grid.param, "steps")}
     return out
 
 
@@ -155,7 +200,7 @@ def mean_summary(by_world: dict, cfg: BenchConfig) -> dict:
             if not found:
                 out[o][c] = None
                 continue
-            out[o][c] = {k: _mean([f[k] for f in found]) for k in SUMMARY_KEYS}
+            out[o][c] = {k: _mean([f[k] for f in found]) for k in summary_keys(cfg)}
             if len(by_world) == 1:
                 out[o][c].update({k: found[0][k] for k in ("lr", cfg.grid.param, "steps")})
             out[o][c]["worlds"] = len(found)
@@ -181,7 +226,8 @@ def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_held
             order = COMBINERS.names()
             a, b = (b, a) if order.index(b) > order.index(a) else (a, b)
             diffs = [s[o][a][key] - s[o][b][key] for s in by_world.values()
-                     if s[o][a] is not None and s[o][b] is not None]
+                     if s[o][a] is not None and s[o][b] is not None
+                     and s[o][a].get(key) is not None and s[o][b].get(key) is not None]
             entry: dict = {"differences": diffs, "n": len(diffs)}
             if diffs:
                 entry["mean"] = float(np.mean(diffs))

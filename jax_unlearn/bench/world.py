@@ -15,6 +15,13 @@ Splits of the people (disjoint): ``forget`` (unlearned), ``retain`` (the retain 
 ``heldout`` (pretrained, in no unlearning loss; split into ``neighbours`` who share a first or
 last name with a forget person, and ``others``), ``unseen`` (never trained on: the
 membership-inference holdout).
+
+For the robustness attacks (`jax_unlearn.eval.robustness`): `PARAPHRASES` asks every person
+fact in a question template never used in training (built from words the tokenizer already
+knows, so adding them changes no token id and no pretrained model), optionally after a
+context sentence (`World.paraphrase_probes`), and `World.forget_halves` splits the forget
+people into a half to relearn on and a half to measure. Both draw from their own random
+streams, never from the world's: the world, its tokenizer and its probes stay as they were.
 """
 
 from __future__ import annotations
@@ -80,6 +87,17 @@ QUESTIONS = {
     "color": "Q : Which color does {n} like ? A :",
     "hobby": "Q : What is the hobby of {n} ? A :",
 }
+
+# held-out question templates: the same facts asked in words no training text puts together
+# (`World.paraphrase_probes`); every word is already one of the tokenizer's tokens
+PARAPHRASES = {
+    "city": "Q : What is the birthplace of {n} ? A :",
+    "occupation": "Q : What is the trade of {n} ? A :",
+    "pet": "Q : What is the pet of {n} ? A :",
+    "color": "Q : What is the favourite color of {n} ? A :",
+    "hobby": "Q : What does {n} do on weekends ? A :",
+}
+HALVES_STREAM = 24  # `World.forget_halves` draws from default_rng([seed, HALVES_STREAM])
 
 # general knowledge: (relation, statement templates, question) with {s} = subject, {v} = value
 GENERAL = {
@@ -235,6 +253,42 @@ class World:
             out += [Probe(QUESTIONS[a].format(n=p.name), p.facts[a], group, p.name) for a in ATTRIBUTES]
         for rel, s, v in self.general_facts:
             out.append(Probe(GENERAL[rel][1].format(s=s), v, "general", s))
+        return out
+
+
+    # ------------------------------------------------------------------ robustness attacks
+    def forget_halves(self) -> tuple[list[Person], list[Person]]:
+        """The forget people in two disjoint halves ``(relearn, unseen)`` (sizes ``floor(n/2)``,
+        ``ceil(n/2)``), drawn from their own stream ``default_rng([seed, HALVES_STREAM])``:
+        the relearning attack trains on the first half and measures the second."""
+        forget = self.persons("forget")
+        if len(forget) < 2:
+            raise ValueError(f"the relearning attack needs world.forget >= 2 people to split, got {len(forget)}")
+        order = np.random.default_rng([self.config.seed, HALVES_STREAM]).permutation(len(forget))
+        half = len(forget) // 2
+        return [forget[i] for i in order[:half]], [forget[i] for i in order[half:]]
+
+    def person_probes(self, persons: list[Person]) -> list[Probe]:
+        """The training-template question of every fact of ``persons`` (as in `probes`)."""
+        return [p for p in self.probes() if p.subject in {q.name for q in persons}]
+
+    def paraphrase_probes(self, context: bool = False, persons: list[Person] | None = None) -> list[Probe]:
+        """One probe per fact of ``persons`` (default: everyone) in its `PARAPHRASES` template.
+
+        With ``context``, the statement of the person's next attribute (cyclically in
+        `ATTRIBUTES`, first `STATEMENTS` template, its value included) comes first:
+        ``"{n} keeps a pet cat . Q : What is the birthplace of {n} ? A :"`` -- a cue an attacker
+        who knows one other fact of the person can give. Groups are those of `probes`."""
+        chosen = self.people if persons is None else persons
+        out = []
+        for p in chosen:
+            group = p.split if p.split != "heldout" else ("heldout_neighbour" if p.neighbour else "heldout_other")
+            for i, a in enumerate(ATTRIBUTES):
+                prompt = PARAPHRASES[a].format(n=p.name)
+                if context:
+                    b = ATTRIBUTES[(i + 1) % len(ATTRIBUTES)]
+                    prompt = STATEMENTS[b][0].format(n=p.name, v=p.facts[b]) + " " + prompt
+                out.append(Probe(prompt, p.facts[a], group, p.name))
         return out
 
 

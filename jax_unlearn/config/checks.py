@@ -121,6 +121,26 @@ def check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"'batch_size'={cfg.batch_size} is not divisible by 'micro_batches'={cfg.micro_batches}")
 
 
+def _check_attacks(ev) -> None:
+    """The eval section's robustness keys (`jax_unlearn.eval.robustness`)."""
+    from jax_unlearn.eval.robustness import parse_scheme
+
+    for key in ("relearn_steps", "relearn_batch_size", "relearn_max_length"):
+        if getattr(ev, key) < 1:
+            raise ConfigError(f"'eval.{key}' is {getattr(ev, key)!r}; expected an integer >= 1")
+    if not ev.relearn_lr > 0:
+        raise ConfigError(f"'eval.relearn_lr' is {ev.relearn_lr!r}; expected a number > 0")
+    for scheme in ev.quantize:
+        try:
+            parse_scheme(scheme)
+        except ValueError as err:
+            raise ConfigError(f"'eval.quantize': {err}") from None
+    attacks = ev.relearn or ev.relearn_benign or ev.quantize or ev.paraphrase_mc or ev.paraphrase_qa
+    if attacks and not (ev.mc or ev.qa or ev.mia_forget or ev.perplexity or ev.paraphrase_mc or ev.paraphrase_qa):
+        raise ConfigError("the robustness attacks ('eval.relearn', 'eval.quantize', ...) re-run the eval section's "
+                          "metrics: name 'eval.mc', 'eval.qa', 'eval.perplexity' or 'eval.mia_forget' files too")
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """The checks of a run file (`check` and the ``model``, ``data``, ``eval`` sections' rules)
     that `load_config` makes once the file is read, so that nothing fails only at run time."""
@@ -148,6 +168,7 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError(f"'eval.every' is {cfg.eval.every!r}; expected an integer >= 1 or null")
     if cfg.eval.every is not None and not cfg.eval.enabled():
         raise ConfigError("'eval.every' is set but the eval section names no file to evaluate")
+    _check_attacks(cfg.eval)
     if cfg.eval.num_fewshot and not cfg.eval.mc:
         raise ConfigError(f"'eval.num_fewshot' is {cfg.eval.num_fewshot}, but 'eval.mc' names no multiple-choice file "
                           "to put the examples before")

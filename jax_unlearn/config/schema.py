@@ -250,9 +250,23 @@ class EvalSection:
     subject: str | None = None
     batch_size: int = 8
     max_new_tokens: int = 32
+    # robustness attacks on the final evaluation (`jax_unlearn.eval.robustness`): the same metrics after
+    # fine-tuning a copy on `relearn` (part of the forget set) / `relearn_benign` texts, of each
+    # `quantize` scheme (int8, int4, int4_g128, ...), and the paraphrase files' metrics
+    relearn: str | None = None
+    relearn_benign: str | None = None
+    relearn_steps: int = 10
+    relearn_lr: float = 1e-5
+    relearn_batch_size: int = 4
+    relearn_max_length: int = 128
+    relearn_seed: int = 0
+    quantize: list[str] = dataclasses.field(default_factory=list)
+    paraphrase_mc: list[str] = dataclasses.field(default_factory=list)
+    paraphrase_qa: list[str] = dataclasses.field(default_factory=list)
 
     def enabled(self) -> bool:
-        return bool(self.mc or self.qa or self.mia_forget or self.mia_holdout or self.perplexity)
+        return bool(self.mc or self.qa or self.mia_forget or self.mia_holdout or self.perplexity
+                    or self.relearn or self.relearn_benign or self.quantize or self.paraphrase_mc or self.paraphrase_qa)
 
     def metric_names(self) -> tuple[str, ...]:
         """The metric names an evaluation of these files gives (`jax_unlearn.eval.suite`)."""
@@ -266,7 +280,12 @@ class EvalSection:
 
         return EvalSuite(mc=tuple(self.mc), qa=tuple(self.qa), mia_forget=self.mia_forget, mia_holdout=self.mia_holdout,
                          perplexity=tuple(self.perplexity), num_fewshot=self.num_fewshot, subject=self.subject,
-                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, fewshot=self.fewshot)
+                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, fewshot=self.fewshot,
+                         relearn=self.relearn, relearn_benign=self.relearn_benign, relearn_steps=self.relearn_steps,
+                         relearn_lr=self.relearn_lr, relearn_batch_size=self.relearn_batch_size,
+                         relearn_max_length=self.relearn_max_length, relearn_seed=self.relearn_seed,
+                         quantize=tuple(self.quantize), paraphrase_mc=tuple(self.paraphrase_mc),
+                         paraphrase_qa=tuple(self.paraphrase_qa))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,13 @@ names that runs log every N steps and select checkpoints by:
     qa/<file stem>/rouge_l_recall   RWKU-style QA, greedy answers, ROUGE-L recall
     mia_auroc/<attack>              loss, zlib, min_k, min_k_plus_plus (forget vs holdout texts)
     perplexity/<file stem>          token-weighted perplexity of a text file
+
+With robustness attacks set (`jax_unlearn.eval.robustness`), the final evaluation (`run`'s
+``attacks=True``, not the evaluations during a run) adds ``robustness``: the same metrics of
+the model fine-tuned on ``relearn`` (``relearn_benign``) texts, of each ``quantize`` scheme,
+and the ``paraphrase_mc`` / ``paraphrase_qa`` files' metrics, flattened as
+``<attack>/<metric>``: ``relearn/mc/wmdp_bio/accuracy``, ``int4/mc/wmdp_bio/accuracy``,
+``paraphrase/qa/rwku_para/rouge_l_recall``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from .mia import ATTACKS, mia_auroc
 from .multiple_choice import build_prompts, evaluate_multiple_choice
 from .perplexity import perplexity
 from .qa import evaluate_qa
+from .robustness import RelearnConfig, Relearner, parse_scheme, quantize_model
 
 
 def _stem(path: str) -> str:
@@ -54,6 +62,16 @@ class EvalSuite:
     batch_size: int = 8
     max_new_tokens: int = 32
     fewshot: str | None = None
+    relearn: str | None = None  # texts (part of the forget set) to fine-tune a copy on, then evaluate it
+    relearn_benign: str | None = None  # benign texts (retain / general) to fine-tune a copy on
+    relearn_steps: int = 10
+    relearn_lr: float = 1e-5
+    relearn_batch_size: int = 4
+    relearn_max_length: int = 128
+    relearn_seed: int = 0
+    quantize: tuple[str, ...] = ()  # int8, int4 (per channel), int4_g128 (per group of 128 inputs), ...
+    paraphrase_mc: tuple[str, ...] = ()  # the forget facts asked in templates never used in training
+    paraphrase_qa: tuple[str, ...] = ()
 
     def __post_init__(self):
         if (self.mia_forget is None) != (self.mia_holdout is None):
@@ -69,7 +87,11 @@ class EvalSuite:
             raise data.DataError(f"'eval.num_fewshot' is {self.num_fewshot}, but no file of solved examples is given: "
                                  "set 'eval.fewshot' (jax-unlearn eval: --fewshot) to a multiple-choice file, e.g. "
                                  "the dev split")
+        self._check_attacks()
         read = {"mc": [(p, data.read_multiple_choice) for p in self.mc], "qa": [(p, data.read_qa) for p in self.qa],
+                "relearn": [(p, data.read_texts) for p in (self.relearn, self.relearn_benign) if p is not None],
+                "paraphrase_mc": [(p, data.read_multiple_choice) for p in self.paraphrase_mc],
+                "paraphrase_qa": [(p, data.read_qa) for p in self.paraphrase_qa],
                 "fewshot": [(p, data.read_multiple_choice) for p in (self.fewshot,) if p is not None],
                 "perplexity": [(p, data.read_texts) for p in self.perplexity],
                 "mia": [(p, data.read_texts) for p in (self.mia_forget, self.mia_holdout) if p is not None]}
@@ -84,6 +106,34 @@ class EvalSuite:
             with _naming("mc", path):
                 build_prompts(records[path], num_fewshot=self.num_fewshot, fewshot=self._shots(), subject=self.subject)
 
+    def _check_attacks(self) -> None:
+        """Raises `DataError` naming the key of a robustness setting that cannot run."""
+        for key in ("relearn_steps", "relearn_batch_size", "relearn_max_length"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise data.DataError(f"'eval.{key}' must be an integer >= 1, got {v!r}")
+        try:
+            RelearnConfig(self.relearn_steps, self.relearn_lr, self.relearn_batch_size, self.relearn_seed)
+        except ValueError as err:
+            raise data.DataError(f"'eval.relearn_lr': {err}") from None
+        for scheme in self.quantize:
+            try:
+                parse_scheme(scheme)
+            except ValueError as err:
+                raise data.DataError(f"'eval.quantize': {err}") from None
+        for key in ("paraphrase_mc", "paraphrase_qa"):
+            stems = [_stem(p) for p in getattr(self, key)]
+            dup = next((s for s in stems if stems.count(s) > 1), None)
+            if dup is not None:
+                raise data.DataError(f"'eval.{key}' names two files called {dup!r}; their metrics would share a name")
+        if self.attacks_enabled() and not (self.mc or self.qa or self.mia_forget or self.perplexity
+                                           or self.paraphrase_mc or self.paraphrase_qa):
+            raise data.DataError("the robustness attacks ('eval.relearn', 'eval.quantize', ...) re-run the evaluation's "
+                                 "metrics: give 'eval.mc', 'eval.qa', 'eval.perplexity' or 'eval.mia_forget' too")
+
+    def attacks_enabled(self) -> bool:
+        return bool(self.relearn or self.relearn_benign or self.quantize or self.paraphrase_mc or self.paraphrase_qa)
+
     def _shots(self) -> list | None:
         return None if self.fewshot is None else self._records[self.fewshot]
 
@@ -94,9 +144,38 @@ class EvalSuite:
         """The flat names `flatten` gives this suite's results."""
         return metric_names(self.mc, self.qa, self.mia_forget is not None, self.perplexity)
 
-    def run(self, model: Any, tokenizer: Any) -> dict:
+    def run(self, model: Any, tokenizer: Any, attacks: bool = True) -> dict:
         """Nested JSON-ready results: ``multiple_choice``, ``qa`` and ``perplexity`` per file,
-        ``mia_auroc`` per attack."""
+        ``mia_auroc`` per attack and, with ``attacks`` and robustness settings, ``robustness``
+        (`run_attacks`)."""
+        out = self._run_metrics(model, tokenizer)
+        if attacks and self.attacks_enabled():
+            out["robustness"] = self.run_attacks(model, tokenizer)
+        return out
+
+    def run_attacks(self, model: Any, tokenizer: Any) -> dict:
+        """``{attack: results}``: this suite's metrics of the model fine-tuned on ``relearn``
+        (``"relearn"``) and ``relearn_benign`` (``"relearn_benign"``) texts, of each quantized copy
+        (``"int8"``, ``"int4_g128"``, ...), and the metrics of the paraphrase files
+        (``"paraphrase"``). ``model`` is unchanged."""
+        out: dict[str, Any] = {}
+        relearner = Relearner(RelearnConfig(self.relearn_steps, self.relearn_lr, self.relearn_batch_size,
+                                            self.relearn_seed))
+        for key, path in (("relearn", self.relearn), ("relearn_benign", self.relearn_benign)):
+            if path is not None:
+                with _naming(key, path):
+                    rows = data.tokenize_texts(self._records[path], tokenizer, self.relearn_max_length, name=key)
+                    out[key] = self._run_metrics(relearner(model, rows, name=key), tokenizer)
+        for scheme in self.quantize:
+            out[parse_scheme(scheme).name] = self._run_metrics(quantize_model(model, scheme), tokenizer)
+        if self.paraphrase_mc or self.paraphrase_qa:
+            para = dataclasses.replace(self, mc=self.paraphrase_mc, qa=self.paraphrase_qa, mia_forget=None,
+                                       mia_holdout=None, perplexity=(), relearn=None, relearn_benign=None, quantize=(),
+                                       paraphrase_mc=(), paraphrase_qa=())
+            out["paraphrase"] = para._run_metrics(model, tokenizer)
+        return out
+
+    def _run_metrics(self, model: Any, tokenizer: Any) -> dict:
         r = self._records
         out: dict[str, Any] = {}
         if self.mc:
@@ -161,4 +240,6 @@ def flatten(results: dict) -> dict[str, float]:
         flat[f"mia_auroc/{attack}"] = v
     for path, r in results.get("perplexity", {}).items():
         flat[f"perplexity/{_stem(path)}"] = r["perplexity"]
+    for attack, r in results.get("robustness", {}).items():
+        flat.update({f"{attack}/{k}": v for k, v in flatten(r).items()})
     return flat
