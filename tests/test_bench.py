@@ -490,8 +490,8 @@ def test_relearning_restores_gradient_ascent_but_teaches_the_gold_model_nothing(
     assert p_true(relearned_gold) <= p_true(gold.model) + 0.02
     assert p_true(relearned) >= p_true(relearned_gold) + 0.1
     assert attacks(gold.model) == floor  # deterministic under the attack's seed
-    assert set(floor) == set(sweep.summary_keys(dataclasses.replace(bc.BenchConfig(), robustness=section))) - set(
-        sweep.SUMMARY_KEYS)
+    assert set(floor) == set(sweep.summary_keys(dataclasses.replace(bc.BenchConfig(), robustness=section,
+                                                                    tofu=False))) - set(sweep.SUMMARY_KEYS)
     assert floor["int4_retain_heldout_acc"] >= 0.5  # the quantized gold model still answers
 
 
@@ -551,6 +551,10 @@ def test_demo_end_to_end(tmp_path, tiny, cache, capsys):
     assert attacked and all(s["int4_forget_acc"] is not None and s["relearn_forget_acc"] is not None
                             for s in attacked)
     assert "[robustness, gold-matched]" in printed
+    # TOFU's metrics of the selected runs against the gold model, the gold model's own
+    assert all(0 <= s[k] <= 1 for s in attacked for k in sweep.TOFU_KEYS)
+    assert all(0 < results["gold"][k] <= 1 for k in sweep.TOFU_GOLD_KEYS)
+    assert "[TOFU, gold-matched]" in printed
 
 
 @pytest.mark.slow

@@ -134,6 +134,7 @@ class BenchConfig:
     seed: int = 0  # data order
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank set: LoRA adapters train alone
     robustness: RobustnessSection = dataclasses.field(default_factory=RobustnessSection)
+    tofu: bool = True  # TOFU's truth ratio, forget quality, model utility of the selected runs (bench/tofu_world.py)
 
     def check(self) -> None:
         """Raises ValueError naming the key when a value cannot run."""

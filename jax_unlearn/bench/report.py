@@ -47,12 +47,41 @@ def robustness_table(results: dict, criterion: str = "gold") -> list[str]:
             *_table(head, rows)]
 
 
+TOFU_COLUMNS = (("truth ratio", "tofu_truth_ratio"), ("forget quality", "tofu_forget_quality"),
+                ("model utility", "tofu_model_utility"))
+
+
+def tofu_table(results: dict, criterion: str = "gold") -> list[str]:
+    """TOFU's metrics (open-unlearning's definitions on the world, `jax_unlearn.bench.tofu_world`)
+    of the runs selected under ``criterion``, the gold model's and the pretrained model's; ``[]``
+    when the sweep did not compute them."""
+    if "tofu_truth_ratio" not in results["gold"]:
+        return []
+    head = ["objective", "combiner", *(h for h, _ in TOFU_COLUMNS)]
+    rows = []
+    for o, by_c in results["summary"][criterion].items():
+        for c, s in by_c.items():
+            rows.append([o, c, "no run reached the bar"] if s is None else [o, c, *(_cell(s.get(k)) for _, k in TOFU_COLUMNS)])
+    rows.append(["(gold)", "retrained", *(_cell(results["gold"].get(k)) for _, k in TOFU_COLUMNS)])
+    pre = [w["pretrained_attacks"] for w in results["worlds"] if "tofu_truth_ratio" in w.get("pretrained_attacks", {})]
+    if pre:
+        mean = lambda k: None if any(p.get(k) is None for p in pre) else float(np.mean([p[k] for p in pre]))
+        rows.append(["(start)", "pretrained", *(_cell(mean(k)) for _, k in TOFU_COLUMNS)])
+    title = "gold-matched" if criterion == "gold" else "fixed bar"
+    multi = " (means over worlds)" if len(results["worlds"]) > 1 else ""
+    return [f"[TOFU, {title}] open-unlearning's metrics of the selected runs{multi}: forget truth ratio (closer to "
+            "the gold model's is better), forget quality (KS p-value of the truth ratios against the gold model's; "
+            "high = indistinguishable), model utility (harmonic mean of retain, held-out and general facts):",
+            *_table(head, rows)]
+
+
 def paired_robustness_lines(results: dict, criterion: str = "gold") -> list[str]:
     """Paired per-world differences of each robustness column under ``criterion``."""
     lines = []
     for key, by_o in results.get("paired_robustness", {}).get(criterion, {}).items():
+        hint = "lower = deeper forgetting" if key.endswith("_forget_acc") else "higher = better"
         lines.append(f"Paired differences of {key} over worlds ({criterion} criterion; a - b, mean [95% interval]; "
-                     "lower = deeper forgetting):")
+                     f"{hint}):")
         for o, pairs in by_o.items():
             for name, e in pairs.items():
                 if not e["n"]:
@@ -136,6 +165,9 @@ def format_table(results: dict) -> str:
     robust = robustness_table(results, "gold")
     if robust:
         lines += [""] + robust
+    tofu = tofu_table(results, "gold")
+    if tofu:
+        lines += [""] + tofu
     if len(results["worlds"]) > 1:
         for criterion in ("gold", "fixed"):
             lines += [""] + paired_lines(results, criterion)

@@ -41,21 +41,28 @@ GOLD_KEYS = ("forget_acc", "retain_acc", "retain_heldout_acc", "heldout_neighbou
 CRITERIA = ("gold", "fixed")
 #: robustness columns whose paired differences between combiners the sweep reports (when present)
 PAIRED_ROBUSTNESS = ("relearn_forget_acc", "relearn_benign_forget_acc", "int4_forget_acc", "int4_g128_forget_acc",
-                     "paraphrase_forget_acc", "paraphrase_context_forget_acc")
+                     "paraphrase_forget_acc", "paraphrase_context_forget_acc", "tofu_forget_quality",
+                     "tofu_model_utility")
+
+
+#: TOFU's metrics of the selected runs (``cfg.tofu``; `jax_unlearn.bench.tofu_world`) and of the gold model
+TOFU_KEYS = ("tofu_truth_ratio", "tofu_forget_quality", "tofu_model_utility")
+TOFU_GOLD_KEYS = ("tofu_truth_ratio", "tofu_model_utility")
 
 
 def summary_keys(cfg: BenchConfig) -> tuple[str, ...]:
-    """`SUMMARY_KEYS` plus the robustness columns of ``cfg.robustness``."""
+    """`SUMMARY_KEYS` plus the robustness columns of ``cfg.robustness`` and TOFU's (``cfg.tofu``)."""
     from jax_unlearn.bench.attacks import robustness_keys
 
-    return SUMMARY_KEYS + robustness_keys(cfg.robustness)
+    return SUMMARY_KEYS + robustness_keys(cfg.robustness) + (TOFU_KEYS if cfg.tofu else ())
 
 
 def gold_keys(cfg: BenchConfig) -> tuple[str, ...]:
-    """`GOLD_KEYS` plus the robustness columns of ``cfg.robustness`` (the gold model's floor)."""
+    """`GOLD_KEYS` plus the robustness columns of ``cfg.robustness`` (the gold model's floor) and
+    TOFU's truth ratio and model utility (``cfg.tofu``)."""
     from jax_unlearn.bench.attacks import robustness_keys
 
-    return GOLD_KEYS + robustness_keys(cfg.robustness)
+    return GOLD_KEYS + robustness_keys(cfg.robustness) + (TOFU_GOLD_KEYS if cfg.tofu else ())
 
 
 def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -65,6 +72,7 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
     from jax_unlearn.bench.attacks import Attacks, attack_data
     from jax_unlearn.bench.evaluate import evaluate, gold_reference
     from jax_unlearn.bench.runs import Runner
+    from jax_unlearn.bench.tofu_world import COLUMNS, WorldTofu
     from jax_unlearn.bench.tokens import probe_rows, text_rows
     from jax_unlearn.token_math import ALT
 
@@ -86,15 +94,22 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
                       for kind in ("idk", "records")}  # DPO's forget rows: with their preferred answers
         probes = probe_rows(tok, w.probes())
         gold = gold_reference(gold_model.model, probes)
-        attacks = None
+        attacks = probe = None
         if cfg.robustness.enabled:
             attacks = Attacks(cfg.robustness, attack_data(w, tok))
             attacks.set_original(pre.model)
+        tofu = WorldTofu.of(w, tok) if cfg.tofu else None
+        gold_tofu = tofu.result(gold_model.model) if tofu else None
+        if attacks or tofu:
+            def probe(model, attacks=attacks, tofu=tofu, gold_tofu=gold_tofu):  # on each selected run's model
+                return {**(attacks(model) if attacks else {}), **(tofu.metrics(model, gold_tofu) if tofu else {})}
+        tofu_gold = {} if tofu is None else {COLUMNS[k]: gold_tofu["summary"][k] for k in ("forget_truth_ratio",
+                                                                                         "model_utility")}
         worlds.append({"seed": seed, "cached": pre.cached, "path": str(pre.path), "pretrain": pre.info,
                        "gold": {"cached": gold_model.cached, "path": str(gold_model.path),
                                 "pretrain": gold_model.info, **_renamed(gold.metrics),
-                                **(attacks(gold_model.model) if attacks else {})},
-                       **({"pretrained_attacks": attacks(pre.model)} if attacks else {})})
+                                **(attacks(gold_model.model) if attacks else {}), **tofu_gold},
+                       **({"pretrained_attacks": probe(pre.model)} if probe else {})})
         start = evaluate(pre.model, probes, gold)
         bars = {"gold": gold.metrics["forget_acc"] + cfg.gold_tolerance, "fixed": cfg.forget_threshold}
         runner, runner_key = None, None  # a Runner's compiled step serves every learning rate
@@ -108,23 +123,24 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
                 rows = forget if runner.obj.alternates is None else alternates[runner.obj.alternates]
                 traj = runner.run(rows, retain, probes, lr=lr, steps=steps, eval_every=every,
                                   batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold,
-                                  keep_models=attacks is not None)
+                                  keep_models=probe is not None)
                 for i, point in enumerate(traj.points):
                     mine.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,
                                  "steps": point.pop("step"), **_renamed(point)})
                     kept.append(None if traj.models is None else traj.models[i])
                 bar.update()
                 bar.set_postfix_str(f"{objective}/{combiner} {cfg.grid.param}={value:g}")
-            if attacks is not None:
-                attack_selected(mine, kept, attacks, bars)
+            if probe is not None:
+                attack_selected(mine, kept, probe, bars)
             runs += mine
     bar.close()
     return summarize_sweep(cfg, worlds, runs, round(time.perf_counter() - t0, 1))
 
 
 def attack_selected(runs: list[dict], models: list, attacks, bars: dict[str, float]) -> None:
-    """Runs the robustness ``attacks`` on the model of each run `best_run` selects under each bar
-    (the runs of one objective x combiner in one world) and adds their metrics to that run."""
+    """Runs ``attacks`` (model -> metrics: the robustness attacks, TOFU's metrics) on the model of
+    each run `best_run` selects under each bar (the runs of one objective x combiner in one world)
+    and adds their metrics to that run."""
     done: set[int] = set()
     for threshold in bars.values():
         best = best_run(runs, threshold)
