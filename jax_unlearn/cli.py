@@ -138,6 +138,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """`jax_unlearn.plan.plan_run` on the config and target; prints its table (and writes JSON)."""
     from jax_unlearn import plan
 
+    plan.compile_only()  # before JAX starts a backend
     target = plan.parse_target(args.target)
     if target.platform == "cpu":
         plan.request_cpu_devices(target.count)  # before JAX's CPU backend starts

@@ -21,11 +21,11 @@ from .planner import Besides, Plan, load_plan_config, plan_run
 from .report import format_plan, plan_dict
 from .search import largest_fitting
 from .shapes import SHAPES, shape_config
-from .targets import CHIPS, Chip, TargetSpec, parse_target, request_cpu_devices, target_devices
+from .targets import CHIPS, Chip, TargetSpec, compile_only, parse_target, request_cpu_devices, target_devices
 
 __all__ = [
     "CHIPS", "SHAPES", "AbstractRun", "Besides", "Chip", "CombinerTraffic", "Plan", "StepCost", "StepMemory",
-    "TargetSpec", "abstract_run", "combiner_traffic", "compile_step", "device_bytes", "format_plan",
+    "TargetSpec", "abstract_run", "combiner_traffic", "compile_only", "compile_step", "device_bytes", "format_plan",
     "largest_fitting", "load_plan_config", "parse_target", "plan_dict", "plan_run", "request_cpu_devices",
     "roofline", "shape_config", "step_cost", "step_memory", "target_devices",
 ]

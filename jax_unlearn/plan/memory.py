@@ -107,11 +107,12 @@ def abstract_run(cfg: RunConfig, model_cfg: ModelConfig, devices: list) -> Abstr
     return AbstractRun(step, state, forget, dict(tokens), mesh, int(n_params))
 
 
-def compile_step(run: AbstractRun, platform: str) -> tuple[Any, float]:
-    """``(compiled executable, seconds to lower and compile)``."""
+def compile_step(run: AbstractRun, platform: str, cpu_licm: bool = False) -> tuple[Any, float]:
+    """``(compiled executable, seconds to lower and compile)``; on ``cpu`` without XLA:CPU's
+    loop-invariant code motion unless ``cpu_licm``."""
     t0 = time.perf_counter()
     lowered = run.step.lower(run.state, run.forget, run.retain)
-    compiled = lowered.compile(CPU_COMPILER_OPTIONS if platform == "cpu" else None)
+    compiled = lowered.compile(CPU_COMPILER_OPTIONS if platform == "cpu" and not cpu_licm else None)
     return compiled, time.perf_counter() - t0
 
 

@@ -150,6 +150,16 @@ def request_cpu_devices(n: int) -> None:
         pass
 
 
+def compile_only() -> None:
+    """Keeps JAX on its CPU backend (unless ``JAX_PLATFORMS`` says otherwise): planning compiles
+    for compile-only devices and runs nothing, and the CUDA plugin of the ``plan`` extra would
+    otherwise try to start CUDA and log an error on a machine without it."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+
+
 def _missing_extra(target: TargetSpec, err: BaseException) -> ConfigError:
     what = "libtpu (the TPU compiler)" if target.platform == "tpu" else "the CUDA plugin (XLA's GPU compiler)"
     return ConfigError(f"--target {target.text} needs {what}, which is not installed or does not load "
