@@ -9,6 +9,7 @@ per task (at least 8).
 
     python scripts/plan_tables.py pods --out pods.jsonl               # 1b/8b/70b x v5p-8..v5e-256 x setups
     python scripts/plan_tables.py ratios --out ratios.jsonl           # naive / weighted_sum / pcgrad / sago
+    python scripts/plan_tables.py ratios --targets h100 --out ratios.jsonl
     python scripts/plan_tables.py table pods.jsonl ratios.jsonl       # Markdown of what finished
     python scripts/plan_tables.py pods --shapes 1b --targets v5p-8 --setups full   # a subset
 """
@@ -76,6 +77,8 @@ def pods(a: argparse.Namespace) -> None:
 
 def ratios(a: argparse.Namespace) -> None:
     for target, shape, objective, batch in RATIO_ROWS:
+        if a.targets and target not in a.targets:
+            continue
         for name, extra in COMBINERS:
             one({"table": "ratios", "shape": shape, "pod": target, "setup": "+".join(objective), "combiner": name},
                 target, shape, objective + extra + [f"batch_size={batch}"], a.out)
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--setups", nargs="+", default=list(SETUPS))
     p.add_argument("--out")
     p = sub.add_parser("ratios")
+    p.add_argument("--targets", nargs="+", help="only these rows' targets (h100, h200, v5p-8)")
     p.add_argument("--out")
     p = sub.add_parser("table")
     p.add_argument("paths", nargs="+")

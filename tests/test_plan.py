@@ -175,3 +175,21 @@ def test_shapes_have_their_published_sizes():
     assert math.isclose(counts["8b"], 8.03e9, rel_tol=1e-2) and math.isclose(counts["70b"], 70.55e9, rel_tol=1e-2)
     assert math.isclose(counts["mistral-7b"], 7.24e9, rel_tol=1e-2)
     assert np.isclose(jnp.dtype("bfloat16").itemsize, 2)
+
+
+def test_cli_plans_a_model_folder_and_writes_json(tmp_path, capsys):
+    """The model from the config's model.path (config.json read, no weight), on 2 host devices."""
+    import json
+
+    from hf_fixtures import make_checkpoint
+
+    make_checkpoint(tmp_path / "m", "mqa_tied")
+    out = tmp_path / "plan.json"
+    args = ["plan", "configs/wmdp/graddiff_sago_bio.yaml", f"model.path={tmp_path / 'm'}", "data.max_length=16",
+            "data.chunk_bos=false", "batch_size=4", "micro_batches=2", "--target", "cpu:2", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: FITS" in printed and "per device:" in printed
+    d = json.loads(out.read_text())
+    assert d["model"] == str(tmp_path / "m") and d["devices"] == 2 and d["seq"] == 16 and d["micro_batches"] == 2
+    assert d["bytes"]["peak"] == d["bytes"]["arguments"] + d["bytes"]["outputs"] - d["bytes"]["alias"] + d["bytes"]["temp"]
