@@ -117,7 +117,7 @@ def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: s
                               layer=min(7, model_cfg.num_hidden_layers - 1))
     cfg = pl.load_plan_config(None, overrides, shape="given")
     run = pl.abstract_run(cfg, model_cfg, jax.devices()[:math.prod(mesh)])
-    compiled, compile_s = pl.compile_step(run, "cpu", cpu_licm)
+    compiled, compile_s, _ = pl.compile_step(run, "cpu", cpu_licm)
     m = pl.step_memory(run, compiled)
     moved = sh.collective_bytes(compiled.as_text(), run.state.params, run.mesh)
     return {

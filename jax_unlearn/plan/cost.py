@@ -98,7 +98,7 @@ class CombinerTraffic:
 
 def combiner_traffic(run: AbstractRun, cfg: CombinerConfig, diagnostics: bool, platform: str) -> CombinerTraffic:
     """Compiles ``cfg``'s combiner update alone (with or without diagnostics) on ``run``'s mesh."""
-    from .memory import CPU_COMPILER_OPTIONS
+    from .memory import compile_lowered
 
     combiner = build_combiner(dataclasses.replace(cfg, diagnostics=diagnostics))
     params = run.state.params
@@ -112,6 +112,6 @@ def combiner_traffic(run: AbstractRun, cfg: CombinerConfig, diagnostics: bool, p
         return combiner.update(TwoTaskGrads(g_f, g_r), state, p)
 
     fn = jax.jit(update, in_shardings=(p_shard, p_shard, c_shard, p_shard), out_shardings=(p_shard, c_shard))
-    compiled = fn.lower(params, params, c_state, params).compile(CPU_COMPILER_OPTIONS if platform == "cpu" else None)
+    compiled, _ = compile_lowered(fn.lower(params, params, c_state, params), platform)
     accessed = float(cost_numbers(compiled).get("bytes accessed", 0.0))
     return CombinerTraffic(cfg.name, diagnostics, accessed, 3 * device_bytes(params))

@@ -107,13 +107,28 @@ def abstract_run(cfg: RunConfig, model_cfg: ModelConfig, devices: list) -> Abstr
     return AbstractRun(step, state, forget, dict(tokens), mesh, int(n_params))
 
 
-def compile_step(run: AbstractRun, platform: str, cpu_licm: bool = False) -> tuple[Any, float]:
-    """``(compiled executable, seconds to lower and compile)``; on ``cpu`` without XLA:CPU's
-    loop-invariant code motion unless ``cpu_licm``."""
+def compile_lowered(lowered: Any, platform: str, cpu_licm: bool = False) -> tuple[Any, str | None]:
+    """``(executable, note)``: on ``cpu`` without XLA:CPU's loop-invariant code motion unless
+    ``cpu_licm``. On ``gpu``, when XLA's Triton GEMM emitter finds no tile for a matmul (it does
+    for row counts such as 2 x 513 tokens, its tiles chosen without a GPU to autotune on), the
+    step is compiled again with ``xla_gpu_enable_triton_gemm=False`` (cuBLAS matmuls), and the
+    note says so."""
+    if platform == "cpu":
+        return lowered.compile(None if cpu_licm else CPU_COMPILER_OPTIONS), None
+    try:
+        return lowered.compile(), None
+    except Exception as err:  # noqa: BLE001 - jax raises JaxRuntimeError; only this case is retried
+        if platform != "gpu" or "tile sizes" not in str(err):
+            raise
+    return lowered.compile({"xla_gpu_enable_triton_gemm": False}), \
+        "XLA's Triton GEMM found no tiles for a matmul: compiled with xla_gpu_enable_triton_gemm=False (cuBLAS)"
+
+
+def compile_step(run: AbstractRun, platform: str, cpu_licm: bool = False) -> tuple[Any, float, str | None]:
+    """``(compiled executable, seconds to lower and compile, a note or None)`` (`compile_lowered`)."""
     t0 = time.perf_counter()
-    lowered = run.step.lower(run.state, run.forget, run.retain)
-    compiled = lowered.compile(CPU_COMPILER_OPTIONS if platform == "cpu" and not cpu_licm else None)
-    return compiled, time.perf_counter() - t0
+    compiled, note = compile_lowered(run.step.lower(run.state, run.forget, run.retain), platform, cpu_licm)
+    return compiled, time.perf_counter() - t0, note
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,6 +92,7 @@ class Plan:
     naive_peak: int | None = None  # the one-backward step's peak at the same shape (micro_batches=1)
     largest_batch: int | None = None  # per-device rows that fit (None: not searched; 0: none)
     probes: tuple[tuple[int, int], ...] = ()  # the search's (rows per batch shard, peak bytes), in order tried
+    notes: tuple[str, ...] = ()  # how the compiler was asked to compile, when not by default
 
     @property
     def fits(self) -> bool:
@@ -135,12 +136,12 @@ def besides_step(cfg: RunConfig) -> tuple[Besides, ...]:
 
 
 def compile_plan(cfg: RunConfig, model_cfg: ModelConfig, devices: list, target: TargetSpec
-                 ) -> tuple[mem.AbstractRun, mem.StepMemory, object, float]:
-    """``(abstract run, its StepMemory, the executable, compile seconds)`` for one config."""
+                 ) -> tuple[mem.AbstractRun, mem.StepMemory, object, float, str | None]:
+    """``(abstract run, its StepMemory, the executable, compile seconds, note)`` for one config."""
     run = mem.abstract_run(cfg, model_cfg, devices)
-    compiled, seconds = mem.compile_step(run, target.platform)
+    compiled, seconds, note = mem.compile_step(run, target.platform)
     n_gradients = 1 if cfg.mode == "naive" else 2
-    return run, mem.step_memory(run, compiled, n_gradients), compiled, seconds
+    return run, mem.step_memory(run, compiled, n_gradients), compiled, seconds, note
 
 
 def with_batch(cfg: RunConfig, per_device: int, n_devices: int) -> RunConfig:
@@ -162,7 +163,7 @@ def plan_run(cfg: RunConfig, target: TargetSpec, shape: str | ModelConfig | None
     devices = target_devices(target)
     model_cfg, what = model_of(cfg, shape)
     check_trainable(model_cfg, mem.model_options(cfg), cfg.train_config())
-    run, memory, compiled, seconds = compile_plan(cfg, model_cfg, devices, target)
+    run, memory, compiled, seconds, note = compile_plan(cfg, model_cfg, devices, target)
     seq, n = mem.sequence_length(cfg), len(devices)
     tokens = 2 * cfg.batch_size * seq / n  # forget and retain rows, per chip
     flop_params = run.model_params - (0 if model_cfg.tie_word_embeddings else model_cfg.vocab_size * model_cfg.hidden_size)
@@ -192,4 +193,4 @@ def plan_run(cfg: RunConfig, target: TargetSpec, shape: str | ModelConfig | None
         probes = ()
     return Plan(target, what, n, tuple(run.mesh.shape.values()), run.model_params, int(trainable), cfg.batch_size,
                 seq, cfg.micro_batches, memory, step_cost, round(seconds, 1), besides_step(cfg), traffic,
-                naive_peak, largest, probes)
+                naive_peak, largest, probes, () if note is None else (note,))

@@ -50,6 +50,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"combiner {t.name} ({'with' if t.diagnostics else 'without'} diagnostics): "
                      f"{t.bytes_accessed / GIB:.3f} GiB accessed per device, {t.ratio:.2f} x the floor "
                      f"{t.floor / GIB:.3f} GiB (read 2 gradients, write 1 update)")
+    lines += [f"note: {n}" for n in p.notes]
     lines.append("besides the step's arguments the run holds on the devices: "
                  + ("nothing" if not sum(b.device_bytes for b in p.besides) else
                     gib(sum(b.device_bytes for b in p.besides)).strip()))
@@ -71,7 +72,7 @@ def plan_dict(p: Plan) -> dict:
            "bytes": dict(dataclasses.asdict(p.memory), activations=p.memory.activations, peak=p.memory.peak),
            "cost_estimate": dataclasses.asdict(p.cost), "naive_peak": p.naive_peak,
            "largest_batch_per_shard": p.largest_batch,
-           "search_probes": [{"rows_per_shard": r, "peak": b} for r, b in p.probes],
+           "search_probes": [{"rows_per_shard": r, "peak": b} for r, b in p.probes], "notes": list(p.notes),
            "combiner": [dict(dataclasses.asdict(t), ratio=t.ratio) for t in p.combiner],
            "besides_step": [dataclasses.asdict(b) for b in p.besides]}
     return out
