@@ -153,12 +153,14 @@ def test_cli_input_errors_exit_2(args, message, capsys):
     assert message in err, err
 
 
-def test_missing_compiler_names_the_extra(monkeypatch, capsys):
+@pytest.mark.parametrize("module, target", [("libtpu", "tpu:v5p:2x2x1"), ("jax_plugins.xla_cuda12", "gpu:h100")])
+def test_missing_compiler_names_the_extra(module, target, monkeypatch, capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
-    assert main(["plan", "configs/wmdp/graddiff_sago_bio.yaml", "--target", "tpu:v5p:2x2x1", "--shape", "1b"]) == 2
-    assert "pip install 'jax-unlearn[plan]'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, module, None)  # import MODULE -> ImportError, as when it is not installed
+    assert main(["plan", "configs/wmdp/graddiff_sago_bio.yaml", "--target", target, "--shape", "1b"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'jax-unlearn[plan]'" in err and target in err
 
 
 def test_roofline_arithmetic():
