@@ -94,6 +94,9 @@ def test_h100_reports_the_two_gradient_overhead_and_the_parameter_bytes():
     ratio = p.memory.peak / p.naive_peak
     assert 1.0 < ratio < 3.0  # two gradients cost more than one, and less than three models
     assert f"this step / naive = {ratio:.3f}" in plan.format_plan(p)
+    # XLA:GPU's executable reports no cost analysis: the estimate rests on the textbook FLOPs alone
+    assert not p.cost.counted and p.cost.flops_from == "textbook" and p.cost.bytes_accessed == 0
+    assert "reports no cost analysis" in plan.format_plan(p)
 
 
 def test_cpu_8_plan_and_its_json():

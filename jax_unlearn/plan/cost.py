@@ -44,6 +44,8 @@ class StepCost:
     seconds: float | None
     tokens_per_s_per_chip: float | None
     bound: str | None  # "compute" or "memory": which roofline term is larger
+    flops_from: str = "compiler"  # "compiler" (its count) or "textbook" (`model_flops`, the larger)
+    counted: bool = True  # whether the executable reported a cost analysis at all (XLA:GPU's does not)
 
 
 def cost_numbers(compiled: Any) -> dict[str, float]:
@@ -77,8 +79,9 @@ def model_flops(flop_params: int, tokens_per_chip: float, all_weights_train: boo
 def step_cost(compiled: Any, chip: Chip, tokens_per_chip: float, floor_flops: float = 0.0) -> StepCost:
     """`roofline` of a compiled step, with FLOPs at least ``floor_flops`` (`model_flops`)."""
     c = cost_numbers(compiled)
-    flops = max(float(c.get("flops", 0.0)), floor_flops)
-    return roofline(flops, float(c.get("bytes accessed", 0.0)), chip, tokens_per_chip)
+    counted = float(c.get("flops", 0.0))
+    out = roofline(max(counted, floor_flops), float(c.get("bytes accessed", 0.0)), chip, tokens_per_chip)
+    return dataclasses.replace(out, flops_from="compiler" if counted >= floor_flops else "textbook", counted=bool(c))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,11 +36,13 @@ def format_plan(p: Plan) -> str:
         lines.append(f"one-backward (naive) step, same shape, micro_batches=1: peak {gib(p.naive_peak).strip()}; "
                      f"this step / naive = {m.peak / p.naive_peak:.3f}")
     c = p.cost
+    flops = {"compiler": "the compiler's count", "textbook": "the textbook count (2+4 N T, +2 N T remat; the "
+             "compiler counts a scan's body once)"}[c.flops_from]
+    counted = "" if c.counted else " (this executable reports no cost analysis: bytes unknown, compute term only)"
     if c.seconds is not None:
-        lines.append(f"ESTIMATE, not a measurement (roofline at {chip.name}'s published peaks; FLOPs: the larger "
-                     "of the compiler's count and 6NT, a scan's body counts once): "
-                     f"{c.flops / 1e12:.2f} TFLOP and {c.bytes_accessed / GIB:.2f} GiB accessed per device -> "
-                     f"{c.seconds * 1e3:.1f} ms per step ({c.bound}-bound), "
+        lines.append(f"ESTIMATE, not a measurement: roofline at {chip.name}'s published peaks{counted}: "
+                     f"{c.flops / 1e12:.2f} TFLOP ({flops}) and {c.bytes_accessed / GIB:.2f} GiB accessed per device "
+                     f"-> {c.seconds * 1e3:.1f} ms per step ({c.bound}-bound), "
                      f"{c.tokens_per_s_per_chip:,.0f} tokens/s per chip")
     else:
         why = "the compiler counted nothing" if chip.peak_flops else f"no published peak for {chip.name}"
