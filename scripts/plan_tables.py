@@ -41,8 +41,8 @@ RATIO_ROWS = [
     ("h200", "8b", ["objective.name=npo", "objective.reference=precompute"], 8),
     ("v5p-8", "8b", ["objective.name=npo", "objective.reference=resident"], 8),
 ]
-COMBINERS = [("naive", ["mode=naive", "combiner.name=weighted_sum"]), ("weighted_sum", ["combiner.name=weighted_sum"]),
-             ("pcgrad", ["combiner.name=pcgrad"]), ("sago", ["combiner.name=sago"])]
+COMBINERS = [("naive", ["mode=naive", "combiner.name=weighted_sum"]), ("sago", ["combiner.name=sago"]),
+             ("weighted_sum", ["combiner.name=weighted_sum"]), ("pcgrad", ["combiner.name=pcgrad"])]
 
 
 def one(label: dict, target: str, shape: str, overrides: list[str], out: str | None) -> dict | None:
