@@ -91,12 +91,12 @@ class CombinerTraffic:
 
     name: str
     diagnostics: bool
-    bytes_accessed: float
+    bytes_accessed: float | None  # None: the executable reports no cost analysis (XLA:GPU)
     floor: int
 
     @property
-    def ratio(self) -> float:
-        return self.bytes_accessed / self.floor if self.floor else float("nan")
+    def ratio(self) -> float | None:
+        return None if self.bytes_accessed is None or not self.floor else self.bytes_accessed / self.floor
 
 
 def combiner_traffic(run: AbstractRun, cfg: CombinerConfig, diagnostics: bool, platform: str) -> CombinerTraffic:
@@ -116,5 +116,6 @@ def combiner_traffic(run: AbstractRun, cfg: CombinerConfig, diagnostics: bool, p
 
     fn = jax.jit(update, in_shardings=(p_shard, p_shard, c_shard, p_shard), out_shardings=(p_shard, c_shard))
     compiled, _ = compile_lowered(fn.lower(params, params, c_state, params), platform)
-    accessed = float(cost_numbers(compiled).get("bytes accessed", 0.0))
+    counted = cost_numbers(compiled)
+    accessed = float(counted["bytes accessed"]) if "bytes accessed" in counted else None
     return CombinerTraffic(cfg.name, diagnostics, accessed, 3 * device_bytes(params))

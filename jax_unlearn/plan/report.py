@@ -49,8 +49,9 @@ def format_plan(p: Plan) -> str:
         lines.append(f"compiler's count: {c.flops / 1e12:.3f} TFLOP and {c.bytes_accessed / GIB:.3f} GiB accessed "
                      f"per device ({why}: no time estimate)")
     for t in p.combiner:
-        lines.append(f"combiner {t.name} ({'with' if t.diagnostics else 'without'} diagnostics): "
-                     f"{t.bytes_accessed / GIB:.3f} GiB accessed per device, {t.ratio:.2f} x the floor "
+        what = (f"{t.bytes_accessed / GIB:.3f} GiB accessed per device, {t.ratio:.2f} x" if t.ratio is not None else
+                "no cost analysis from this executable; the")
+        lines.append(f"combiner {t.name} ({'with' if t.diagnostics else 'without'} diagnostics): {what} the floor "
                      f"{t.floor / GIB:.3f} GiB (read 2 gradients, write 1 update)")
     lines += [f"note: {n}" for n in p.notes]
     lines.append("besides the step's arguments the run holds on the devices: "
