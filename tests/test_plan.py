@@ -115,7 +115,7 @@ def test_cpu_8_plan_and_its_json():
 
 
 def test_batch_search_finds_the_boundary():
-    base = tiny_cfg("mesh.fsdp=1", "data.max_length=32")
+    base = tiny_cfg("mesh.fsdp=1", "data.max_length=32", "batch_size=2")
     target = plan.parse_target("cpu:1")
     peaks = {}
 
@@ -124,18 +124,17 @@ def test_batch_search_finds_the_boundary():
             peaks[rows] = plan.plan_run(dataclasses.replace(base, batch_size=rows), target, TINY).memory.peak
         return peaks[rows]
 
-    assert peak(5) < peak(6)  # the activations grow with the batch: a boundary exists between them
-    memory = (peak(5) + peak(6)) // 2
+    assert peak(2) < peak(3)  # the activations grow with the batch: a boundary exists between them
+    memory = (peak(2) + peak(3)) // 2
     searched = plan.plan_run(base, target.with_memory(memory), TINY, search=True)
-    assert [r for r, _ in searched.probes] == [1, 2, 4, 8, 6, 5]  # doubling, then bisection
+    # the config's own 2 rows (compiled for the plan), then doubling from 1 and bisection
+    assert [r for r, _ in searched.probes] == [2, 1, 4, 3]
+    assert dict(searched.probes)[2] == peak(2) == searched.memory.peak and dict(searched.probes)[3] == peak(3)
     peaks.update(searched.probes)
     found = searched.largest_batch
-    assert found == 5 and peak(found) <= memory < peak(found + 1)
-    at_found = plan.plan_run(dataclasses.replace(base, batch_size=found), target.with_memory(memory), TINY)
-    assert at_found.fits and at_found.memory.peak == peak(found)
+    assert found == 2 and peak(found) <= memory < peak(found + 1) and searched.fits
     # control: a chip just under the found batch's peak flips the verdict, and the search goes lower
-    under = dataclasses.replace(at_found, target=target.with_memory(peak(found) - 1))
-    assert not under.fits
+    assert not dataclasses.replace(searched, target=target.with_memory(peak(found) - 1)).fits
     assert plan.largest_fitting(lambda r: peak(r) <= peak(found) - 1) < found
 
 

@@ -91,7 +91,7 @@ class Plan:
     combiner: tuple[cst.CombinerTraffic, ...] = ()
     naive_peak: int | None = None  # the one-backward step's peak at the same shape (micro_batches=1)
     largest_batch: int | None = None  # per-device rows that fit (None: not searched; 0: none)
-    probes: tuple[tuple[int, int], ...] = ()  # the search's (rows per batch shard, peak bytes), in order tried
+    probes: tuple[tuple[int, int], ...] = ()  # the search's (rows per batch shard, peak bytes) compiled
     notes: tuple[str, ...] = ()  # how the compiler was asked to compile, when not by default
 
     @property
@@ -180,7 +180,8 @@ def plan_run(cfg: RunConfig, target: TargetSpec, shape: str | ModelConfig | None
     largest = None
     if search:
         unit = cfg.micro_batches
-        probes = {}
+        rows = cfg.batch_size // mem.batch_shards(cfg, n)
+        probes = {rows: memory.peak} if rows % unit == 0 else {}  # the config's own batch: compiled already
 
         def fits(per_device: int) -> bool:
             if per_device not in probes:
@@ -188,7 +189,7 @@ def plan_run(cfg: RunConfig, target: TargetSpec, shape: str | ModelConfig | None
             return probes[per_device] <= target.chip.memory
 
         largest = largest_fitting(fits, unit=unit)
-        probes = tuple(probes.items())
+        probes = tuple(probes.items())  # the config's own batch first, then in the order tried
     else:
         probes = ()
     return Plan(target, what, n, tuple(run.mesh.shape.values()), run.model_params, int(trainable), cfg.batch_size,
