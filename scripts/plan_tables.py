@@ -56,7 +56,7 @@ def one(label: dict, target: str, shape: str, overrides: list[str], out: str | N
         print(f"{label}: FAILED after {time.perf_counter() - t0:.0f} s: {type(err).__name__}: {str(err)[:300]}",
               flush=True)
         return None
-    row = dict(label, **plan.plan_dict(p), wall_s=round(time.perf_counter() - t0, 1))
+    row = dict(plan.plan_dict(p), **label, wall_s=round(time.perf_counter() - t0, 1))  # label["combiner"]: its name
     b = row["bytes"]
     print(f"{label}: peak {b['peak'] / 2**30:.2f} GiB/chip of {row['chip_memory'] / 2**30:.0f} "
           f"({'fits' if row['fits'] else 'DOES NOT FIT'}); compiled in {row['compile_s']} s", flush=True)
@@ -111,7 +111,8 @@ def table(paths: list[str]) -> None:
         for r in ratio_rows:
             base = naive.get((r["pod"], r["shape"], r["setup"]))
             ratio = f"{r['bytes']['peak'] / base:.3f}" if base else "-"
-            print(f"| {r['pod']} | {r['shape']}, {r['setup']} | {r['combiner']} | {gib(r['bytes']['peak'])} | {ratio} | "
+            setup = r["setup"].replace("objective.name=", "").replace("objective.reference=", "")
+            print(f"| {r['pod']} ({r['devices']}) | {r['shape']}, {setup} | {r['combiner']} | {gib(r['bytes']['peak'])} | {ratio} | "
                   f"{r['compile_s']} |")
 
 
