@@ -1,4 +1,4 @@
-"""The ``jax-unlearn`` command line: ``demo``, ``sweep``, ``unlearn``, ``eval``, ``export`` and ``lm-eval``.
+"""The ``jax-unlearn`` command line: ``demo``, ``sweep``, ``unlearn``, ``eval``, ``export``, ``lm-eval`` and ``plan``.
 
     jax-unlearn demo --out demo_out
     jax-unlearn sweep configs/demo.yaml worlds=[0,1,2,3] --out sweep_out
@@ -7,6 +7,7 @@
     jax-unlearn eval --model runs/gd_sago_bio/model --mc wmdp_bio.jsonl --mc mmlu.jsonl --out eval.json
     jax-unlearn export --checkpoint runs/gd_sago_bio --out exported/
     jax-unlearn lm-eval --model-path exported/ --tasks mmlu --num_fewshot 5 --batch_size 32
+    jax-unlearn plan configs/wmdp/graddiff_sago_bio.yaml --target tpu:v5p:2x2x2 --shape mistral-7b
 
 Exit status: 0 done; 1 the run failed (a non-finite step, an I/O error, an unexpected error);
 2 a usage or input error (command line, config, model folder, tokenizer, data files, output
@@ -134,6 +135,29 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if result.evaluation is not None:
         print(format_table(result.evaluation))
         print(f"evaluation: {out / run.EVAL_FILE}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`jax_unlearn.plan.plan_run` on the config and target; prints its table (and writes JSON)."""
+    from jax_unlearn import plan
+
+    plan.compile_only()  # before JAX starts a backend
+    target = plan.parse_target(args.target)
+    if target.platform == "cpu":
+        plan.request_cpu_devices(target.count)  # before JAX's CPU backend starts
+    if args.memory is not None:
+        target = target.with_memory(int(args.memory * 2**30))
+    if args.json:
+        _check_writable(Path(args.json), "--json", folder=False)
+    cfg = plan.load_plan_config(args.config, args.overrides, shape=args.shape)
+    print(f"compiling the run's step for {target.text} (no device is used; large models take minutes) ...",
+          flush=True)
+    result = plan.plan_run(cfg, target, args.shape, search=args.search_batch, naive=args.naive,
+                           combiner=args.combiner)
+    print(plan.format_plan(result))
+    if args.json:
+        _write_json(Path(args.json), plan.plan_dict(result))
     return 0
 
 
@@ -423,6 +447,10 @@ EPILOG = textwrap.dedent(f"""\
 
 def build_parser() -> argparse.ArgumentParser:
     from jax_unlearn.config import DTYPES
+    from jax_unlearn.plan.shapes import SHAPES
+    from jax_unlearn.plan.targets import EXTRA as PLAN_EXTRA
+
+    SHAPE_NAMES = ", ".join(SHAPES)  # noqa: N806
 
     n = _names()
     common = argparse.ArgumentParser(add_help=False)
@@ -448,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
               export   write the newest checkpoint of an unlearn run as a Hugging Face folder
               lm-eval  the lm-evaluation-harness's own CLI on a model folder (tasks, few-shot,
                        batch size, ... as in 'lm-eval run'), served by the JAX model
+              plan     compile a run's step for a TPU pod or NVIDIA GPUs from this machine:
+                       per-device memory, fits or not, the largest batch, a time estimate
 
             Run 'jax-unlearn COMMAND --help' for the options of a command."""))
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
@@ -595,6 +625,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft", metavar="DIR", help="LoRA runs: also write the adapter alone as a PEFT folder here")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --peft)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "plan", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="compile a run's step for a TPU pod, NVIDIA GPUs or host devices: per-device memory",
+        description=textwrap.dedent(f"""\
+            Compile the step of the run CONFIG (YAML + KEY=VALUE overrides, as 'unlearn' reads it)
+            for a target, without the hardware and without allocating anything, and print per
+            device: parameters, frozen weights, optimizer state, reference, batches, the two
+            gradients, activations and other temporaries, the peak against the chip's memory, a
+            fits / does not fit verdict, a roofline time ESTIMATE from the compiler's FLOPs and
+            bytes (never a measurement), and what the run holds besides the step.
+
+            Targets: tpu:CHIP:TOPOLOGY (CHIP v4, v5e, v5p, v6e; e.g. tpu:v5p:2x2x2 = 8 chips,
+            tpu:v5e:16x16 = 256), gpu:h100[:N], gpu:h200[:N], gpu:SPEC.txtpb[:N] (an XLA
+            GpuTargetConfigProto), cpu:N (XLA:CPU host devices). TPU and GPU targets need
+            the compilers: {PLAN_EXTRA}.
+            The model is the config's model.path folder (config.json only), or --shape
+            ({SHAPE_NAMES}) when the folder is not on this machine.
+
+              jax-unlearn plan configs/wmdp/graddiff_sago_bio.yaml --target tpu:v5p:2x2x2 --shape mistral-7b
+              jax-unlearn plan configs/wmdp/npo_sago_bio.yaml model.scan_layers=true \\
+                  model.remat_policy=full --target gpu:h100 --shape 1b --naive"""))
+    p.add_argument("config", metavar="CONFIG", help="YAML run config (see configs/)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="overrides, e.g. batch_size=64")
+    p.add_argument("--target", required=True, metavar="T", help="tpu:v5p:2x2x2, gpu:h100[:N], cpu:8, ...")
+    p.add_argument("--shape", metavar="S", help=f"a named model shape instead of model.path: {SHAPE_NAMES}")
+    p.add_argument("--memory", type=float, metavar="GIB", help="per-device memory to plan against (default: the chip's)")
+    p.add_argument("--search-batch", action="store_true",
+                   help="also find the largest per-device batch that fits (doubling, then bisection; a compile each)")
+    p.add_argument("--naive", action="store_true",
+                   help="also compile the one-backward step at the same shape: this step's peak / naive")
+    p.add_argument("--combiner", action="store_true",
+                   help="also compile the combiner's update alone: bytes accessed against its floor")
+    p.add_argument("--json", metavar="FILE", help="write the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     # the harness's arguments pass through untouched: no option prefix here, cmd_lm_eval parses ours
     p = sub.add_parser("lm-eval", prefix_chars="+", add_help=False,

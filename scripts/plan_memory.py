@@ -15,7 +15,9 @@ that pass (``--cpu-licm`` keeps it).
     python scripts/plan_memory.py --model path/to/config.json --devices 64 --batch 64
     python scripts/plan_memory.py --model 8b --devices 1 --lora-rank 16 --lora-targets all-linear
 
-Named shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3.1-8B), 70b (Llama-3.1-70B).
+Named shapes: those of `jax_unlearn.plan.SHAPES` (1b, 3b, 8b, 70b, mistral-7b). The step and its
+accounting are `jax_unlearn.plan`'s (``jax-unlearn plan`` compiles the same step for TPU and GPU
+targets); this script keeps the XLA:CPU plans and their static collective count.
 ``--devices N`` is the mesh ``1,N,1`` (pure FSDP); the script starts with
 ``--xla_force_host_platform_device_count`` set to the mesh's size.
 """
@@ -27,23 +29,11 @@ import json
 import math
 import os
 import sys
-import time
-
-SHAPES = {
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-               num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="8b", help="a named shape (1b, 3b, 8b, 70b) or a Hugging Face config.json")
+    ap.add_argument("--model", default="8b", help="a named shape (1b, 3b, 8b, 70b, mistral-7b) or a config.json")
     ap.add_argument("--objective", default="npo", help="grad_ascent, grad_diff, npo, simnpo or rmu")
     ap.add_argument("--retain", default="nll", choices=["nll", "kl"])
     ap.add_argument("--reference", default="resident", choices=["resident", "precompute"], help="NPO's reference")
@@ -79,92 +69,75 @@ def mesh_shape(a: argparse.Namespace) -> tuple[int, int, int]:
 
 def model_config(name: str):
     from jax_unlearn.models import ModelConfig
+    from jax_unlearn.plan import SHAPES, shape_config
 
-    if name in SHAPES:
-        return ModelConfig(model_type="llama", rope_theta=500000.0, max_position_embeddings=131072, **SHAPES[name])
-    return ModelConfig.from_json_file(name)
+    return shape_config(name) if name in SHAPES else ModelConfig.from_json_file(name)
 
 
 def device_bytes(tree) -> int:
     """Bytes one device holds of the arrays of ``tree`` (``ShapeDtypeStruct``s with shardings)."""
-    import jax
+    from jax_unlearn.plan import device_bytes as per_device
 
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return per_device(tree)
+
+
+def run_overrides(*, objective, retain, reference, combiner, mesh, batch, seq, micro_batches, dtype, compute_dtype,
+                  moment_dtype, scan, remat, logit_chunk, lora_rank, lora_targets, layer) -> list[str]:
+    """This script's options as the ``key=value`` overrides of a run config."""
+    out = [f"objective.name={objective}", f"objective.retain={retain}", f"objective.reference={reference}",
+           f"combiner.name={combiner}", f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}",
+           f"batch_size={batch}", f"micro_batches={micro_batches}", f"data.max_length={seq}", f"model.dtype={dtype}",
+           f"model.compute_dtype={compute_dtype or 'null'}", f"optim.moment_dtype={moment_dtype or 'null'}",
+           f"model.scan_layers={str(scan).lower()}", f"model.remat_policy={remat or 'null'}",
+           f"objective.logit_chunk={logit_chunk or 'null'}"]
+    if objective == "rmu":
+        out.append(f"objective.layer={layer}")
+    if lora_rank is not None:
+        out += [f"lora.rank={lora_rank}", f"lora.alpha={2.0 * lora_rank}", f"lora.targets=[{lora_targets}]"]
+    return out
 
 
 def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: str = "resident",
          combiner: str = "sago", mesh: tuple[int, int, int] = (1, 8, 1), batch: int = 8, seq: int = 512,
          micro_batches: int = 1, dtype: str = "bfloat16", compute_dtype: str | None = None,
          moment_dtype: str | None = None, scan: bool = True, remat: str | None = "full",
-         logit_chunk: int | None = 128, lora_rank: int | None = None, lora_targets: str = "q_proj,v_proj") -> dict:
-    """Compiles the step on abstract arrays and returns its per-device bytes (see the module doc)."""
+         logit_chunk: int | None = 128, lora_rank: int | None = None, lora_targets: str = "q_proj,v_proj",
+         cpu_licm: bool = False) -> dict:
+    """Compiles the run's step (`jax_unlearn.plan`: as `jax_unlearn.train.build_run` builds it) on
+    abstract arrays over this process's CPU devices and returns its per-device bytes (see the module doc)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from jax_unlearn import config as C
-    from jax_unlearn import objectives as obj
+    from jax_unlearn import plan as pl
     from jax_unlearn import sharding as sh
-    from jax_unlearn import step as st
-    from jax_unlearn.models import CausalLM, ModelOptions, add_lora
 
-    options = ModelOptions(param_dtype=jnp.dtype(dtype), compute_dtype=None if compute_dtype is None else
-                           jnp.dtype(compute_dtype), scan_layers=scan, remat_policy=remat)
-
-    def build():
-        model = CausalLM(model_cfg, options, rngs=nnx.Rngs(0))
-        if lora_rank is not None:
-            targets = lora_targets if lora_targets == "all-linear" else tuple(lora_targets.split(","))
-            model = add_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, targets=targets)
-        return model
-
-    model = nnx.eval_shape(build)
-    cfg = C.TrainConfig(output_dir="-", batch_size=batch, micro_batches=micro_batches,
-                        optim=C.OptimConfig(moment_dtype=moment_dtype),
-                        combiner=C.CombinerConfig(name=combiner),
-                        objective=C.ObjectiveConfig(name=objective, retain=retain, logit_chunk=logit_chunk,
-                                                    reference=reference,
-                                                    **({"layer": min(7, model_cfg.num_hidden_layers - 1)}
-                                                       if objective == "rmu" else {})))
-    objective_ = C.build_objective(cfg.objective, model_cfg.hidden_size)
-    tx = C.build_tx(cfg, total_steps=100)
-    defs, state = st.abstract_state(model, tx, objective_, train=nnx.LoRAParam if lora_rank is not None else None)
-    device_mesh = sh.make_mesh(sh.MeshConfig(*mesh))
-    shardings = sh.train_state_shardings(state, device_mesh, tx)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    bs = sh.batch_sharding(device_mesh)
-    step = st.make_two_grad_step(defs, objective_, tx, C.step_config(cfg), shardings, bs)
-    tokens = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs) for k in ("input_ids", "attention_mask",
-                                                                                      "labels")}
-    forget = dict(tokens, **({obj.REF_LOGP: jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=bs)}
-                             if reference == "precompute" else {}))
-    t0 = time.perf_counter()
-    compiled = step.lower(state, forget, tokens).compile()
-    compile_s = time.perf_counter() - t0
-    m = compiled.memory_analysis()
-    params, frozen = device_bytes(state.params), device_bytes(state.frozen)
-    grads = 2 * params  # the forget and the retain gradient, sharded like the parameters
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    moved = sh.collective_bytes(compiled.as_text(), state.params, device_mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    overrides = run_overrides(objective=objective, retain=retain, reference=reference, combiner=combiner, mesh=mesh,
+                              batch=batch, seq=seq, micro_batches=micro_batches, dtype=dtype,
+                              compute_dtype=compute_dtype, moment_dtype=moment_dtype, scan=scan, remat=remat,
+                              logit_chunk=logit_chunk, lora_rank=lora_rank, lora_targets=lora_targets,
+                              layer=min(7, model_cfg.num_hidden_layers - 1))
+    cfg = pl.load_plan_config(None, overrides, shape="given")
+    run = pl.abstract_run(cfg, model_cfg, jax.devices()[:math.prod(mesh)])
+    compiled, compile_s, _ = pl.compile_step(run, "cpu", cpu_licm)
+    m = pl.step_memory(run, compiled)
+    moved = sh.collective_bytes(compiled.as_text(), run.state.params, run.mesh)
     return {
-        "model_params": int(n_params),
-        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "model_params": run.model_params,
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(run.state.params))),
         "mesh": list(mesh), "devices": math.prod(mesh), "batch": batch, "seq": seq, "micro_batches": micro_batches,
         "objective": objective, "reference": reference if objective == "npo" else None, "retain": retain,
         "combiner": combiner, "dtype": dtype, "compute_dtype": compute_dtype, "moment_dtype": moment_dtype,
         "lora_rank": lora_rank, "lora_targets": lora_targets if lora_rank is not None else None,
         "scan": scan, "remat": remat, "logit_chunk": logit_chunk,
         "bytes": {
-            "params": params,  # trainable parameters
-            "frozen": frozen,  # the rest of the model (LoRA's base weights, RMU's other layers)
-            "optimizer": device_bytes(state.opt_state),
-            "reference": device_bytes(state.ref),
-            "gradients": grads,
-            "arguments": m.argument_size_in_bytes,
-            "temp": m.temp_size_in_bytes,
-            "activations_and_temp": max(m.temp_size_in_bytes - grads, 0),
-            "peak": peak,
+            "params": m.params,  # trainable parameters
+            "frozen": m.frozen,  # the rest of the model (LoRA's base weights, RMU's other layers)
+            "optimizer": m.optimizer,
+            "reference": device_bytes(run.state.ref),
+            "gradients": m.gradients,
+            "arguments": m.arguments,
+            "temp": m.temp,
+            "activations_and_temp": m.activations,
+            "peak": m.peak,
         },
         "collective_bytes": moved,
         "compile_s": round(compile_s, 1),
@@ -227,14 +200,12 @@ def main(argv=None) -> None:
     if "jax" not in sys.modules:  # fake CPU devices for the mesh (must precede importing jax)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         flags = [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={n}"]
-        if not a.cpu_licm:
-            flags.append("--xla_disable_hlo_passes=while-loop-invariant-code-motion")
         os.environ["XLA_FLAGS"] = " ".join(flags).strip()
     r = plan(model_config(a.model), objective=a.objective, retain=a.retain, reference=a.reference,
              combiner=a.combiner, mesh=mesh_shape(a), batch=a.batch, seq=a.seq, micro_batches=a.micro_batches,
              dtype=a.dtype, compute_dtype=a.compute_dtype, moment_dtype=a.moment_dtype, scan=not a.no_scan,
              remat=a.remat or None, logit_chunk=a.logit_chunk or None, lora_rank=a.lora_rank,
-             lora_targets=a.lora_targets)
+             lora_targets=a.lora_targets, cpu_licm=a.cpu_licm)
     r["model"] = a.model
     print(report(r))
     if a.json:

@@ -159,9 +159,9 @@ def test_help_explains_every_command(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "sweep", "unlearn", "eval", "export"):
+    for command in ("demo", "sweep", "unlearn", "eval", "export", "plan"):
         assert command in out
-    for command in ("demo", "sweep", "unlearn", "eval", "export"):
+    for command in ("demo", "sweep", "unlearn", "eval", "export", "plan"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "usage: jax-unlearn " + command in capsys.readouterr().out
