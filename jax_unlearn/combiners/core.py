@@ -234,7 +234,9 @@ def as_weight(w: chex.Array, like: chex.Array) -> chex.Array:
 
 
 def _conflict(f: chex.Array, r: chex.Array) -> chex.Array:
-    """Element-wise ``sign(f)*sign(r) < 0`` without forming ``f*r`` (which can underflow)."""
+    """Element-wise ``sign(f)*sign(r) < 0`` without forming ``f*r`` (which can underflow).
+    Give it the widened leaves (`widen`, exact, so the signs are the same): tested on bfloat16
+    gradients, XLA:GPU keeps one more gradient-sized buffer alive (docs/benchmarks.md)."""
     return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
 
 
@@ -529,7 +531,7 @@ def sago(
         for f, r in zip(fs, rs):
             fw, rw, aw, gw = widen(f), widen(r), as_weight(a, f), as_weight(g, f)
             keep = gw * fw + aw * rw if agree == "sum" else gw * fw
-            us.append(jnp.where(_conflict(f, r), aw * rw, keep).astype(f.dtype))
+            us.append(jnp.where(_conflict(fw, rw), aw * rw, keep).astype(f.dtype))
         return us, [leaf_stats(f, r, u) for f, r, u in zip(fs, rs, us)]
 
     return make_combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics, per_tensor=True)
