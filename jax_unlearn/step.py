@@ -518,8 +518,9 @@ class RetainPass(RetainBackward):
     runs the backward with each parameter leaf ``p`` wrapped in an identity whose backward
     turns the arriving cotangent ``g_r`` of that leaf into ``rule(i, g_f[i], g_r) -> (u_i,
     stats_i)``: the gradient of the wrapped loss is the update ``u`` itself, and the per-tensor
-    diagnostic sums leave as the cotangents of zero "probe" inputs, so no retain gradient tree
-    is kept beside ``g_f`` and ``u``. Whichever runs records ``(loss, aux)`` in ``result``.
+    diagnostic sums leave as the cotangents of zero "probe" inputs, so the combiner is never
+    handed a retain gradient tree (what the compilers make of that: docs/benchmarks.md).
+    Whichever runs records ``(loss, aux)`` in ``result``.
     Not a pytree: it lives only inside one trace of the step.
     """
 
@@ -573,13 +574,13 @@ def _tap(leaf_rule: Callable) -> Callable:
 
 
 def _update_fused(tx: optax.GradientTransformation, gf: Any, retain: RetainPass, mf: dict, state: TrainState):
-    """``tx.update`` on ``TwoTaskGrads(g_f, retain)``: the chain's head takes the retain backward
-    (`RetainBackward`); the retain loss's weight reaches ``two_task_multi_steps`` through the
-    loss, which the head runs first."""
+    """``tx.update`` on ``TwoTaskGrads(g_f, retain)``: the chain's head runs the retain backward
+    (`RetainPass`). ``task_weights`` (for ``two_task_multi_steps(weighting="tokens")``) are read
+    lazily: the retain loss's weight exists once that backward has run."""
     if not isinstance(tx, optax.GradientTransformationExtraArgs):
         out = tx.update(TwoTaskGrads(gf, retain), state.opt_state, state.params)
     else:
-        class Weights:  # task_weights read lazily: the retain weight exists once the head has run the backward
+        class Weights:
             def __iter__(self):
                 if retain.result is None:
                     retain.gradient()

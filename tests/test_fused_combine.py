@@ -142,6 +142,22 @@ def test_fused_step_equals_the_two_tree_step(name, scan, mesh_shape):
     assert m_got["conflict_fraction"] > 0.05  # the combiners had conflicts to resolve
 
 
+def test_fused_step_under_two_task_multi_steps_takes_the_retain_gradient():
+    """A chain wrapped in two_task_multi_steps accumulates g_r, so it takes the plain gradient and
+    reads the retain weight for its token weighting; the update is the two-tree step's."""
+    tx = lambda: ju.two_task_multi_steps(optax.chain(ju.sago(), optax.sgd(1.0)), every_k=1)  # noqa: E731
+    o = OBJECTIVES["grad_diff"]()
+    out = []
+    for fuse in (False, True):
+        defs, state = st.init_state(tiny_model(), tx(), o)
+        step = st.make_two_grad_step(defs, o, tx(), st.StepConfig(fuse_combine=fuse), donate=False)
+        calls.clear()
+        new, metrics = step(state, FORGET, RETAIN)
+        out.append((jax.device_get(new.params), jax.device_get(metrics), list(calls)))
+    chex.assert_trees_all_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
+    assert out[1][2] == ["gradient"] and out[1][1]["retain_weight"] == out[0][1]["retain_weight"]
+
+
 def test_fuse_combine_errors():
     with pytest.raises(ValueError, match="micro_batches=1 only"):
         st.StepConfig(fuse_combine=True, micro_batches=2)
