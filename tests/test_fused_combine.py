@@ -45,7 +45,9 @@ def one_step(combiner, fuse: bool, scan: bool, mesh_shape=None, objective="grad_
     step = st.make_two_grad_step(defs, o, tx, st.StepConfig(fuse_combine=fuse), shardings, bs, donate=False)
     calls.clear()
     new, metrics = step(state, fb, rb)
-    move = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+    # the move, and the float32 spacing of the parameter it is read off
+    move = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                                      np.spacing(np.abs(np.asarray(a, np.float32))).astype(np.float64)),
                         start, jax.device_get(new.params))
     return move, jax.device_get(metrics), list(calls)
 
@@ -71,13 +73,17 @@ def assert_same_update(a, b, metrics_a, metrics_b):
     devices) in another order, so a coordinate of ``u`` -- a sum of 64 token contributions through 3
     layers, each as large as a few times the leaf's largest entry -- may differ by the rounding of
     that sum: 64 tokens x 4 float32 ulps of the leaf's largest entry. Diagnostics are ratios of
-    sums over ~10^4 such coordinates (relative 1e-4)."""
+    sums over ~10^4 such coordinates (relative 1e-4). The move is read off float32 parameters
+    (``start - new``), which adds up to one spacing of the parameter (e.g. 1.2e-7 at a norm
+    weight of 1.0) on each side."""
     eps = np.finfo(np.float32).eps
 
     def check(x, y):
-        assert np.all(np.abs(x - y) <= 256 * eps * (np.abs(y).max() + 1e-30)), float(np.abs(x - y).max())
+        (dx, _), (dy, ulp) = x, y
+        bound = 256 * eps * (np.abs(dy).max() + 1e-30) + 2 * ulp
+        assert np.all(np.abs(dx - dy) <= bound), float(np.max(np.abs(dx - dy) - bound))
 
-    jax.tree.map(check, a, b)
+    jax.tree.map(check, a, b, is_leaf=lambda t: isinstance(t, tuple))
     for k in DIAGNOSTICS:
         np.testing.assert_allclose(metrics_a[k], metrics_b[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
@@ -130,9 +136,8 @@ def test_combiner_in_the_backward_equals_combiner_of_two_gradients(name):
 # ----------------------------------------------------------------------------- the step
 
 
-@pytest.mark.parametrize("name, scan, mesh_shape", [("sago", True, (1, 8, 1)), ("pcgrad", True, (1, 4, 2)),
-                                                     ("sago_sum", False, None)],
-                         ids=["sago-scanned-fsdp", "pcgrad-scanned-fsdp_x_tensor", "sago_sum-unscanned"])
+@pytest.mark.parametrize("name, scan, mesh_shape", [("sago", True, (1, 8, 1)), ("pcgrad", False, (1, 4, 2))],
+                         ids=["sago-scanned-fsdp", "pcgrad-unscanned-fsdp_x_tensor"])
 def test_fused_step_equals_the_two_tree_step(name, scan, mesh_shape):
     want, m_want, plain = one_step(PER_TENSOR[name](), False, scan)
     got, m_got, fused = one_step(PER_TENSOR[name](), True, scan, mesh_shape)
