@@ -235,8 +235,8 @@ def as_weight(w: chex.Array, like: chex.Array) -> chex.Array:
 
 def _conflict(f: chex.Array, r: chex.Array) -> chex.Array:
     """Element-wise ``sign(f)*sign(r) < 0`` without forming ``f*r`` (which can underflow).
-    Give it the widened leaves (`widen`, exact, so the signs are the same): tested on bfloat16
-    gradients, XLA:GPU keeps one more gradient-sized buffer alive (docs/benchmarks.md)."""
+    Give it the widened leaves (`widen`, exact, so the signs are the same): on the raw bfloat16
+    leaves XLA:GPU kept one more gradient-sized buffer alive (docs/benchmarks.md)."""
     return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
 
 
