@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_unlearn.combiners import TwoTaskGrads
+from jax_unlearn.combiners import TwoTaskGrads, materialize
 
 Weighting = Literal["tokens", "uniform"]
 WEIGHTINGS: tuple[str, ...] = ("tokens", "uniform")
@@ -130,6 +130,7 @@ def two_task_multi_steps(
         )
 
     def update_fn(updates, state, params=None, task_weights=None, **extra_args):
+        updates = materialize(updates)  # the retain gradient is accumulated, so it must exist
         if not isinstance(updates, TwoTaskGrads):
             raise TypeError(
                 "two_task_multi_steps: update expects jax_unlearn.TwoTaskGrads(forget=..., retain=...), "

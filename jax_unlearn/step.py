@@ -41,7 +41,7 @@ from flax import nnx
 
 from jax_unlearn import accumulate as acc
 from jax_unlearn import objectives
-from jax_unlearn.combiners import CombinerState, TwoTaskGrads
+from jax_unlearn.combiners import CombinerState, RetainBackward, TwoTaskGrads
 from jax_unlearn.objectives import IGNORE, Batch, LossFn, Objective
 
 
@@ -76,6 +76,13 @@ class StepConfig:
       alpha, gamma: loss weights of the naive mode (the combiners carry their own).
       weighting: how micro-batches are averaged: ``"tokens"`` (by what each loss averages
         over) or ``"uniform"`` (each micro-batch's mean counts once; the reference's).
+      fuse_combine: combine inside the retain backward pass: ``g_f`` first, then the retain
+        backward with each parameter wrapped so that its update ``u = rule(g_f, g_r)`` is
+        formed as that parameter's ``g_r`` arrives (`jax_unlearn.combiners.RetainBackward`).
+        Per-tensor combiners (``sago``, ``weighted_sum``, ``pcgrad(scope="module")``) take it;
+        the others take the plain retain gradient first, as without it. Same updates and
+        diagnostics; needs ``micro_batches == 1`` (accumulation sums both gradients before
+        combining). See docs/benchmarks.md for what it saves on each compiler.
     """
 
     micro_batches: int = 1
@@ -83,6 +90,7 @@ class StepConfig:
     alpha: float = 1.0
     gamma: float = 1.0
     weighting: Literal["tokens", "uniform"] = "tokens"
+    fuse_combine: bool = False
 
     def __post_init__(self):
         if self.mode not in ("combined", "naive"):
@@ -93,6 +101,12 @@ class StepConfig:
             raise ValueError("mode='naive' takes one backward pass per step and supports micro_batches=1 only; "
                              "use the weighted_sum combiner for loss summation with accumulation")
         acc.check_weighting(self.weighting)
+        if not isinstance(self.fuse_combine, bool):
+            raise TypeError(f"fuse_combine must be True or False, got {self.fuse_combine!r}")
+        if self.fuse_combine and self.micro_batches != 1:
+            raise ValueError(f"fuse_combine=True combines inside the retain backward pass and supports "
+                             f"micro_batches=1 only (got {self.micro_batches}): accumulation sums both "
+                             "gradients over the micro-batches before combining")
 
 
 def adapter_filter(pattern: str) -> Callable[[tuple, Any], bool]:
@@ -467,11 +481,16 @@ def make_two_grad_step(
     def combined(state: TrainState, fb: Batch, rb: Batch):
         shardings = None if state_shardings is None else state_shardings.params
         lf, mf, gf = _mean_grads(_bind(defs, objective.forget, state), state.params, fb, config, shardings)
-        lr, mr, gr = _mean_grads(_bind(defs, objective.retain, state, 1), state.params, rb, config, shardings)
-        extra = {"task_weights": (mf["weight"], mr["weight"])}  # for two_task_multi_steps(weighting="tokens")
-        if not isinstance(tx, optax.GradientTransformationExtraArgs):
-            extra = {}
-        updates, opt_state = tx.update(TwoTaskGrads(gf, gr), state.opt_state, state.params, **extra)
+        if config.fuse_combine:
+            retain = RetainPass(_bind(defs, objective.retain, state, 1), state.params, rb)
+            updates, opt_state = _update_fused(tx, gf, retain, mf, state)
+            (lr, mr) = retain.result
+        else:
+            lr, mr, gr = _mean_grads(_bind(defs, objective.retain, state, 1), state.params, rb, config, shardings)
+            extra = {"task_weights": (mf["weight"], mr["weight"])}  # for two_task_multi_steps(weighting="tokens")
+            if not isinstance(tx, optax.GradientTransformationExtraArgs):
+                extra = {}
+            updates, opt_state = tx.update(TwoTaskGrads(gf, gr), state.opt_state, state.params, **extra)
         metrics = _task_metrics(lf, mf, lr, mr)
         for name in CombinerState._fields:
             metrics[name] = optax.tree_utils.tree_get(opt_state, name, jnp.nan)
@@ -499,6 +518,91 @@ def make_two_grad_step(
         return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return _jit(step, state_shardings, batch_sharding, 2, donate)
+
+
+class RetainPass(RetainBackward):
+    """`jax_unlearn.combiners.RetainBackward` for the step: ``TwoTaskGrads(forget=g_f,
+    retain=RetainPass(...))`` lets a per-tensor combiner form its update inside the retain
+    backward pass (``StepConfig(fuse_combine=True)``).
+
+    ``loss_fn(params, batch) -> (loss, aux)`` is the retain loss. `gradient` takes the plain
+    gradient ``g_r`` (what every combiner that needs whole-tree sums first does). `combine`
+    runs the backward with each parameter leaf ``p`` wrapped in an identity whose backward
+    turns the arriving cotangent ``g_r`` of that leaf into ``rule(i, g_f[i], g_r) -> (u_i,
+    stats_i)``: the gradient of the wrapped loss is the update ``u`` itself, and the per-tensor
+    diagnostic sums leave as the cotangents of zero "probe" inputs, so the combiner is never
+    handed a retain gradient tree (what the compilers make of that: docs/benchmarks.md).
+    Whichever runs records ``(loss, aux)`` in ``result``.
+    Not a pytree: it lives only inside one trace of the step.
+    """
+
+    def __init__(self, loss_fn: Callable, params: Any, batch: Any):
+        self.loss_fn, self.params, self.batch = loss_fn, params, batch
+        self.result: tuple | None = None
+
+    def gradient(self) -> Any:
+        """``g_r``, shaped like the params."""
+        (loss, aux), g = jax.value_and_grad(self.loss_fn, has_aux=True)(self.params, self.batch)
+        self.result = (loss, aux)
+        return g
+
+    def combine(self, forget: Any, rule: Callable) -> tuple[list, list]:
+        """``(update leaves, per-leaf stats)`` with ``rule(i, f_i, r_i) -> (u_i, stats_i)`` applied
+        to each leaf ``i`` of ``forget`` (the params' structure) as the backward produces ``r_i``."""
+        p_leaves, treedef = jax.tree_util.tree_flatten(self.params)
+        f_leaves = treedef.flatten_up_to(forget)
+        probes = [jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                               jax.eval_shape(lambda f, i=i: rule(i, f, f)[1], f)) for i, f in enumerate(f_leaves)]
+
+        def tapped_loss(p_leaves, probes):
+            taps = [_tap(functools.partial(rule, i))(p, f, q)
+                    for i, (p, f, q) in enumerate(zip(p_leaves, f_leaves, probes))]
+            return self.loss_fn(jax.tree_util.tree_unflatten(treedef, taps), self.batch)
+
+        (loss, aux), (u, stats) = jax.value_and_grad(tapped_loss, argnums=(0, 1), has_aux=True)(p_leaves, probes)
+        self.result = (loss, aux)
+        return u, stats
+
+
+def _tap(leaf_rule: Callable) -> Callable:
+    """``tap(p, f, probe) = p`` whose backward maps the cotangent ``r`` of ``p`` to
+    ``leaf_rule(f, r) = (u, stats)``: ``u`` for ``p``, nothing for ``f``, ``stats`` for ``probe``."""
+
+    @jax.custom_vjp
+    def tap(p, f, probe):
+        del f, probe
+        return p
+
+    def fwd(p, f, probe):
+        del probe
+        return p, f
+
+    def bwd(f, r):
+        u, stats = leaf_rule(f, r)
+        return u.astype(r.dtype), jnp.zeros_like(f), stats
+
+    tap.defvjp(fwd, bwd)
+    return tap
+
+
+def _update_fused(tx: optax.GradientTransformation, gf: Any, retain: RetainPass, mf: dict, state: TrainState):
+    """``tx.update`` on ``TwoTaskGrads(g_f, retain)``: the chain's head runs the retain backward
+    (`RetainPass`). ``task_weights`` (for ``two_task_multi_steps(weighting="tokens")``) are read
+    lazily: the retain loss's weight exists once that backward has run."""
+    if not isinstance(tx, optax.GradientTransformationExtraArgs):
+        out = tx.update(TwoTaskGrads(gf, retain), state.opt_state, state.params)
+    else:
+        class Weights:
+            def __iter__(self):
+                if retain.result is None:
+                    retain.gradient()
+                return iter((mf["weight"], retain.result[1]["weight"]))
+
+        out = tx.update(TwoTaskGrads(gf, retain), state.opt_state, state.params, task_weights=Weights())
+    if retain.result is None:
+        raise ValueError("fuse_combine=True: the optax chain never took the retain gradient; its head must be "
+                         "a combiner (jax_unlearn.sago(), ...)")
+    return out
 
 
 def _task_metrics(lf, mf, lr, mr) -> dict[str, jax.Array]:

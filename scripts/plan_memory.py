@@ -102,9 +102,13 @@ def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: s
          micro_batches: int = 1, dtype: str = "bfloat16", compute_dtype: str | None = None,
          moment_dtype: str | None = None, scan: bool = True, remat: str | None = "full",
          logit_chunk: int | None = 128, lora_rank: int | None = None, lora_targets: str = "q_proj,v_proj",
-         cpu_licm: bool = False) -> dict:
+         cpu_licm: bool = False, devices: list | None = None, mode: str = "combined",
+         step_options: dict | None = None) -> dict:
     """Compiles the run's step (`jax_unlearn.plan`: as `jax_unlearn.train.build_run` builds it) on
-    abstract arrays over this process's CPU devices and returns its per-device bytes (see the module doc)."""
+    abstract arrays and returns its per-device bytes (see the module doc). ``devices``: the mesh's
+    devices (default this process's CPU devices; compile-only TPU/GPU devices of
+    ``jax.experimental.topologies`` work); ``mode``: the step's mode (``"naive"``: one backward);
+    ``step_options``: `jax_unlearn.step.StepConfig` fields no config key sets (``fuse_combine``)."""
     import jax
 
     from jax_unlearn import plan as pl
@@ -114,12 +118,16 @@ def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: s
                               batch=batch, seq=seq, micro_batches=micro_batches, dtype=dtype,
                               compute_dtype=compute_dtype, moment_dtype=moment_dtype, scan=scan, remat=remat,
                               logit_chunk=logit_chunk, lora_rank=lora_rank, lora_targets=lora_targets,
-                              layer=min(7, model_cfg.num_hidden_layers - 1))
+                              layer=min(7, model_cfg.num_hidden_layers - 1)) + [f"mode={mode}"]
     cfg = pl.load_plan_config(None, overrides, shape="given")
-    run = pl.abstract_run(cfg, model_cfg, jax.devices()[:math.prod(mesh)])
-    compiled, compile_s, _ = pl.compile_step(run, "cpu", cpu_licm)
+    devices = list(devices) if devices is not None else jax.devices()[:math.prod(mesh)]
+    run = pl.abstract_run(cfg, model_cfg, devices, step_options)
+    compiled, compile_s, _ = pl.compile_step(run, devices[0].platform, cpu_licm)
     m = pl.step_memory(run, compiled)
-    moved = sh.collective_bytes(compiled.as_text(), run.state.params, run.mesh)
+    try:  # the TPU executable's text does not parse back (async-update instructions)
+        moved = sh.collective_bytes(compiled.as_text(), run.state.params, run.mesh)
+    except Exception:  # noqa: BLE001 - the memory numbers stand without the collective count
+        moved = {"weights": 0, "activations": 0}
     return {
         "model_params": run.model_params,
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(run.state.params))),
@@ -141,7 +149,7 @@ def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: s
         },
         "collective_bytes": moved,
         "compile_s": round(compile_s, 1),
-        "platform": f"{jax.devices()[0].platform} x{jax.device_count()} (jax {jax.__version__})",
+        "platform": f"{run.mesh.devices.flat[0].platform} x{run.mesh.size} (jax {jax.__version__})",
     }
 
 

@@ -61,6 +61,35 @@ class TwoTaskGrads(NamedTuple):
     retain: Any
 
 
+class RetainBackward:
+    """The retain side of ``TwoTaskGrads`` when the retain gradient is not yet taken, so that a
+    per-tensor combiner can form its update inside the retain backward pass
+    (`jax_unlearn.step.RetainPass` is the implementation; `jax_unlearn.step.StepConfig`
+    ``fuse_combine=True`` builds it, users never need to).
+
+    `gradient` returns the plain retain gradient ``g_r`` (what every combiner that needs
+    whole-tree sums first takes). `combine` runs the retain backward with each parameter leaf's
+    cotangent ``g_r[i]`` turned into ``rule(i, g_f[i], g_r[i]) -> (u_i, stats_i)`` as it arrives,
+    and returns ``(update leaves, per-leaf stats)``. Whichever runs records the retain
+    ``(loss, aux)`` in ``result``. Not a pytree: it lives inside one trace of the step.
+    """
+
+    result: tuple | None = None
+
+    def gradient(self) -> Any:
+        raise NotImplementedError
+
+    def combine(self, forget: Any, rule: Callable) -> tuple[list, list]:
+        raise NotImplementedError
+
+
+def materialize(grads: Any) -> Any:
+    """``grads`` with a `RetainBackward` retain side replaced by the retain gradient it takes."""
+    if isinstance(grads, TwoTaskGrads) and isinstance(grads.retain, RetainBackward):
+        return TwoTaskGrads(grads.forget, grads.retain.gradient())
+    return grads
+
+
 class CombinerState(NamedTuple):
     """Diagnostics of the last update, global over all leaves (float32 scalars)."""
 
@@ -205,7 +234,9 @@ def as_weight(w: chex.Array, like: chex.Array) -> chex.Array:
 
 
 def _conflict(f: chex.Array, r: chex.Array) -> chex.Array:
-    """Element-wise ``sign(f)*sign(r) < 0`` without forming ``f*r`` (which can underflow)."""
+    """Element-wise ``sign(f)*sign(r) < 0`` without forming ``f*r`` (which can underflow).
+    Give it the widened leaves (`widen`, exact, so the signs are the same): on the raw bfloat16
+    leaves XLA:GPU kept one more gradient-sized buffer alive (docs/benchmarks.md)."""
     return ((f > 0) & (r < 0)) | ((f < 0) & (r > 0))
 
 
@@ -271,10 +302,15 @@ def _diagnostics(s: LeafStats | None) -> CombinerState:
 
 
 def make_combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None,
-              init_memory: Callable[[Any], Any] | None = None):
+              init_memory: Callable[[Any], Any] | None = None, per_tensor: bool = False):
     """Wraps ``combine(forget_leaves, retain_leaves, alpha, gamma, stacks) -> (update_leaves, stats)``
     into an ``optax.GradientTransformation`` whose update takes a ``TwoTaskGrads``; ``stacks``
     holds each leaf's number of stacked leading axes (`stacked_axes` over ``stack_axis``).
+
+    ``per_tensor=True`` declares that ``combine`` treats each leaf on its own (``combine`` of a
+    list is the list of ``combine`` of each leaf): given a `RetainBackward`, the update is then
+    formed leaf by leaf inside the retain backward pass; otherwise the retain gradient is taken
+    first (`materialize`) and combined as usual.
 
     With ``init_memory(params) -> memory`` the combiner keeps memory between updates: its state is
     a `StatefulCombinerState` and ``combine`` takes the memory as a sixth argument and returns
@@ -288,8 +324,23 @@ def make_combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool,
         zeros = CombinerState(*(jnp.zeros((), _F32) for _ in CombinerState._fields))
         return zeros if init_memory is None else StatefulCombinerState(zeros, init_memory(params))
 
+    def fused(updates, params):
+        f, treedef = jax.tree_util.tree_flatten(updates.forget)
+        stacks = _stacks(updates, params, len(f), stack_axis) if stack_axis is not None else [0] * len(f)
+
+        def rule(i, fi, ri):
+            u, stats = combine([fi], [ri], alpha, gamma, [stacks[i]])
+            return u[0], stats[0]
+
+        u, stats = updates.retain.combine(updates.forget, rule)
+        return jax.tree.unflatten(treedef, u), stats
+
     def update_fn(updates, state, params=None):
-        f, r, treedef = _split(updates, name)
+        if per_tensor and init_memory is None and isinstance(updates, TwoTaskGrads) and isinstance(
+                updates.retain, RetainBackward):
+            u, stats = fused(updates, params)
+            return u, _diagnostics(_total(stats) if diagnostics else None)
+        f, r, treedef = _split(materialize(updates), name)
         stacks = _stacks(updates, params, len(f), stack_axis) if stack_axis is not None else [0] * len(f)
         if init_memory is None:
             u, stats = combine(f, r, alpha, gamma, stacks)
@@ -382,7 +433,7 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
             stats.append(with_update(pair_stats(f, r), us[-1], r))
         return us, stats
 
-    return make_combiner("weighted_sum", combine, alpha, gamma, diagnostics)
+    return make_combiner("weighted_sum", combine, alpha, gamma, diagnostics, per_tensor=True)
 
 
 def pcgrad(
@@ -441,7 +492,7 @@ def pcgrad(
         return us, [with_update(p, u, r, k) for p, u, r, k in zip(pairs, us, rs, stacks)]
 
     return make_combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics,
-                     stack_axis if scope == "module" else None)
+                     stack_axis if scope == "module" else None, per_tensor=scope == "module")
 
 
 def sago(
@@ -480,10 +531,10 @@ def sago(
         for f, r in zip(fs, rs):
             fw, rw, aw, gw = widen(f), widen(r), as_weight(a, f), as_weight(g, f)
             keep = gw * fw + aw * rw if agree == "sum" else gw * fw
-            us.append(jnp.where(_conflict(f, r), aw * rw, keep).astype(f.dtype))
+            us.append(jnp.where(_conflict(fw, rw), aw * rw, keep).astype(f.dtype))
         return us, [leaf_stats(f, r, u) for f, r, u in zip(fs, rs, us)]
 
-    return make_combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics)
+    return make_combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics, per_tensor=True)
 
 
 for _fn in (weighted_sum, pcgrad, sago):

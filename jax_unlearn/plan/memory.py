@@ -81,8 +81,9 @@ class AbstractRun:
     model_params: int  # parameters of the whole model (adapters included)
 
 
-def abstract_run(cfg: RunConfig, model_cfg: ModelConfig, devices: list) -> AbstractRun:
-    """The run's step as `jax_unlearn.train.build_run` makes it, on abstract arrays (see the module doc)."""
+def abstract_run(cfg: RunConfig, model_cfg: ModelConfig, devices: list, step_options: dict | None = None) -> AbstractRun:
+    """The run's step as `jax_unlearn.train.build_run` makes it, on abstract arrays (see the module doc);
+    ``step_options``: `jax_unlearn.step.StepConfig` fields no run config key sets (e.g. ``fuse_combine``)."""
     tcfg = cfg.train_config()
     mesh = run_mesh(tcfg, devices)
     options = model_options(cfg)
@@ -97,7 +98,8 @@ def abstract_run(cfg: RunConfig, model_cfg: ModelConfig, devices: list) -> Abstr
     shardings = sh.train_state_shardings(state, mesh, tx)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     rows = sh.batch_sharding(mesh)
-    step = st.make_two_grad_step(defs, objective, tx, step_config(tcfg), shardings, rows)
+    step_cfg = dataclasses.replace(step_config(tcfg), **(step_options or {}))
+    step = st.make_two_grad_step(defs, objective, tx, step_cfg, shardings, rows)
     tokens = {k: jax.ShapeDtypeStruct((tcfg.batch_size, sequence_length(cfg)), jnp.int32, sharding=rows)
               for k in TOKEN_COLUMNS}
     forget = dict(tokens)
