@@ -205,7 +205,16 @@ def maybe_initialize_distributed() -> bool:
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
         return True
-    if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    if len(tpu_worker_hostnames()) > 1:
         jax.distributed.initialize()
         return True
     return False
+
+
+def tpu_worker_hostnames() -> list[str]:
+    """The hosts of a Cloud TPU slice from ``TPU_WORKER_HOSTNAMES`` (comma-separated), or ``[]``
+    when it does not hold host names: on a machine without TPUs, libtpu's failed start writes a
+    sentence there ("WARNING: could not determine TPU worker hostnames or IP addresses, please
+    set ..."), which must not start a multi-host run."""
+    hosts = [h.strip() for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")]
+    return hosts if all(re.fullmatch(r"[A-Za-z0-9._:\-\[\]]+", h) for h in hosts) else []
