@@ -23,28 +23,35 @@ def robustness_columns(results: dict) -> list[tuple[str, str]]:
     return [(h, k) for h, k in cols if k in gold]
 
 
+def _selected_table(results: dict, criterion: str, cols: list[tuple[str, str]]) -> tuple[str, str, list[str]]:
+    """``(title, " (means over worlds)" or "", table lines)``: the ``cols`` (header, key) of the runs
+    selected under ``criterion``, the gold model's and, where the worlds hold them
+    (``pretrained_attacks``), the pretrained model's (mean over worlds)."""
+    rows = []
+    for o, by_c in results["summary"][criterion].items():
+        for c, s in by_c.items():
+            rows.append([o, c, "no run reached the bar"] if s is None else [o, c, *(_cell(s.get(k)) for _, k in cols)])
+    rows.append(["(gold)", "retrained", *(_cell(results["gold"].get(k)) for _, k in cols)])
+    pre = [w["pretrained_attacks"] for w in results["worlds"] if cols[0][1] in w.get("pretrained_attacks", {})]
+    if pre:
+        mean = lambda k: None if any(p.get(k) is None for p in pre) else float(np.mean([p[k] for p in pre]))
+        rows.append(["(start)", "pretrained", *(_cell(mean(k)) for _, k in cols)])
+    title = "gold-matched" if criterion == "gold" else "fixed bar"
+    multi = " (means over worlds)" if len(results["worlds"]) > 1 else ""
+    return title, multi, _table(["objective", "combiner", *(h for h, _ in cols)], rows)
+
+
 def robustness_table(results: dict, criterion: str = "gold") -> list[str]:
     """Forget accuracy under each attack of the runs selected under ``criterion``, next to the
     gold model's (the floor) and the pretrained model's; ``[]`` without robustness columns."""
     cols = robustness_columns(results)
     if not cols:
         return []
-    multi = len(results["worlds"]) > 1
-    head = ["objective", "combiner", *(h for h, _ in cols)]
-    rows = []
-    for o, by_c in results["summary"][criterion].items():
-        for c, s in by_c.items():
-            rows.append([o, c, "no run reached the bar"] if s is None else [o, c, *(_cell(s.get(k)) for _, k in cols)])
-    rows.append(["(gold)", "retrained", *(_cell(results["gold"].get(k)) for _, k in cols)])
-    pre = [w["pretrained_attacks"] for w in results["worlds"] if "pretrained_attacks" in w]
-    if pre:
-        mean = lambda k: None if any(p.get(k) is None for p in pre) else float(np.mean([p[k] for p in pre]))
-        rows.append(["(start)", "pretrained", *(_cell(mean(k)) for _, k in cols)])
-    title = "gold-matched" if criterion == "gold" else "fixed bar"
-    return [f"[robustness, {title}] forget accuracy under attack of the selected runs{' (means over worlds)' if multi else ''}"
+    title, multi, table = _selected_table(results, criterion, cols)
+    return [f"[robustness, {title}] forget accuracy under attack of the selected runs{multi}"
             ": relearn = the unseen forget half after fine-tuning on the other half, benign = after fine-tuning on "
             "retain texts, intN = weight-only round-to-nearest, paraphrase = held-out question templates:",
-            *_table(head, rows)]
+            *table]
 
 
 TOFU_COLUMNS = (("truth ratio", "tofu_truth_ratio"), ("forget quality", "tofu_forget_quality"),
@@ -57,22 +64,11 @@ def tofu_table(results: dict, criterion: str = "gold") -> list[str]:
     when the sweep did not compute them."""
     if "tofu_truth_ratio" not in results["gold"]:
         return []
-    head = ["objective", "combiner", *(h for h, _ in TOFU_COLUMNS)]
-    rows = []
-    for o, by_c in results["summary"][criterion].items():
-        for c, s in by_c.items():
-            rows.append([o, c, "no run reached the bar"] if s is None else [o, c, *(_cell(s.get(k)) for _, k in TOFU_COLUMNS)])
-    rows.append(["(gold)", "retrained", *(_cell(results["gold"].get(k)) for _, k in TOFU_COLUMNS)])
-    pre = [w["pretrained_attacks"] for w in results["worlds"] if "tofu_truth_ratio" in w.get("pretrained_attacks", {})]
-    if pre:
-        mean = lambda k: None if any(p.get(k) is None for p in pre) else float(np.mean([p[k] for p in pre]))
-        rows.append(["(start)", "pretrained", *(_cell(mean(k)) for _, k in TOFU_COLUMNS)])
-    title = "gold-matched" if criterion == "gold" else "fixed bar"
-    multi = " (means over worlds)" if len(results["worlds"]) > 1 else ""
+    title, multi, table = _selected_table(results, criterion, TOFU_COLUMNS)
     return [f"[TOFU, {title}] open-unlearning's metrics of the selected runs{multi}: forget truth ratio (closer to "
             "the gold model's is better), forget quality (KS p-value of the truth ratios against the gold model's; "
             "high = indistinguishable), model utility (harmonic mean of retain, held-out and general facts):",
-            *_table(head, rows)]
+            *table]
 
 
 def paired_robustness_lines(results: dict, criterion: str = "gold") -> list[str]:
