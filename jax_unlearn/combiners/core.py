@@ -34,6 +34,7 @@ weights) keeps it in a `StatefulCombinerState` beside the same diagnostics.
 
 from __future__ import annotations
 
+import abc
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -61,7 +62,7 @@ class TwoTaskGrads(NamedTuple):
     retain: Any
 
 
-class RetainBackward:
+class RetainBackward(abc.ABC):
     """The retain side of ``TwoTaskGrads`` when the retain gradient is not yet taken, so that a
     per-tensor combiner can form its update inside the retain backward pass
     (`jax_unlearn.step.RetainPass` is the implementation; `jax_unlearn.step.StepConfig`
@@ -71,16 +72,19 @@ class RetainBackward:
     whole-tree sums first takes). `combine` runs the retain backward with each parameter leaf's
     cotangent ``g_r[i]`` turned into ``rule(i, g_f[i], g_r[i]) -> (u_i, stats_i)`` as it arrives,
     and returns ``(update leaves, per-leaf stats)``. Whichever runs records the retain
-    ``(loss, aux)`` in ``result``. Not a pytree: it lives inside one trace of the step.
+    ``(loss, aux)`` in ``result``. Not a pytree: it lives inside one trace of the step. An
+    interface: the combiners' layer takes no gradients, `jax_unlearn.step.RetainPass` implements it.
     """
 
     result: tuple | None = None
 
+    @abc.abstractmethod
     def gradient(self) -> Any:
-        raise NotImplementedError
+        """The retain gradient ``g_r`` (a tree shaped like the parameters)."""
 
+    @abc.abstractmethod
     def combine(self, forget: Any, rule: Callable) -> tuple[list, list]:
-        raise NotImplementedError
+        """``(update leaves, per-leaf stats)``: ``rule`` applied to each leaf in the retain backward."""
 
 
 def materialize(grads: Any) -> Any:
