@@ -245,6 +245,10 @@ def test_runner_trajectory_points_equal_shorter_runs_and_reuse_one_compiled_step
     assert r.step._cache_size() == 1  # every learning rate ran the same compiled step
     assert long.points[2]["forget_acc"] < long.points[0]["forget_acc"]  # gradient ascent forgets
     assert 0.0 < long.points[1]["conflict_fraction"] < 1.0  # real gradients: some coordinates conflict, not all
+    # the step time: none for the trajectory that compiled the step, then a positive time that
+    # leaves out the evaluations (a step is a small part of the trajectory's seconds)
+    assert long.seconds_per_step is None
+    assert 0.0 < short.seconds_per_step and 4 * short.seconds_per_step < short.seconds
 
 
 def test_world_alternates_change_only_the_value_and_keep_the_world(tiny):

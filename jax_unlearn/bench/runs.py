@@ -51,6 +51,9 @@ class Trajectory:
     lr: float
     points: list[dict]  # {"step", metrics..., "conflict_fraction" (mean since the last point)}
     seconds: float
+    # wall seconds per step without the evaluations (the state is synced before each one); None
+    # for the trajectory that compiled the runner's step
+    seconds_per_step: float | None = None
     models: list | None = None  # with keep_models: the model at each point (points[0]: the starting model)
 
 
@@ -73,6 +76,7 @@ class Runner:
         self.tx = build_tx(cfg, total_steps=1)  # a constant rate: the length does not matter
         self.defs, _ = st.init_state(self.model, self.tx, self.obj, train=self.train)
         self.step = st.make_two_grad_step(self.defs, self.obj, self.tx, step_config(cfg))
+        self.compiled = False  # whether a trajectory has run (and so compiled) the step
 
     def run(self, forget: dict, retain: dict, probes: ProbeRows, *, lr: float, steps: int, eval_every: int,
             batch_size: int, seed: int, start: dict | None = None, gold: Gold | None = None,
@@ -85,6 +89,7 @@ class Runner:
         state = state._replace(opt_state=set_hyperparams(state.opt_state, learning_rate=lr))
         points = [{"step": 0, **(start or evaluate(self.model, probes, gold))}]
         conflicts = []
+        evaluating = [time.perf_counter() - t0]  # seconds outside the steps: set-up and evaluations
         models = [self.model] if keep_models else None
         data = PairedBatches(forget, retain, batch_size, seed)
 
@@ -92,6 +97,8 @@ class Runner:
             conflicts.append(metrics["conflict_fraction"])
 
         def point(done, state, metrics):
+            jax.block_until_ready(state.params)  # the steps' time ends here
+            t = time.perf_counter()
             model = st.merge_model(self.defs, state, copy=False)
             model.eval()  # no adapter dropout while evaluating
             p = {"step": done, **evaluate(model, probes, gold)}
@@ -103,6 +110,11 @@ class Runner:
                 kept = st.merge_model(self.defs, state, copy=True)
                 kept.eval()
                 models.append(kept)
+            evaluating.append(time.perf_counter() - t)
 
+        t_steps = time.perf_counter()
         run_steps(self.step, state, data, 0, steps, [Every(1, collect), Every(eval_every, point)])
-        return Trajectory(self.objective.name, self.combiner.name, lr, points, time.perf_counter() - t0, models)
+        seconds = time.perf_counter() - t0
+        per_step = None if not self.compiled else (time.perf_counter() - t_steps - sum(evaluating[1:])) / steps
+        self.compiled = True
+        return Trajectory(self.objective.name, self.combiner.name, lr, points, seconds, per_step, models)

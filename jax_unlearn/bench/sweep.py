@@ -126,7 +126,8 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
                                   keep_models=probe is not None)
                 for i, point in enumerate(traj.points):
                     mine.append({"world": seed, "objective": objective, "combiner": combiner, "lr": lr, **p,
-                                 "steps": point.pop("step"), **_renamed(point)})
+                                 "steps": point.pop("step"), **_renamed(point),
+                                 "seconds_per_step": traj.seconds_per_step})
                     kept.append(None if traj.models is None else traj.models[i])
                 bar.update()
                 bar.set_postfix_str(f"{objective}/{combiner} {cfg.grid.param}={value:g}")
