@@ -379,6 +379,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return _bench(cfg, Path(args.out), args.cache, not args.no_progress)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``report RESULTS``: the tables of a finished demo or sweep."""
+    import json
+
+    from jax_unlearn.bench.report import format_table as bench_table
+
+    path = Path(args.results)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file (give the results.json that 'jax-unlearn demo' or 'sweep' wrote)")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"{path}: not a JSON file ({err})") from None
+    missing = [k for k in ("config", "worlds", "runs", "gold", "summary", "summary_by_world", "paired")
+               if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise CLIError(f"{path}: not the results.json of a demo or sweep (no {', '.join(repr(k) for k in missing)})")
+    print(bench_table(results))
+    return 0
+
+
 def _bench_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
                    help="overrides, e.g. worlds=[0,1,2] grid.values=[2e-3,1e-3] objectives=[grad_diff]")
@@ -519,12 +540,25 @@ def build_parser() -> argparse.ArgumentParser:
             per-world differences between combiners with their mean, a 95% t-interval and a
             Wilcoxon signed-rank test. Writes OUT/results.json and OUT/pareto.png.
 
+            With several worlds also the ranking: each combiner's mean, its paired difference
+            to weighted_sum and to sago, the worlds where it is the best, its time per step
+            (configs/zoo.yaml runs every registered combiner).
+
             Keys (see configs/demo.yaml): world.*, model.*, pretrain.*, grid.param,
-            grid.values, grid.steps, grid.evals, objectives, combiners, worlds, lr, alpha,
-            gamma, beta, delta, batch_size, gold_tolerance, forget_threshold, seed."""))
+            grid.values, grid.steps, grid.evals, objectives, combiners, variants, worlds, lr,
+            alpha, gamma, beta, delta, batch_size, gold_tolerance, forget_threshold, seed."""))
     p.add_argument("config", metavar="CONFIG", help="benchmark YAML config, e.g. configs/demo.yaml")
     _bench_args(p, None)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "report", formatter_class=_formatter, parents=[common], epilog=EPILOG,
+        help="print a demo's or sweep's tables again from its results.json",
+        description=textwrap.dedent("""\
+            Print the tables of a finished 'demo' or 'sweep' (summaries, robustness, TOFU, the
+            ranking and the paired differences) from its results.json, without running anything."""))
+    p.add_argument("results", metavar="RESULTS", help="results.json of 'jax-unlearn demo' or 'sweep'")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "unlearn", formatter_class=_formatter, parents=[common], epilog=EPILOG,

@@ -76,6 +76,12 @@ class StepConfig:
       alpha, gamma: loss weights of the naive mode (the combiners carry their own).
       weighting: how micro-batches are averaged: ``"tokens"`` (by what each loss averages
         over) or ``"uniform"`` (each micro-batch's mean counts once; the reference's).
+      forget_every: ``k``; the forget gradient is taken at steps ``0, k, 2k, ...`` and reused in
+        between (the lightweight variant: ``1 + 1/k`` backward passes per step on average). The
+        chain must be wrapped by `reuse_forget`, whose state keeps the last forget gradient (one
+        gradient-sized buffer more, sharded like the parameters, checkpointed with the optimizer
+        state). On a reusing step ``forget_loss``/``forget_weight`` are those of the step that took
+        the gradient, the objective's other forget metrics are NaN, and ``forget_fresh`` is 0.
       fuse_combine: combine inside the retain backward pass: ``g_f`` first, then the retain
         backward with each parameter wrapped so that its update ``u = rule(g_f, g_r)`` is
         formed as that parameter's ``g_r`` arrives (`jax_unlearn.combiners.RetainBackward`).
@@ -91,6 +97,7 @@ class StepConfig:
     gamma: float = 1.0
     weighting: Literal["tokens", "uniform"] = "tokens"
     fuse_combine: bool = False
+    forget_every: int = 1
 
     def __post_init__(self):
         if self.mode not in ("combined", "naive"):
@@ -103,10 +110,44 @@ class StepConfig:
         acc.check_weighting(self.weighting)
         if not isinstance(self.fuse_combine, bool):
             raise TypeError(f"fuse_combine must be True or False, got {self.fuse_combine!r}")
+        if isinstance(self.forget_every, bool) or not isinstance(self.forget_every, int) or self.forget_every < 1:
+            raise ValueError(f"forget_every must be an integer >= 1, got {self.forget_every!r}")
+        if self.mode == "naive" and self.forget_every != 1:
+            raise ValueError("mode='naive' takes one backward pass of the summed loss per step; forget_every > 1 "
+                             "(reusing the forget gradient) needs mode='combined'")
         if self.fuse_combine and self.micro_batches != 1:
             raise ValueError(f"fuse_combine=True combines inside the retain backward pass and supports "
                              f"micro_batches=1 only (got {self.micro_batches}): accumulation sums both "
                              "gradients over the micro-batches before combining")
+
+
+class ForgetCache(NamedTuple):
+    """The optimizer state of `reuse_forget`: the forget gradient last taken (shaped like the
+    parameters), its loss and weight (float32 scalars), and the wrapped chain's state."""
+
+    grad: Any
+    loss: jax.Array
+    weight: jax.Array
+    inner: Any
+
+
+def reuse_forget(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with room in its state for the forget gradient that `make_two_grad_step` reuses
+    under ``StepConfig(forget_every=k > 1)`` (`ForgetCache`). The update is ``tx``'s; the step
+    writes the cache. ``optax.tree_utils.tree_get`` still finds ``tx``'s diagnostics."""
+
+    def init(params):
+        return ForgetCache(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+                           jnp.zeros((), jnp.float32), tx.init(params))
+
+    def update(updates, state, params=None, **extra):
+        if isinstance(tx, optax.GradientTransformationExtraArgs):
+            u, inner = tx.update(updates, state.inner, params, **extra)
+        else:
+            u, inner = tx.update(updates, state.inner, params)
+        return u, state._replace(inner=inner)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def adapter_filter(pattern: str) -> Callable[[tuple, Any], bool]:
@@ -478,9 +519,33 @@ def make_two_grad_step(
     ``forget_norm``, ``retain_norm``, ``update_norm``) or, in naive mode, ``grad_norm``.
     """
 
+    def forget_grads(state: TrainState, fb: Batch):
+        """``(L_f, metrics, g_f)``: taken, or with ``forget_every = k > 1`` taken at every k-th
+        step and otherwise read from the `ForgetCache` (``lax.cond``: only one branch runs)."""
+        shardings = None if state_shardings is None else state_shardings.params
+
+        def fresh():
+            return _mean_grads(_bind(defs, objective.forget, state), state.params, fb, config, shardings)
+
+        if config.forget_every == 1:
+            return fresh()
+        cache = state.opt_state
+        if not isinstance(cache, ForgetCache):
+            raise ValueError(f"StepConfig(forget_every={config.forget_every}) reuses the forget gradient, kept in "
+                             "the optimizer state: wrap the chain with jax_unlearn.step.reuse_forget(tx) "
+                             f"(its state is a {type(cache).__name__})")
+        loss_s, m_s, _ = jax.eval_shape(fresh)
+
+        def reuse():
+            m = {k: jnp.full(v.shape, jnp.nan, v.dtype) for k, v in m_s.items()}
+            m["weight"] = cache.weight.astype(m_s["weight"].dtype)
+            return cache.loss.astype(loss_s.dtype), m, cache.grad
+
+        return jax.lax.cond(state.step % config.forget_every == 0, fresh, reuse)
+
     def combined(state: TrainState, fb: Batch, rb: Batch):
         shardings = None if state_shardings is None else state_shardings.params
-        lf, mf, gf = _mean_grads(_bind(defs, objective.forget, state), state.params, fb, config, shardings)
+        lf, mf, gf = forget_grads(state, fb)
         if config.fuse_combine:
             retain = RetainPass(_bind(defs, objective.retain, state, 1), state.params, rb)
             updates, opt_state = _update_fused(tx, gf, retain, mf, state)
@@ -492,6 +557,10 @@ def make_two_grad_step(
                 extra = {}
             updates, opt_state = tx.update(TwoTaskGrads(gf, gr), state.opt_state, state.params, **extra)
         metrics = _task_metrics(lf, mf, lr, mr)
+        if config.forget_every > 1:
+            opt_state = opt_state._replace(grad=gf, loss=jnp.asarray(lf, jnp.float32),
+                                           weight=jnp.asarray(mf["weight"], jnp.float32))
+            metrics["forget_fresh"] = (state.step % config.forget_every == 0).astype(jnp.float32)
         for name in CombinerState._fields:
             metrics[name] = optax.tree_utils.tree_get(opt_state, name, jnp.nan)
         return updates, opt_state, metrics

@@ -416,6 +416,19 @@ def test_demo_yaml_is_the_built_in_demo_config():
     assert load_config(CONFIGS / "demo.yaml", schema=bc.BenchConfig) == load_config(None, schema=bc.BenchConfig)
 
 
+def test_the_ranking_configs_run_every_combiner_and_the_variants_on_the_demo_grid():
+    from jax_unlearn.combiners import COMBINERS
+
+    demo = load_config(None, schema=bc.BenchConfig)
+    zoo = load_config(CONFIGS / "zoo.yaml", schema=bc.BenchConfig)
+    assert list(zoo.combiners) == list(COMBINERS.names())
+    variants = load_config(CONFIGS / "zoo_variants.yaml", schema=bc.BenchConfig)
+    assert {"weighted_sum", "sago"} <= set(variants.combiners) and set(variants.variants) <= set(variants.combiners)
+    assert variants.variant("sago_k2") == ({"name": "sago"}, 2)
+    for cfg in (zoo, variants):  # the demo's grid and judging otherwise
+        assert dataclasses.replace(cfg, combiners=demo.combiners, variants={}) == demo
+
+
 @pytest.mark.parametrize("override, names", [
     ("grid.parm=lr", "unknown key 'grid.parm'"),
     ("combiners=[sago,adam]", "'combiners' has 'adam'; allowed values: weighted_sum, pcgrad, sago"),
@@ -439,6 +452,12 @@ def test_demo_yaml_is_the_built_in_demo_config():
     ("robustness.relearn_lr=0", "robustness.relearn_lr must be a finite number > 0"),
     ("robustness.relearn_batch_size=200", "'robustness.relearn_batch_size'=200 exceeds the 150 rows"),
     ("world.forget=1 batch_size=8", "world.forget=1 needs to be >= 2"),
+    ("variants.k.combiner=sago variants.k.forget_every=0", "'variants.k': 'forget_every' is 0"),
+    ("variants.k.combiner=nope", "'variants.k' needs 'combiner': one of weighted_sum"),
+    ("variants.k.combiner=sago variants.k.c=0.5", "'variants.k': 'combiner.c' does not apply to combiner 'sago'"),
+    ("variants.sago.combiner=pcgrad", "'variants.sago': a variant label must not be a registered combiner's name"),
+    ("variants.k.combiner=sago variants.k.speed=2", "'variants.k' has 'speed'; allowed keys: combiner, forget_every"),
+    ("combiners=[sago,k]", "'combiners' has 'k'; allowed values"),
 ])
 def test_bench_config_errors_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("(", r"\(")):
@@ -566,7 +585,9 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
                                                                                           monkeypatch):
     out = tmp_path / "sweep"
     cfg_file = tmp_path / "bench.yaml"
-    cfg_file.write_text("objectives: [grad_diff]\ncombiners: [weighted_sum, sago]\nworlds: [0, 1]\n")
+    # a variant (SAGO with its forget gradient reused every 2 steps) runs like a registered combiner
+    cfg_file.write_text("objectives: [grad_diff]\ncombiners: [weighted_sum, sago_k2]\nworlds: [0, 1]\n"
+                        "variants: {sago_k2: {combiner: sago, forget_every: 2}}\n")
     args = ["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "--no-progress", *TINY]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
@@ -574,12 +595,26 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     assert [w["seed"] for w in results["worlds"]] == [0, 1]
     assert set(results["summary_by_world"]) == {"0", "1"}
     for criterion in ("gold", "fixed"):
-        assert "sago - weighted_sum" in results["paired"][criterion]["grad_diff"]
+        assert "sago_k2 - weighted_sum" in results["paired"][criterion]["grad_diff"]
         assert f"({criterion} criterion" in printed
     robust = results["paired_robustness"]["gold"]  # the robustness columns' paired differences too
     assert {"relearn_forget_acc", "int4_forget_acc", "paraphrase_forget_acc"} <= set(robust)
-    assert "sago - weighted_sum" in robust["int4_forget_acc"]["grad_diff"]
+    assert "sago_k2 - weighted_sum" in robust["int4_forget_acc"]["grad_diff"]
     assert "Paired differences of int4_forget_acc" in printed
+    assert "[ranking, gold-matched]" in printed
+    timed = [r for r in results["runs"] if r["seconds_per_step"] is not None]
+    assert {r["combiner"] for r in timed} == {"weighted_sum", "sago_k2"} and all(r["seconds_per_step"] > 0 for r in timed)
+    # the trajectories that compiled a step (one per world and combiner) carry no time
+    assert len({(r["world"], r["combiner"], r["lr"]) for r in results["runs"]} -
+               {(r["world"], r["combiner"], r["lr"]) for r in timed}) == 4
+    # `report` prints the same tables again from results.json
+    assert cli.main(["report", str(out / "results.json")]) == 0
+    again = capsys.readouterr().out
+    assert again.strip() in printed
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": []}')
+    assert cli.main(["report", str(bad)]) == 2
+    assert "not the results.json of a demo or sweep (no 'config'" in capsys.readouterr().err
     before = (out / "results.json").read_bytes()
     assert cli.main(["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "combiners=[nope]"]) == 2
     assert "allowed values" in capsys.readouterr().err

@@ -2,13 +2,15 @@
 
 `BenchConfig` holds the world (`jax_unlearn.bench.world.WorldConfig`), the tiny model's size
 (`ModelSize`), its pretraining (`PretrainConfig`), the grid of unlearning runs (`GridSection`)
-and the objectives and combiners compared (names from the library's registries).
+and the objectives and combiners compared (names from the library's registries, or labels of
+``variants``: a registered combiner with other settings, e.g. its forget gradient reused every
+k steps or weights that change during the run).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from jax_unlearn.bench.checks import require_positive
 from jax_unlearn.bench.world import ATTRIBUTES, WorldConfig, make_world
@@ -135,10 +137,50 @@ class BenchConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank set: LoRA adapters train alone
     robustness: RobustnessSection = dataclasses.field(default_factory=RobustnessSection)
     tofu: bool = True  # TOFU's truth ratio, forget quality, model utility of the selected runs (bench/tofu_world.py)
+    # label -> {combiner: a registered name, forget_every: k, and any combiner.* key}: usable in 'combiners'
+    variants: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def combiner_order(self) -> list[str]:
+        """Registered combiners, then the variants' labels: the order of the paired differences."""
+        return list(COMBINERS.names()) + [v for v in self.variants if v not in COMBINERS.names()]
+
+    def variant(self, label: str) -> tuple[dict[str, Any], int]:
+        """``(CombinerConfig keys, forget_every)`` of a combiner label (a registered name: ``{"name": label}``, 1)."""
+        if label not in self.variants:
+            return {"name": label}, 1
+        v = dict(self.variants[label])
+        forget_every = v.pop("forget_every", 1)
+        return {"name": v.pop("combiner"), **v}, forget_every
+
+    def _check_variants(self) -> None:
+        from jax_unlearn.config import CombinerConfig, ConfigError, TrainConfig, check_ranges
+
+        keys = {f.name for f in dataclasses.fields(CombinerConfig)} - {"name", "alpha", "gamma"}
+        for label, v in self.variants.items():
+            where = f"'variants.{label}'"
+            if label in COMBINERS.names():
+                raise ValueError(f"{where}: a variant label must not be a registered combiner's name")
+            if not isinstance(v, dict) or v.get("combiner") not in COMBINERS.names():
+                raise ValueError(f"{where} needs 'combiner': one of {', '.join(COMBINERS.names())}")
+            bad = sorted(set(v) - keys - {"combiner", "forget_every"})
+            if bad:
+                raise ValueError(f"{where} has {bad[0]!r}; allowed keys: combiner, forget_every, {', '.join(sorted(keys))} "
+                                 "(alpha and gamma are the benchmark's own keys)")
+            comb, forget_every = self.variant(label)
+            try:
+                cfg = TrainConfig(output_dir="", combiner=CombinerConfig(**comb, alpha=self.alpha, gamma=self.gamma),
+                                  forget_every=forget_every)
+                check_ranges(cfg)
+                from jax_unlearn.config import build_combiner
+
+                build_combiner(cfg.combiner)  # the factory's own checks (settings it does not take, ranges)
+            except (ConfigError, TypeError, ValueError) as err:
+                raise ValueError(f"{where}: {err}") from None
 
     def check(self) -> None:
         """Raises ValueError naming the key when a value cannot run."""
-        for key, allowed in (("objectives", bench_objectives()), ("combiners", COMBINERS.names())):
+        self._check_variants()
+        for key, allowed in (("objectives", bench_objectives()), ("combiners", tuple(self.combiner_order()))):
             values = getattr(self, key)
             if not values:
                 raise ValueError(f"'{key}' is empty; choose from {', '.join(allowed)}")
@@ -203,7 +245,8 @@ class BenchConfig:
 
     def run_configs(self, objective: str, combiner: str, value: float):
         """``(ObjectiveConfig, CombinerConfig, hyperparameters)`` of one run at grid value ``value``:
-        ``alpha``/``gamma`` go to the combiner, ``beta``/``delta`` to the objectives that take them."""
+        ``alpha``/``gamma`` go to the combiner (a variant label: its combiner and settings),
+        ``beta``/``delta`` to the objectives that take them."""
         import inspect
 
         from jax_unlearn.config import CombinerConfig, ObjectiveConfig
@@ -213,5 +256,5 @@ class BenchConfig:
             p[self.grid.param] = value
         takes = inspect.signature(OBJECTIVES.get(objective)).parameters
         obj = ObjectiveConfig(name=objective, **{k: p[k] for k in ("beta", "delta") if k in takes})
-        comb = CombinerConfig(name=combiner, alpha=p["alpha"], gamma=p["gamma"])
+        comb = CombinerConfig(**self.variant(combiner)[0], alpha=p["alpha"], gamma=p["gamma"])
         return obj, comb, p

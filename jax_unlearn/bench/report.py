@@ -80,6 +80,8 @@ def paired_robustness_lines(results: dict, criterion: str = "gold") -> list[str]
                      f"{hint}):")
         for o, pairs in by_o.items():
             for name, e in pairs.items():
+                if not _shown(results, name):
+                    continue
                 if not e["n"]:
                     lines.append(f"  {o:10s} {name:24s} no world where both were attacked")
                     continue
@@ -140,6 +142,8 @@ def paired_lines(results: dict, criterion: str) -> list[str]:
              "mean [95% interval]):"]
     for o, pairs in results["paired"][criterion].items():
         for name, e in pairs.items():
+            if not _shown(results, name):
+                continue
             if not e["n"]:
                 lines.append(f"  {o:10s} {name:24s} no world where both forgot enough")
                 continue
@@ -148,6 +152,88 @@ def paired_lines(results: dict, criterion: str) -> list[str]:
             lines.append(f"  {o:10s} {name:24s} mean {100 * e['mean']:+.1f} points{ci}, "
                          f"positive in {e['positive']}/{e['n']}{p}")
     return lines
+
+
+#: the combiners every other is compared with in `ranking_table` (and, with many combiners, in the paired lines)
+ANCHORS = ("weighted_sum", "sago")
+#: above this many combiners the paired lines keep only the pairs with an anchor (all pairs stay in results.json)
+ALL_PAIRS_UP_TO = 4
+
+
+def _shown(results: dict, name: str) -> bool:
+    """Whether the paired line ``"a - b"`` is printed (every pair, or with many combiners those with an anchor)."""
+    if len(results["config"]["combiners"]) <= ALL_PAIRS_UP_TO:
+        return True
+    return any(c in ANCHORS for c in name.split(" - "))
+
+
+def _values_by_world(results: dict, criterion: str, key: str = "retain_heldout_acc") -> dict:
+    """``{objective: {combiner: {world: value}}}`` of the runs selected under ``criterion`` (worlds
+    where the combiner reached the bar)."""
+    out: dict = {}
+    for seed, by_c in results["summary_by_world"].items():
+        for o, cs in by_c[criterion].items():
+            for c, s in cs.items():
+                if s is not None and s.get(key) is not None:
+                    out.setdefault(o, {}).setdefault(c, {})[str(seed)] = s[key]
+    return out
+
+
+def _diff_cell(mine: dict, other: dict | None) -> str:
+    """``mean [95% interval] (positive/n)`` in points of the paired per-world differences."""
+    from jax_unlearn.bench.sweep import t_interval
+
+    if other is None:
+        return "-"
+    d = [mine[w] - other[w] for w in mine if w in other]
+    if not d:
+        return "-"
+    ci = "" if len(d) < 2 else "[{:+.1f}, {:+.1f}] ".format(*(100 * x for x in t_interval(d)))
+    return f"{100 * float(np.mean(d)):+.1f} {ci}({sum(x > 0 for x in d)}/{len(d)})"
+
+
+def step_seconds(results: dict) -> dict:
+    """``{(objective, combiner): median wall seconds per step}`` over the trajectories that did not
+    compile their step (``seconds_per_step`` of the runs; one value per trajectory)."""
+    per: dict = {}
+    for r in results["runs"]:
+        if r.get("seconds_per_step") is not None:
+            per.setdefault((r["objective"], r["combiner"]), {})[(r["world"], r["lr"])] = r["seconds_per_step"]
+    return {k: float(np.median(list(v.values()))) for k, v in per.items()}
+
+
+def ranking_table(results: dict, criterion: str = "gold") -> list[str]:
+    """The combiners of each objective ranked by mean held-out retain accuracy of their selected
+    runs: that mean, the paired difference to ``weighted_sum`` and to ``sago`` (mean, 95%
+    t-interval, worlds where it is positive), the worlds where the combiner is the best of all
+    (ties count for each), and the median time per step (also relative to ``weighted_sum``)."""
+    values = _values_by_world(results, criterion)
+    times = step_seconds(results)
+    n_worlds = len(results["worlds"])
+    head = ["objective", "combiner", "held-out", "worlds", "vs weighted_sum", "vs sago", "best in", "ms/step",
+            "x sum"]
+    rows = []
+    for o in results["config"]["objectives"]:
+        by_c = values.get(o, {})
+        best = {w: max(v[w] for v in by_c.values() if w in v) for w in {w for v in by_c.values() for w in v}}
+        ranked = sorted(results["config"]["combiners"], key=lambda c: -np.mean(list(by_c[c].values()))
+                        if by_c.get(c) else 1.0)
+        for c in ranked:
+            mine = by_c.get(c)
+            t, t_sum = times.get((o, c)), times.get((o, "weighted_sum"))
+            timing = ["-" if t is None else f"{1e3 * t:.1f}", "-" if t is None or not t_sum else f"{t / t_sum:.2f}"]
+            if not mine:
+                rows.append([o, c, "-", f"0/{n_worlds}", "-", "-", "-", *timing])
+                continue
+            wins = sum(mine[w] >= best[w] for w in mine)
+            rows.append([o, c, f"{float(np.mean(list(mine.values()))):.3f}", f"{len(mine)}/{n_worlds}",
+                         "" if c == "weighted_sum" else _diff_cell(mine, by_c.get("weighted_sum")),
+                         "" if c == "sago" else _diff_cell(mine, by_c.get("sago")),
+                         f"{wins}/{len(mine)}", *timing])
+    title = "gold-matched" if criterion == "gold" else "fixed bar"
+    return [f"[ranking, {title}] held-out retain accuracy of each combiner's selected runs (mean over the worlds "
+            "where it reached the bar); paired differences in points, mean [95% interval] (worlds positive/both); "
+            "best in = worlds where it has the highest; ms/step = median wall time of a step:", *_table(head, rows)]
 
 
 def format_table(results: dict) -> str:
@@ -165,6 +251,8 @@ def format_table(results: dict) -> str:
     if tofu:
         lines += [""] + tofu
     if len(results["worlds"]) > 1:
+        for criterion in ("gold", "fixed"):
+            lines += [""] + ranking_table(results, criterion)
         for criterion in ("gold", "fixed"):
             lines += [""] + paired_lines(results, criterion)
         robust_pairs = paired_robustness_lines(results, "gold")

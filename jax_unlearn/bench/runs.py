@@ -57,10 +57,11 @@ class Trajectory:
     models: list | None = None  # with keep_models: the model at each point (points[0]: the starting model)
 
 
-def run_config(objective: ObjectiveConfig, combiner: CombinerConfig, lora: LoraConfig = LoraConfig()) -> TrainConfig:
+def run_config(objective: ObjectiveConfig, combiner: CombinerConfig, lora: LoraConfig = LoraConfig(),
+               forget_every: int = 1) -> TrainConfig:
     """The run config of a benchmark run: its objective, combiner and adapters, AdamW at a constant
     rate (set per trajectory) without clipping or weight decay, one micro-batch."""
-    return TrainConfig(output_dir="", objective=objective, combiner=combiner, lora=lora,
+    return TrainConfig(output_dir="", objective=objective, combiner=combiner, lora=lora, forget_every=forget_every,
                        optim=OptimConfig(lr=1.0, schedule="constant", clip_norm=None, weight_decay=0.0))
 
 
@@ -68,12 +69,15 @@ class Runner:
     """Runs trajectories of one (objective, combiner) from ``model`` at any learning rate."""
 
     def __init__(self, model, objective: ObjectiveConfig, combiner: CombinerConfig,
-                 lora: LoraConfig = LoraConfig()):
-        cfg = run_config(objective, combiner, lora)
+                 lora: LoraConfig = LoraConfig(), forget_every: int = 1, total_steps: int = 1):
+        """``forget_every``: the step's (`jax_unlearn.step.StepConfig`); ``total_steps``: the length
+        of the combiner's weight schedule (``combiner.weight_schedule``; the learning rate is
+        constant, so nothing else depends on it)."""
+        cfg = run_config(objective, combiner, lora, forget_every)
         self.model, self.train = with_adapters(model, cfg.lora)
         self.objective, self.combiner = objective, combiner
         self.obj = build_objective(cfg.objective, model.config.hidden_size)
-        self.tx = build_tx(cfg, total_steps=1)  # a constant rate: the length does not matter
+        self.tx = build_tx(cfg, total_steps=total_steps)
         self.defs, _ = st.init_state(self.model, self.tx, self.obj, train=self.train)
         self.step = st.make_two_grad_step(self.defs, self.obj, self.tx, step_config(cfg))
         self.compiled = False  # whether a trajectory has run (and so compiled) the step

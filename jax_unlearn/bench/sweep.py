@@ -30,7 +30,6 @@ import numpy as np
 
 from jax_unlearn.bench.config import BenchConfig
 from jax_unlearn.bench.pretrain import pretrained
-from jax_unlearn.combiners import COMBINERS
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +116,13 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
             mine, kept = [], []  # this objective x combiner's runs and their models (for the attacks)
             for value in cfg.grid.values:
                 obj_cfg, comb_cfg, p = cfg.run_configs(objective, combiner, value)
-                if runner_key != (obj_cfg, comb_cfg):
-                    runner, runner_key = Runner(pre.model, obj_cfg, comb_cfg, cfg.lora), (obj_cfg, comb_cfg)
                 lr, steps, every = cfg.schedule(value)
+                forget_every = cfg.variant(combiner)[1]
+                # a weight schedule spans its trajectory: a step of its own per length
+                length = steps if comb_cfg.weight_schedule != "constant" else 1
+                if runner_key != (obj_cfg, comb_cfg, forget_every, length):
+                    runner = Runner(pre.model, obj_cfg, comb_cfg, cfg.lora, forget_every, length)
+                    runner_key = (obj_cfg, comb_cfg, forget_every, length)
                 rows = forget if runner.obj.alternates is None else alternates[runner.obj.alternates]
                 traj = runner.run(rows, retain, probes, lr=lr, steps=steps, eval_every=every,
                                   batch_size=cfg.batch_size, seed=cfg.seed, start=start, gold=gold,
@@ -240,7 +243,7 @@ def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_held
     for o in cfg.objectives:
         out[o] = {}
         for a, b in itertools.combinations(cfg.combiners, 2):
-            order = COMBINERS.names()
+            order = cfg.combiner_order()
             a, b = (b, a) if order.index(b) > order.index(a) else (a, b)
             diffs = [s[o][a][key] - s[o][b][key] for s in by_world.values()
                      if s[o][a] is not None and s[o][b] is not None
@@ -250,14 +253,14 @@ def paired_differences(by_world: dict, cfg: BenchConfig, key: str = "retain_held
                 entry["mean"] = float(np.mean(diffs))
                 entry["positive"] = int(sum(d > 0 for d in diffs))
             if len(diffs) >= 2:
-                entry["ci95"] = list(_t_interval(diffs))
+                entry["ci95"] = list(t_interval(diffs))
             if len(diffs) >= 2 and any(d != 0 for d in diffs):
                 entry["wilcoxon_p"] = float(wilcoxon(diffs).pvalue)
             out[o][f"{a} - {b}"] = entry
     return out
 
 
-def _t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """Student-t confidence interval of the mean of ``values`` (scipy)."""
     from scipy import stats
 

@@ -7,11 +7,14 @@
   ``aligned_mtl``, ``upgrad``, ``dual_proj``, ``grad_vac``, ``con_fig`` (multi-task aggregators
   over the Jacobian rows ``[forget, retain]``), on the closed forms of
   `jax_unlearn.combiners.weightings`.
+- `jax_unlearn.combiners.adaptive`: ``scheduled`` (alpha/gamma as optax schedules) and
+  ``conflict_adaptive`` (gamma driven by the measured conflict fraction), around any of them.
 
 Importing the package registers every combiner in ``COMBINERS``, in the order below (configs, the
 CLI help and the benchmark list them so).
 """
 
+from jax_unlearn.combiners.adaptive import ConflictAdaptiveState, conflict_adaptive, scheduled
 from jax_unlearn.combiners.aggregators import (
     GradVacMemory,
     NashMTLMemory,
@@ -57,6 +60,7 @@ __all__ = [
     "PCGRAD_EPS",
     "STACK_AXIS",
     "CombinerState",
+    "ConflictAdaptiveState",
     "GRUMemory",
     "GradVacMemory",
     "LeafStats",
@@ -69,6 +73,7 @@ __all__ = [
     "blur",
     "cagrad",
     "con_fig",
+    "conflict_adaptive",
     "dual_proj",
     "global_diagnostics",
     "grad_vac",
@@ -82,6 +87,7 @@ __all__ = [
     "pcgrad",
     "per_leaf_diagnostics",
     "sago",
+    "scheduled",
     "stacked_axes",
     "upgrad",
     "weighted_sum",

@@ -68,6 +68,12 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.skip_nonfinite", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: stop at a non-finite step)"),
     ("combiner.alpha", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     ("combiner.gamma", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("combiner.alpha_end", lambda v: v is None or _number(v) and v >= 0, "a finite number >= 0 or null (unchanged)"),
+    ("combiner.gamma_end", lambda v: v is None or _number(v) and v >= 0, "a finite number >= 0 or null (unchanged)"),
+    ("combiner.adapt_power", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    ("combiner.adapt_ema", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("combiner.adapt_floor", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    ("forget_every", lambda v: _integer(v) and v > 0, "an integer > 0 (1: a forget gradient at every step)"),
     ("combiner.c", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     ("combiner.norm_eps", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     ("combiner.reg_eps", lambda v: _number(v) and v >= 0, "a finite number >= 0"),
@@ -119,6 +125,16 @@ def check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("'combiner.alpha' and 'combiner.gamma' are both 0: every update would be zero")
     if cfg.batch_size % cfg.micro_batches:
         raise ConfigError(f"'batch_size'={cfg.batch_size} is not divisible by 'micro_batches'={cfg.micro_batches}")
+    c = cfg.combiner
+    if c.weight_schedule != "constant" and c.adapt != "none":
+        raise ConfigError("'combiner.weight_schedule' and 'combiner.adapt' both change the combiner's weights; "
+                          "set one of them")
+    if c.adapt != "none" and not c.diagnostics:
+        raise ConfigError("'combiner.adapt: conflict' reads the combiner's conflict fraction: "
+                          "'combiner.diagnostics' must be true")
+    if cfg.forget_every > 1 and cfg.mode == "naive":
+        raise ConfigError(f"'forget_every'={cfg.forget_every} reuses the forget gradient of the two-gradient step; "
+                          "'mode: naive' takes one gradient of the summed loss (use mode: combined)")
 
 
 def _check_attacks(ev) -> None:

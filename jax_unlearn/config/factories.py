@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_unlearn.combiners import COMBINERS
+from jax_unlearn.combiners import COMBINERS, conflict_adaptive, scheduled
 from jax_unlearn.objectives import OBJECTIVES, Objective
-from jax_unlearn.step import StepConfig
+from jax_unlearn.step import StepConfig, reuse_forget
 
-from .schema import CombinerConfig, ObjectiveConfig, OptimConfig, TrainConfig
+from .schema import WEIGHT_KEYS, CombinerConfig, ObjectiveConfig, OptimConfig, TrainConfig
 
 
 def section_settings(cfg: Any) -> tuple[dict, dict]:
@@ -46,9 +46,38 @@ def build_objective(cfg: ObjectiveConfig, hidden_size: int) -> Objective:
     return OBJECTIVES.build(cfg.name, *objective_settings(cfg), "objective", {"hidden_size": hidden_size})
 
 
-def build_combiner(cfg: CombinerConfig) -> optax.GradientTransformation:
-    """The combiner ``cfg.name`` with the settings its factory takes."""
-    return COMBINERS.build(cfg.name, *section_settings(cfg), "combiner")
+def build_combiner(cfg: CombinerConfig, total_steps: int = 1) -> optax.GradientTransformation:
+    """The combiner ``cfg.name`` with the settings its factory takes; with ``weight_schedule``
+    its weights move to ``alpha_end``/``gamma_end`` over ``total_steps`` updates
+    (`jax_unlearn.combiners.scheduled`), with ``adapt: conflict`` its forget weight follows the
+    conflicts (`jax_unlearn.combiners.conflict_adaptive`)."""
+    settings, defaults = section_settings(cfg)
+    weights = {k: settings.pop(k) for k in WEIGHT_KEYS}
+    for k in WEIGHT_KEYS:
+        defaults.pop(k)
+    if weights["weight_schedule"] != "constant" and weights["adapt"] != "none":
+        raise ValueError("'combiner.weight_schedule' and 'combiner.adapt' both change the weights; set one of them")
+    if weights["weight_schedule"] == "constant" and weights["adapt"] == "none":
+        return COMBINERS.build(cfg.name, settings, defaults, "combiner")
+    args = COMBINERS.arguments(cfg.name, settings, defaults, "combiner")
+    alpha, gamma = args.pop("alpha", cfg.alpha), args.pop("gamma", cfg.gamma)
+    factory = COMBINERS.get(cfg.name)
+    if weights["adapt"] == "conflict":
+        return conflict_adaptive(factory, alpha, gamma, power=weights["adapt_power"], ema=weights["adapt_ema"],
+                                 floor=weights["adapt_floor"], **args)
+    shape = {"linear": optax.linear_schedule, "cosine": _cosine}[weights["weight_schedule"]]
+
+    def schedule(start: float, end: float | None):
+        return start if end is None or end == start else shape(start, end, max(total_steps, 1))
+
+    return scheduled(factory, alpha=schedule(alpha, weights["alpha_end"]), gamma=schedule(gamma, weights["gamma_end"]),
+                     **args)
+
+
+def _cosine(start: float, end: float, steps: int) -> optax.Schedule:
+    """``end + (start - end) * (1 + cos(pi * min(t, steps) / steps)) / 2``: half a cosine from
+    ``start`` to ``end`` (either way, unlike ``optax.cosine_decay_schedule``)."""
+    return lambda t: end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(t, steps) / steps))
 
 
 def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.ScalarOrSchedule:
@@ -136,18 +165,20 @@ def set_hyperparams(opt_state: Any, **values: float) -> Any:
 
 
 def build_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """``chain(combiner, clip, adamw)``; naive mode drops the combiner. With
+    """``chain(combiner, clip, adamw)``; naive mode drops the combiner; ``forget_every > 1``
+    wraps the chain in `jax_unlearn.step.reuse_forget` (room for the reused forget gradient). With
     ``optim.skip_nonfinite=N > 0`` the part after the combiner is wrapped in
     ``optax.apply_if_finite(..., max_consecutive_errors=N)`` (it must follow the combiner:
     it expects updates shaped like the parameters)."""
-    head = [] if cfg.mode == "naive" else [build_combiner(cfg.combiner)]
+    head = [] if cfg.mode == "naive" else [build_combiner(cfg.combiner, total_steps)]
     optimizer = build_optimizer(cfg.optim, total_steps)
     if cfg.optim.skip_nonfinite:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=cfg.optim.skip_nonfinite)
-    return optax.chain(*head, optimizer)
+    tx = optax.chain(*head, optimizer)
+    return reuse_forget(tx) if cfg.forget_every > 1 else tx
 
 
 def step_config(cfg: TrainConfig) -> StepConfig:
     """The `jax_unlearn.step.StepConfig` of a run (naive mode weighs the losses like the combiner)."""
     return StepConfig(micro_batches=cfg.micro_batches, mode=cfg.mode, alpha=cfg.combiner.alpha,
-                      gamma=cfg.combiner.gamma, weighting=cfg.micro_batch_weighting)
+                      gamma=cfg.combiner.gamma, weighting=cfg.micro_batch_weighting, forget_every=cfg.forget_every)

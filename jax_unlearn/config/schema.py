@@ -73,7 +73,13 @@ class CombinerConfig:
     ``norm_eps`` to ``cagrad``; ``norm_eps`` and ``reg_eps`` to ``upgrad`` and ``dual_proj``;
     ``scale_mode`` to ``aligned_mtl``; ``max_norm`` and ``update_weights_every`` to ``nash_mtl``;
     ``beta`` and ``eps`` to ``grad_vac``; ``rank_rtol`` to ``con_fig``; ``moving_avg`` and
-    ``cos_clip`` to ``gru`` (docs/reference.md, the combiner zoo)."""
+    ``cos_clip`` to ``gru`` (docs/reference.md, the combiner zoo).
+
+    Weights that change during the run (`jax_unlearn.combiners.adaptive`), for every combiner:
+    ``weight_schedule`` ``linear``/``cosine`` moves ``alpha`` to ``alpha_end`` and ``gamma`` to
+    ``gamma_end`` (null: unchanged) over the run's steps; ``adapt: conflict`` scales ``gamma`` by
+    the agreement ratio of the measured conflict fractions (``adapt_power``, ``adapt_ema``,
+    ``adapt_floor``). Not both at once."""
 
     name: str = "sago"
     alpha: float = 1.0
@@ -92,9 +98,20 @@ class CombinerConfig:
     rank_rtol: float | None = None
     moving_avg: float = 0.8
     cos_clip: float | None = None
+    weight_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    alpha_end: float | None = None
+    gamma_end: float | None = None
+    adapt: Literal["none", "conflict"] = "none"
+    adapt_power: float = 2.0
+    adapt_ema: float = 0.9
+    adapt_floor: float = 0.1
 
     def __post_init__(self):
         _known(COMBINERS, "combiner", self.name)
+
+
+#: CombinerConfig keys that wrap the combiner (`jax_unlearn.combiners.adaptive`) instead of going to its factory
+WEIGHT_KEYS = ("weight_schedule", "alpha_end", "gamma_end", "adapt", "adapt_power", "adapt_ema", "adapt_floor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +187,7 @@ class TrainConfig:
     batch_size: int = 8
     micro_batches: int = 1
     micro_batch_weighting: Literal["tokens", "uniform"] = "tokens"
+    forget_every: int = 1  # take the forget gradient every k steps and reuse it in between (StepConfig)
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs when set
     seed: int = 0
