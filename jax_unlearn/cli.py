@@ -195,14 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, source in (("--tofu", args.tofu), ("--muse", args.muse)):
         if source and not source.startswith("hub:") and not Path(source).is_dir():
             raise CLIError(f"eval: {flag} {source} is not a folder (expected the benchmark's files, or hub:NAME)")
-    suite = EvalSuite(mc=tuple(args.mc), qa=tuple(args.qa), mia_forget=args.mia_forget, mia_holdout=args.mia_holdout,
-                      perplexity=tuple(args.perplexity), num_fewshot=args.num_fewshot, subject=args.subject,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
-                      relearn=args.relearn, relearn_benign=args.relearn_benign, relearn_steps=args.relearn_steps,
-                      relearn_lr=args.relearn_lr, relearn_batch_size=args.relearn_batch_size,
-                      relearn_max_length=args.relearn_max_length, relearn_seed=args.relearn_seed,
-                      quantize=tuple(args.quantize), paraphrase_mc=tuple(args.paraphrase_mc),
-                      paraphrase_qa=tuple(args.paraphrase_qa))
+    suite = EvalSuite.of(args)
     benchmarks = _benchmarks(args)  # reads the TOFU/MUSE files and the template first: a typo shows now
     tok = load_tokenizer(args.tokenizer or args.model)
     model = _load_model(args.model, args.dtype, peft=args.peft)

@@ -296,14 +296,7 @@ class EvalSection:
         """The `jax_unlearn.eval.suite.EvalSuite` of this section (reads and checks the files)."""
         from jax_unlearn.eval.suite import EvalSuite
 
-        return EvalSuite(mc=tuple(self.mc), qa=tuple(self.qa), mia_forget=self.mia_forget, mia_holdout=self.mia_holdout,
-                         perplexity=tuple(self.perplexity), num_fewshot=self.num_fewshot, subject=self.subject,
-                         batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, fewshot=self.fewshot,
-                         relearn=self.relearn, relearn_benign=self.relearn_benign, relearn_steps=self.relearn_steps,
-                         relearn_lr=self.relearn_lr, relearn_batch_size=self.relearn_batch_size,
-                         relearn_max_length=self.relearn_max_length, relearn_seed=self.relearn_seed,
-                         quantize=tuple(self.quantize), paraphrase_mc=tuple(self.paraphrase_mc),
-                         paraphrase_qa=tuple(self.paraphrase_qa))
+        return EvalSuite.of(self)
 
 
 @dataclasses.dataclass(frozen=True)

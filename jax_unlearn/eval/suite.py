@@ -73,6 +73,13 @@ class EvalSuite:
     paraphrase_mc: tuple[str, ...] = ()  # the forget facts asked in templates never used in training
     paraphrase_qa: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, source: Any) -> EvalSuite:
+        """The suite whose settings are ``source``'s attributes of the same names (a run config's
+        ``eval`` section, ``jax-unlearn eval``'s arguments); lists become tuples."""
+        values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
     def __post_init__(self):
         if (self.mia_forget is None) != (self.mia_holdout is None):
             raise data.DataError("'eval.mia_forget' and 'eval.mia_holdout' go together: set both or neither")
