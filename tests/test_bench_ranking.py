@@ -70,3 +70,21 @@ def test_paired_lines_keep_only_anchor_pairs_when_many_combiners(many):
         assert "mgda - pcgrad" not in text and "mgda - sago" in text and "cagrad - weighted_sum" in text
     else:
         assert "pcgrad - weighted_sum" in text and len(text.splitlines()) == 1 + 3
+
+
+def test_attack_gains_are_paired_per_world_after_minus_before():
+    """What relearning brought back (after - before on the same probes), paired between combiners:
+    SAGO gains 0.02, 0.00, 0.04 where the sum gains 0.10, 0.12, 0.05."""
+    before = {"weighted_sum": [0.10, 0.12, 0.20], "sago": [0.18, 0.20, 0.16]}
+    after = {"weighted_sum": [0.20, 0.24, 0.25], "sago": [0.20, 0.20, 0.20]}
+    by_world = {str(w): {"gold": {"grad_diff": {c: {"relearn_forget_acc": after[c][w], "relearn_unseen_before": before[c][w]}
+                                                for c in before}}} for w in range(3)}
+    results = {"config": {"objectives": ["grad_diff"], "combiners": ["weighted_sum", "sago"]},
+               "worlds": [{"seed": w} for w in range(3)], "gold": {"relearn_forget_acc": 0.2},
+               "summary_by_world": by_world}
+    lines = report.paired_gain_lines(results)
+    assert len(lines) == 2 and "relearning" in lines[1] and "sago - weighted_sum" in lines[1]
+    d = [0.02 - 0.10, 0.00 - 0.12, 0.04 - 0.05]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(d), scale=stats.sem(d))
+    assert lines[1].endswith(f"{100 * np.mean(d):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (0/3)")
+    assert report.paired_gain_lines(dict(results, gold={})) == []  # no robustness columns, no lines

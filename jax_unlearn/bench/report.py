@@ -91,6 +91,39 @@ def paired_robustness_lines(results: dict, criterion: str = "gold") -> list[str]
     return lines
 
 
+#: what each attack brought back: (label, attacked key, key of the same probes before the attack)
+GAINS = (("relearning", "relearn_forget_acc", "relearn_unseen_before"),
+         ("benign relearning", "relearn_benign_forget_acc", "relearn_unseen_before"),
+         ("int4", "int4_forget_acc", "forget_acc"), ("int4_g128", "int4_g128_forget_acc", "forget_acc"))
+
+
+def paired_gain_lines(results: dict, criterion: str = "gold") -> list[str]:
+    """Paired per-world differences between combiners of what each attack *brought back* (forget
+    accuracy after the attack minus the same probes before it), which compares depth of forgetting
+    across runs selected at different forget levels. Only the pairs with an anchor when there are
+    many combiners; ``[]`` without robustness columns."""
+    present = [g for g in GAINS if g[1] in results.get("gold", {})]
+    if not present or len(results["worlds"]) < 2:
+        return []
+    combiners = results["config"]["combiners"]
+    order = [c for c in combiners if c in ANCHORS] + [c for c in combiners if c not in ANCHORS]
+    lines = [f"Paired differences of what each attack brought back ({criterion} criterion; forget accuracy after "
+             "the attack minus before it, a - b in points, mean [95% interval] (worlds positive/both); "
+             "lower = deeper forgetting):"]
+    for label, after, before in present:
+        gains = _values_by_world(results, criterion, after)
+        starts = _values_by_world(results, criterion, before)
+        for o in results["config"]["objectives"]:
+            g = {c: {w: v - starts[o][c][w] for w, v in gains.get(o, {}).get(c, {}).items()}
+                 for c in combiners if c in gains.get(o, {})}
+            for a, b in itertools.combinations(order, 2):
+                if a not in g or b not in g or not _shown(results, f"{a} - {b}"):
+                    continue
+                a, b = (b, a) if combiners.index(a) < combiners.index(b) else (a, b)
+                lines.append(f"  {label:17s} {o:10s} {a + ' - ' + b:24s} {_diff_cell(g[a], g[b])}")
+    return lines
+
+
 def _cell(value: float | None) -> str:
     if value is None:
         return "-"
@@ -258,6 +291,9 @@ def format_table(results: dict) -> str:
         robust_pairs = paired_robustness_lines(results, "gold")
         if robust_pairs:
             lines += [""] + robust_pairs
+        gains = paired_gain_lines(results, "gold")
+        if gains:
+            lines += [""] + gains
     return "\n".join(lines)
 
 
