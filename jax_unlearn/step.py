@@ -136,15 +136,14 @@ def reuse_forget(tx: optax.GradientTransformation) -> optax.GradientTransformati
     under ``StepConfig(forget_every=k > 1)`` (`ForgetCache`). The update is ``tx``'s; the step
     writes the cache. ``optax.tree_utils.tree_get`` still finds ``tx``'s diagnostics."""
 
+    inner_tx = optax.with_extra_args_support(tx)  # passes task_weights on where tx takes them
+
     def init(params):
         return ForgetCache(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-                           jnp.zeros((), jnp.float32), tx.init(params))
+                           jnp.zeros((), jnp.float32), inner_tx.init(params))
 
     def update(updates, state, params=None, **extra):
-        if isinstance(tx, optax.GradientTransformationExtraArgs):
-            u, inner = tx.update(updates, state.inner, params, **extra)
-        else:
-            u, inner = tx.update(updates, state.inner, params)
+        u, inner = inner_tx.update(updates, state.inner, params, **extra)
         return u, state._replace(inner=inner)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -142,7 +142,7 @@ class BenchConfig:
 
     def combiner_order(self) -> list[str]:
         """Registered combiners, then the variants' labels: the order of the paired differences."""
-        return list(COMBINERS.names()) + [v for v in self.variants if v not in COMBINERS.names()]
+        return list(COMBINERS.names()) + list(self.variants)  # labels never repeat a registered name (check)
 
     def variant(self, label: str) -> tuple[dict[str, Any], int]:
         """``(CombinerConfig keys, forget_every)`` of a combiner label (a registered name: ``{"name": label}``, 1)."""
@@ -153,7 +153,7 @@ class BenchConfig:
         return {"name": v.pop("combiner"), **v}, forget_every
 
     def _check_variants(self) -> None:
-        from jax_unlearn.config import CombinerConfig, ConfigError, TrainConfig, check_ranges
+        from jax_unlearn.config import CombinerConfig, ConfigError, TrainConfig, build_combiner, check_ranges
 
         keys = {f.name for f in dataclasses.fields(CombinerConfig)} - {"name", "alpha", "gamma"}
         for label, v in self.variants.items():
@@ -171,8 +171,6 @@ class BenchConfig:
                 cfg = TrainConfig(output_dir="", combiner=CombinerConfig(**comb, alpha=self.alpha, gamma=self.gamma),
                                   forget_every=forget_every)
                 check_ranges(cfg)
-                from jax_unlearn.config import build_combiner
-
                 build_combiner(cfg.combiner)  # the factory's own checks (settings it does not take, ranges)
             except (ConfigError, TypeError, ValueError) as err:
                 raise ValueError(f"{where}: {err}") from None

@@ -93,7 +93,7 @@ class Runner:
         state = state._replace(opt_state=set_hyperparams(state.opt_state, learning_rate=lr))
         points = [{"step": 0, **(start or evaluate(self.model, probes, gold))}]
         conflicts = []
-        evaluating = [time.perf_counter() - t0]  # seconds outside the steps: set-up and evaluations
+        evaluating = []  # seconds of each evaluation during the steps
         models = [self.model] if keep_models else None
         data = PairedBatches(forget, retain, batch_size, seed)
 
@@ -118,7 +118,7 @@ class Runner:
 
         t_steps = time.perf_counter()
         run_steps(self.step, state, data, 0, steps, [Every(1, collect), Every(eval_every, point)])
-        seconds = time.perf_counter() - t0
-        per_step = None if not self.compiled else (time.perf_counter() - t_steps - sum(evaluating[1:])) / steps
+        end = time.perf_counter()
+        per_step = None if not self.compiled else (end - t_steps - sum(evaluating)) / steps
         self.compiled = True
-        return Trajectory(self.objective.name, self.combiner.name, lr, points, seconds, per_step, models)
+        return Trajectory(self.objective.name, self.combiner.name, lr, points, end - t0, per_step, models)
