@@ -330,7 +330,8 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
     """Runs a benchmark sweep, prints its table and writes results.json and pareto.png into ``out``
-    (both written complete or not at all: a failed run leaves earlier results in place)."""
+    (both written complete or not at all: a failed run leaves earlier results in place). The
+    finished worlds go to ``out/partial.json`` after each; a run of the same config resumes from it."""
     from jax_unlearn.bench.report import format_table as bench_table
     from jax_unlearn.bench.report import plot_pareto
     from jax_unlearn.bench.sweep import run_sweep
@@ -338,7 +339,12 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
     _check_writable(out, "--out", folder=True)
     if cache:
         _check_writable(Path(cache), "--cache", folder=True)
-    results = run_sweep(cfg, Path(cache) if cache else None, progress=progress)
+    done = _interrupted(cfg, out / PARTIAL)
+    if done is not None:
+        print(f"resuming: world(s) {', '.join(str(w['seed']) for w in done['worlds'])} done, "
+              f"read from {out / PARTIAL}")
+    results = run_sweep(cfg, Path(cache) if cache else None, progress=progress, done=done,
+                        checkpoint=lambda part: _write_json(out / PARTIAL, part))
     for w in results["worlds"]:
         p = w["pretrain"]
         print(f"world {w['seed']}: model {'reused from' if w['cached'] else 'pretrained into'} {w['path']} "
@@ -357,10 +363,49 @@ def _bench(cfg, out: Path, cache: str | None, progress: bool) -> int:
         tmp.replace(out / "pareto.png")
     finally:
         tmp.unlink(missing_ok=True)
+    (out / PARTIAL).unlink(missing_ok=True)  # its worlds are in results.json now
     print(f"{len(results['runs'])} runs, {results['seconds']:.0f} s in all (models included); "
           f"results: {out / 'results.json'}, "
           f"plot: {out / 'pareto.png'}")
     return 0
+
+
+#: the finished worlds of a sweep in progress, in its --out folder (written after each world)
+PARTIAL = "partial.json"
+
+
+def _interrupted(cfg, path: Path) -> dict | None:
+    """The `jax_unlearn.bench.sweep.partial` dict at ``path`` when it records the same sweep as
+    ``cfg`` (its worlds may differ), else None when there is none; CLIError when it records another
+    config (resuming would mix two sweeps; the file is left as it is)."""
+    import dataclasses
+
+    from jax_unlearn.bench.sweep import config_differences
+
+    if not path.exists():
+        return None
+    part = _read_results(path)
+    diff = config_differences(json.loads(json.dumps(dataclasses.asdict(cfg))), part["config"])
+    if diff:
+        raise CLIError(f"{path}: an interrupted sweep of another config (differs in {', '.join(diff)}); resume it "
+                       "with its own config and overrides, or give another --out")
+    return part
+
+
+def _read_results(path: Path) -> dict:
+    """A demo's or sweep's results.json (or a sweep's partial.json), with named errors."""
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file (give the results.json that 'jax-unlearn demo' or 'sweep' wrote)")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"{path}: not a JSON file ({err})") from None
+    keys = ("config", "worlds", "runs") if isinstance(results, dict) and results.get("partial") else \
+        ("config", "worlds", "runs", "gold", "summary", "summary_by_world", "paired")
+    missing = [k for k in keys if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise CLIError(f"{path}: not the results.json of a demo or sweep (no {', '.join(repr(k) for k in missing)})")
+    return results
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -373,23 +418,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``report RESULTS``: the tables of a finished demo or sweep."""
-    import json
-
+    """``report RESULTS...``: the tables of a finished demo or sweep; of several sweeps of one
+    config over different worlds (or their partial.json) merged, written to ``--out`` if given."""
     from jax_unlearn.bench.report import format_table as bench_table
+    from jax_unlearn.bench.sweep import merge_results
 
-    path = Path(args.results)
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file (give the results.json that 'jax-unlearn demo' or 'sweep' wrote)")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"{path}: not a JSON file ({err})") from None
-    missing = [k for k in ("config", "worlds", "runs", "gold", "summary", "summary_by_world", "paired")
-               if not isinstance(results, dict) or k not in results]
-    if missing:
-        raise CLIError(f"{path}: not the results.json of a demo or sweep (no {', '.join(repr(k) for k in missing)})")
+    paths = [Path(p) for p in args.results]
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists():
+            raise CLIError(f"--out {out}: exists already; give a new file (nothing is overwritten)")
+        _check_writable(out, "--out", folder=False)
+    parts = [_read_results(p) for p in paths]
+    results = parts[0]
+    if len(parts) > 1 or results.get("partial"):
+        try:
+            results = merge_results(parts, [str(p) for p in paths])
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     print(bench_table(results))
+    if out is not None:
+        _write_json(out, results)
+        print(f"merged results of {len(results['worlds'])} world(s): {out}")
     return 0
 
 
@@ -537,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
             to weighted_sum and to sago, the worlds where it is the best, its time per step
             (configs/zoo.yaml runs every registered combiner).
 
+            After each world the finished worlds go to OUT/partial.json: the same command run
+            again resumes an interrupted sweep from there. Sweeps of different worlds (run on
+            several machines) merge with 'jax-unlearn report A/results.json B/results.json'.
+
             Keys (see configs/demo.yaml): world.*, model.*, pretrain.*, grid.param,
             grid.values, grid.steps, grid.evals, objectives, combiners, variants, worlds, lr,
             alpha, gamma, beta, delta, batch_size, gold_tolerance, forget_threshold, seed."""))
@@ -549,8 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a demo's or sweep's tables again from its results.json",
         description=textwrap.dedent("""\
             Print the tables of a finished 'demo' or 'sweep' (summaries, robustness, TOFU, the
-            ranking and the paired differences) from its results.json, without running anything."""))
-    p.add_argument("results", metavar="RESULTS", help="results.json of 'jax-unlearn demo' or 'sweep'")
+            ranking and the paired differences) from its results.json, without running anything.
+            Several results files of one config over different worlds (e.g. sweeps run on
+            several machines, worlds=[0,1,2,3] and worlds=[4,5,6,7]) are merged: every summary
+            and paired difference is computed again over all their worlds. A sweep's
+            partial.json (its finished worlds, written after each) reads like a results file."""))
+    p.add_argument("results", metavar="RESULTS", nargs="+",
+                   help="results.json of 'jax-unlearn demo' or 'sweep'; several (sweeps of one config over "
+                        "different worlds, or the partial.json of one in progress) are merged")
+    p.add_argument("--out", metavar="FILE", help="write the merged results to FILE (a new file)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

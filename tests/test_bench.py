@@ -361,6 +361,44 @@ def test_gold_matched_criterion_uses_each_worlds_gold_level():
     assert res["gold"]["forget_acc"] == pytest.approx(0.25) and set(res["paired"]) == {"gold", "fixed"}
 
 
+def _sweep_of(worlds_held: dict, **kw) -> dict:
+    """A results dict of `summarize_sweep` over hand-made runs: {world: (sum's, sago's held-out)}."""
+    cfg = bc.BenchConfig(objectives=["grad_diff"], combiners=["weighted_sum", "sago"], worlds=list(worlds_held), **kw)
+    worlds = [{"seed": s, "gold": {k: 0.5 for k in sweep.GOLD_KEYS} | {"forget_acc": 0.05}} for s in worlds_held]
+    runs = [_run("grad_diff", c, 10, 0.05, held[i], world=w, fq=held[i] / 2)
+            for w, held in worlds_held.items() for i, c in enumerate(["weighted_sum", "sago"])]
+    return json.loads(json.dumps(sweep.summarize_sweep(cfg, worlds, runs, float(len(worlds_held)))))
+
+
+def test_sweeps_of_different_worlds_merge_into_the_sweep_of_all(tmp_path, capsys):
+    held = {0: (0.5, 0.6), 1: (0.4, 0.7), 2: (0.6, 0.65), 3: (0.55, 0.5)}
+    whole = _sweep_of(held)
+    a, b = _sweep_of({k: held[k] for k in (0, 1)}), _sweep_of({k: held[k] for k in (2, 3)})
+    merged = sweep.merge_results([a, b], ["a.json", "b.json"])
+    merged = json.loads(json.dumps(merged))
+    for key in ("summary", "summary_by_world", "paired", "best_forget_quality", "gold", "runs", "worlds"):
+        assert merged[key] == whole[key], key
+    assert merged["config"]["worlds"] == [0, 1, 2, 3] and merged["seconds"] == 4.0
+    # the CLI: several files merge (and --out writes the merged file, never over an existing one)
+    for name, res in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(res))
+    out = tmp_path / "all.json"
+    assert cli.main(["report", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sago - weighted_sum" in printed and "merged results of 4 world(s)" in printed
+    assert json.loads(out.read_text())["paired"] == whole["paired"]
+    saved = out.read_bytes()
+    assert cli.main(["report", str(tmp_path / "a.json"), "--out", str(out)]) == 2
+    assert "exists already" in capsys.readouterr().err and out.read_bytes() == saved
+    # the same world twice, or another config: named errors
+    assert cli.main(["report", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 2
+    assert "a.json: world 0 is also in" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text(json.dumps(_sweep_of({5: (0.5, 0.5)}, gold_tolerance=0.2)))
+    assert cli.main(["report", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert "c.json: a sweep of another config than" in err and "(differs in gold_tolerance)" in err
+
+
 def test_forget_quality_privleak_and_relative_retention_against_gold(tiny, cache):
     """Each metric from independently computed inputs: the answer probabilities from a plain
     forward pass per probe, the KS p-value checked on samples whose exact value is known."""
@@ -620,15 +658,17 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     assert cli.main(["sweep", str(cfg_file), "--out", str(out), "--cache", str(cache), "combiners=[nope]"]) == 2
     assert "allowed values" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
-    # a run that fails half-way (here: the second trajectory) leaves the earlier results in place
+    # a run that fails half-way (here: world 1's first trajectory) leaves the earlier results in
+    # place, and world 0 in partial.json
     from jax_unlearn.bench import runs as bench_runs
 
+    per_world = 2 * 2  # combiners x grid values
     calls = []
     original = bench_runs.Runner.run
 
     def failing(self, *a, **k):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == per_world + 1:
             raise RuntimeError("killed mid-sweep")
         return original(self, *a, **k)
 
@@ -636,7 +676,29 @@ def test_sweep_over_worlds_reports_paired_differences_and_a_failed_run_keeps_old
     assert cli.main(args) == 1  # an unexpected error: one line, exit status 1
     assert "error: RuntimeError: killed mid-sweep" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "partial.json", "results.json"]
+    part = json.loads((out / "partial.json").read_text())
+    assert [w["seed"] for w in part["worlds"]] == [0] and {r["world"] for r in part["runs"]} == {0}
+    # another config does not resume from it, and leaves it as it is
+    saved = (out / "partial.json").read_bytes()
+    assert cli.main([*args, "grid.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "partial.json: an interrupted sweep of another config (differs in grid.steps)" in err
+    assert (out / "partial.json").read_bytes() == saved
+    # the same command resumes: only world 1 runs, and the results are the uninterrupted run's
+    calls.clear()
+    assert cli.main(args) == 0
+    assert "resuming: world(s) 0 done" in capsys.readouterr().out
+    assert len(calls) == per_world
+    resumed = json.loads((out / "results.json").read_text())
+    first = json.loads(before)
+
+    def untimed(res):
+        return [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in res["runs"]]
+
+    assert untimed(resumed) == untimed(first)  # one machine, same seeds: the same numbers
+    assert resumed["paired"] == first["paired"] and resumed["summary"] == first["summary"]
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "results.json"]  # partial.json done with
 
 
 def test_world_tofu_items_and_metrics_against_gold(tiny, cache):

@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,12 @@ def gold_keys(cfg: BenchConfig) -> tuple[str, ...]:
     return GOLD_KEYS + robustness_keys(cfg.robustness) + (TOFU_GOLD_KEYS if cfg.tofu else ())
 
 
-def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Runs the whole grid and returns the results dict written to ``results.json``."""
+def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True, done: dict | None = None,
+              checkpoint: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Runs the whole grid and returns the results dict written to ``results.json``.
+
+    ``done``: the `partial` dict of an interrupted sweep of the same config; its finished worlds
+    are kept and not run again. ``checkpoint(partial)`` is called after each world."""
     from tqdm import tqdm
 
     from jax_unlearn.bench.attacks import Attacks, attack_data
@@ -77,15 +82,19 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
 
     cfg.check()
     t0 = time.perf_counter()
-    runs: list[dict] = []
-    worlds = []
-    total = len(cfg.worlds) * len(cfg.objectives) * len(cfg.combiners) * len(cfg.grid.values)
+    kept_worlds = [w for w in (done or {}).get("worlds", []) if w["seed"] in cfg.worlds]
+    finished = {w["seed"] for w in kept_worlds}
+    runs: list[dict] = [r for r in (done or {}).get("runs", []) if r["world"] in finished]
+    worlds = list(kept_worlds)
+    earlier = float((done or {}).get("seconds", 0.0)) if finished else 0.0
+    todo = [seed for seed in cfg.worlds if seed not in finished]
+    total = len(todo) * len(cfg.objectives) * len(cfg.combiners) * len(cfg.grid.values)
     models = [(pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress),
                pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress,
                           gold=True))
-              for seed in cfg.worlds]  # first, so that their progress bars come before the runs'
+              for seed in todo]  # first, so that their progress bars come before the runs'
     bar = tqdm(total=total, desc="unlearning runs", disable=not progress, unit="run")
-    for seed, (pre, gold_model) in zip(cfg.worlds, models):
+    for seed, (pre, gold_model) in zip(todo, models):
         tok, w = pre.tokenizer, pre.world
         forget, retain = text_rows(tok, w.texts("forget"), name="forget"), text_rows(tok, w.texts("retain"), name="retain")
         alternates = {kind: {**forget, **{ALT + k: v for k, v in text_rows(tok, w.alternate_texts("forget", kind),
@@ -137,8 +146,60 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
             if probe is not None:
                 attack_selected(mine, kept, probe, bars)
             runs += mine
+        if checkpoint is not None:
+            checkpoint(partial(cfg, worlds, runs, earlier + time.perf_counter() - t0))
     bar.close()
-    return summarize_sweep(cfg, worlds, runs, round(time.perf_counter() - t0, 1))
+    order = {seed: i for i, seed in enumerate(cfg.worlds)}
+    worlds.sort(key=lambda w: order[w["seed"]])
+    runs.sort(key=lambda r: order[r["world"]])  # stable: each world's runs keep their order
+    return summarize_sweep(cfg, worlds, runs, round(earlier + time.perf_counter() - t0, 1))
+
+
+def partial(cfg: BenchConfig, worlds: list[dict], runs: list[dict], seconds: float) -> dict[str, Any]:
+    """What an unfinished sweep has so far: its config, finished worlds and their runs
+    (``partial.json``; `run_sweep` resumes from it, `merge_results` and ``report`` read it)."""
+    return {"config": dataclasses.asdict(cfg), "worlds": list(worlds), "runs": list(runs),
+            "seconds": round(seconds, 1), "partial": True}
+
+
+def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = ("worlds",)) -> list[str]:
+    """The dotted keys where two recorded configs (`dataclasses.asdict`, as JSON) differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += [f"{k}.{d}" for d in config_differences(a[k], b[k], ())]
+        elif a.get(k) != b.get(k):
+            out.append(k)
+    return out
+
+
+def merge_results(parts: list[dict], names: list[str]) -> dict[str, Any]:
+    """One results dict from sweeps (or `partial` ones) of the same config over disjoint worlds:
+    their worlds and runs joined in the order given, every summary and paired difference computed
+    again over all the worlds, ``seconds`` summed. Raises ValueError naming the file that differs
+    (its config keys, or the worlds it shares with another)."""
+    import json
+
+    from jax_unlearn.config import load_config
+
+    first = json.loads(json.dumps(parts[0]["config"]))
+    seen: dict[int, str] = {}
+    for part, name in zip(parts, names):
+        diff = config_differences(first, json.loads(json.dumps(part["config"])))
+        if diff:
+            raise ValueError(f"{name}: a sweep of another config than {names[0]} (differs in {', '.join(diff)}); "
+                             "only sweeps of one config over different worlds merge")
+        for w in part["worlds"]:
+            if w["seed"] in seen:
+                raise ValueError(f"{name}: world {w['seed']} is also in {seen[w['seed']]}; merge sweeps of "
+                                 "different worlds")
+            seen[w["seed"]] = name
+    worlds = [w for part in parts for w in part["worlds"]]
+    runs = [r for part in parts for r in part["runs"]]
+    cfg = load_config(names[0], schema=BenchConfig, tree={**first, "worlds": [w["seed"] for w in worlds]})
+    return summarize_sweep(cfg, worlds, runs, round(sum(float(p.get("seconds", 0.0)) for p in parts), 1))
 
 
 def attack_selected(runs: list[dict], models: list, attacks, bars: dict[str, float]) -> None:

@@ -136,13 +136,18 @@ def _read_yaml(path: Path) -> dict:
     return OmegaConf.to_container(conf)
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), schema: type = None) -> Any:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), schema: type = None,
+                tree: dict | None = None) -> Any:
     """Reads ``path`` (YAML; ``None`` starts from the defaults), applies ``overrides`` in order,
     validates and returns a frozen ``schema`` (default `RunConfig`; another frozen dataclass
-    may define ``check()`` raising ValueError). Raises `ConfigError` naming the offending key."""
+    may define ``check()`` raising ValueError). Raises `ConfigError` naming the offending key.
+    ``tree``: a mapping already read (e.g. the config a results file recorded), used in place of
+    the YAML; ``path`` then only names it in errors."""
     schema = RunConfig if schema is None else schema
     layers: list[tuple[str, dict]] = []
-    if path is not None:
+    if tree is not None:
+        layers.append((str(path or "config"), tree))
+    elif path is not None:
         layers.append((str(path), _read_yaml(Path(path))))
     for item in overrides:
         layers.append((f"override {item!r}", parse_override(item)))
