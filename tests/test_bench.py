@@ -465,6 +465,10 @@ def test_the_ranking_configs_run_every_combiner_and_the_variants_on_the_demo_gri
     assert variants.variant("sago_k2") == ({"name": "sago"}, 2)
     for cfg in (zoo, variants):  # the demo's grid and judging otherwise
         assert dataclasses.replace(cfg, combiners=demo.combiners, variants={}) == demo
+    field = load_config(CONFIGS / "field_objectives.yaml", schema=bc.BenchConfig)  # issue 26's objectives
+    assert set(field.objectives).isdisjoint(demo.objectives) and field.combiners == demo.combiners
+    assert set(field.objectives) | set(demo.objectives) | {"grad_ascent", "npo"} == set(bc.bench_objectives())
+    assert dataclasses.replace(field, objectives=demo.objectives, robustness=demo.robustness, tofu=demo.tofu) == demo
 
 
 @pytest.mark.parametrize("override, names", [
