@@ -385,7 +385,7 @@ def _interrupted(cfg, path: Path) -> dict | None:
     if not path.exists():
         return None
     part = _read_results(path)
-    diff = config_differences(json.loads(json.dumps(dataclasses.asdict(cfg))), part["config"])
+    diff = config_differences(dataclasses.asdict(cfg), part["config"])
     if diff:
         raise CLIError(f"{path}: an interrupted sweep of another config (differs in {', '.join(diff)}); resume it "
                        "with its own config and overrides, or give another --out")

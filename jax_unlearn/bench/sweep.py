@@ -82,11 +82,11 @@ def run_sweep(cfg: BenchConfig, cache: Path | None = None, progress: bool = True
 
     cfg.check()
     t0 = time.perf_counter()
-    kept_worlds = [w for w in (done or {}).get("worlds", []) if w["seed"] in cfg.worlds]
-    finished = {w["seed"] for w in kept_worlds}
-    runs: list[dict] = [r for r in (done or {}).get("runs", []) if r["world"] in finished]
-    worlds = list(kept_worlds)
-    earlier = float((done or {}).get("seconds", 0.0)) if finished else 0.0
+    done = done or {}
+    worlds = [w for w in done.get("worlds", []) if w["seed"] in cfg.worlds]
+    finished = {w["seed"] for w in worlds}
+    runs: list[dict] = [r for r in done.get("runs", []) if r["world"] in finished]
+    earlier = float(done.get("seconds", 0.0)) if finished else 0.0
     todo = [seed for seed in cfg.worlds if seed not in finished]
     total = len(todo) * len(cfg.objectives) * len(cfg.combiners) * len(cfg.grid.values)
     models = [(pretrained(dataclasses.replace(cfg.world, seed=seed), cfg.model, cfg.pretrain, cache, progress),
@@ -162,17 +162,22 @@ def partial(cfg: BenchConfig, worlds: list[dict], runs: list[dict], seconds: flo
             "seconds": round(seconds, 1), "partial": True}
 
 
-def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = ("worlds",)) -> list[str]:
-    """The dotted keys where two recorded configs (`dataclasses.asdict`, as JSON) differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if k in ignore:
-            continue
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += [f"{k}.{d}" for d in config_differences(a[k], b[k], ())]
-        elif a.get(k) != b.get(k):
-            out.append(k)
-    return out
+def config_differences(a: dict, b: dict) -> list[str]:
+    """The dotted keys other than ``worlds`` where two configs (`dataclasses.asdict`, or as read
+    back from JSON: tuples and lists compare equal) differ."""
+    import json
+
+    def diff(a: dict, b: dict, prefix: str) -> list[str]:
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                out += diff(a[k], b[k], f"{prefix}{k}.")
+            elif a.get(k) != b.get(k):
+                out.append(prefix + k)
+        return out
+
+    a, b = (json.loads(json.dumps({k: v for k, v in c.items() if k != "worlds"})) for c in (a, b))
+    return diff(a, b, "")
 
 
 def merge_results(parts: list[dict], names: list[str]) -> dict[str, Any]:
@@ -180,14 +185,12 @@ def merge_results(parts: list[dict], names: list[str]) -> dict[str, Any]:
     their worlds and runs joined in the order given, every summary and paired difference computed
     again over all the worlds, ``seconds`` summed. Raises ValueError naming the file that differs
     (its config keys, or the worlds it shares with another)."""
-    import json
-
     from jax_unlearn.config import load_config
 
-    first = json.loads(json.dumps(parts[0]["config"]))
+    first = parts[0]["config"]
     seen: dict[int, str] = {}
     for part, name in zip(parts, names):
-        diff = config_differences(first, json.loads(json.dumps(part["config"])))
+        diff = config_differences(first, part["config"])
         if diff:
             raise ValueError(f"{name}: a sweep of another config than {names[0]} (differs in {', '.join(diff)}); "
                              "only sweeps of one config over different worlds merge")
