@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from jax_unlearn import accumulate as acc
-from jax_unlearn import objectives
+from jax_unlearn import head_grad, objectives
 from jax_unlearn.combiners import CombinerState, RetainBackward, TwoTaskGrads
 from jax_unlearn.objectives import IGNORE, Batch, LossFn, Objective
 
@@ -89,6 +89,13 @@ class StepConfig:
         the others take the plain retain gradient first, as without it. Same updates and
         diagnostics; needs ``micro_batches == 1`` (accumulation sums both gradients before
         combining). See docs/benchmarks.md for what it saves on each compiler.
+      chunk_head: the retain backward leaves out the output projection (and the embedding),
+        whose retain gradient is rebuilt after it a vocabulary chunk at a time and combined
+        chunk by chunk into the forget gradient's rows (`jax_unlearn.head_grad`): the step then
+        never holds two whole gradients of the largest tensor. Applies with ``sago``,
+        ``weighted_sum`` and per-tensor ``pcgrad`` when the retain loss reads the head once through
+        chunked log-probs (``logit_chunk``) and the head is trainable; otherwise the step is the
+        plain one. Same updates up to float rounding; needs ``micro_batches == 1``.
     """
 
     micro_batches: int = 1
@@ -97,6 +104,7 @@ class StepConfig:
     gamma: float = 1.0
     weighting: Literal["tokens", "uniform"] = "tokens"
     fuse_combine: bool = False
+    chunk_head: bool = False
     forget_every: int = 1
 
     def __post_init__(self):
@@ -108,17 +116,19 @@ class StepConfig:
             raise ValueError("mode='naive' takes one backward pass per step and supports micro_batches=1 only; "
                              "use the weighted_sum combiner for loss summation with accumulation")
         acc.check_weighting(self.weighting)
-        if not isinstance(self.fuse_combine, bool):
-            raise TypeError(f"fuse_combine must be True or False, got {self.fuse_combine!r}")
+        for name in ("fuse_combine", "chunk_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.forget_every, bool) or not isinstance(self.forget_every, int) or self.forget_every < 1:
             raise ValueError(f"forget_every must be an integer >= 1, got {self.forget_every!r}")
         if self.mode == "naive" and self.forget_every != 1:
             raise ValueError("mode='naive' takes one backward pass of the summed loss per step; forget_every > 1 "
                              "(reusing the forget gradient) needs mode='combined'")
-        if self.fuse_combine and self.micro_batches != 1:
-            raise ValueError(f"fuse_combine=True combines inside the retain backward pass and supports "
-                             f"micro_batches=1 only (got {self.micro_batches}): accumulation sums both "
-                             "gradients over the micro-batches before combining")
+        for name in ("fuse_combine", "chunk_head"):
+            if getattr(self, name) and self.micro_batches != 1:
+                raise ValueError(f"{name}=True combines inside the retain backward pass and supports "
+                                 f"micro_batches=1 only (got {self.micro_batches}): accumulation sums both "
+                                 "gradients over the micro-batches before combining")
 
 
 class ForgetCache(NamedTuple):
@@ -545,8 +555,9 @@ def make_two_grad_step(
     def combined(state: TrainState, fb: Batch, rb: Batch):
         shardings = None if state_shardings is None else state_shardings.params
         lf, mf, gf = forget_grads(state, fb)
-        if config.fuse_combine:
-            retain = RetainPass(_bind(defs, objective.retain, state, 1), state.params, rb)
+        if config.fuse_combine or config.chunk_head:
+            retain = RetainPass(_bind(defs, objective.retain, state, 1), state.params, rb,
+                                taps=config.fuse_combine, chunk_head=config.chunk_head)
             updates, opt_state = _update_fused(tx, gf, retain, mf, state)
             (lr, mr) = retain.result
         else:
@@ -600,12 +611,15 @@ class RetainPass(RetainBackward):
     stats_i)``: the gradient of the wrapped loss is the update ``u`` itself, and the per-tensor
     diagnostic sums leave as the cotangents of zero "probe" inputs, so the combiner is never
     handed a retain gradient tree (what the compilers make of that: docs/benchmarks.md).
-    Whichever runs records ``(loss, aux)`` in ``result``.
+    ``taps=False`` (``StepConfig(chunk_head=True, fuse_combine=False)``) takes ``g_r`` plainly and
+    applies ``rule`` to each leaf after the backward; ``chunk_head`` rebuilds the head's leaves by
+    vocabulary chunks (`combine`). Whichever runs records ``(loss, aux)`` in ``result``.
     Not a pytree: it lives only inside one trace of the step.
     """
 
-    def __init__(self, loss_fn: Callable, params: Any, batch: Any):
+    def __init__(self, loss_fn: Callable, params: Any, batch: Any, taps: bool = True, chunk_head: bool = False):
         self.loss_fn, self.params, self.batch = loss_fn, params, batch
+        self.taps, self.chunk_head = taps, chunk_head
         self.result: tuple | None = None
 
     def gradient(self) -> Any:
@@ -614,22 +628,65 @@ class RetainPass(RetainBackward):
         self.result = (loss, aux)
         return g
 
-    def combine(self, forget: Any, rule: Callable) -> tuple[list, list]:
+    def combine(self, forget: Any, rule: Callable, chunking: Callable | None = None) -> tuple[list, list]:
         """``(update leaves, per-leaf stats)`` with ``rule(i, f_i, r_i) -> (u_i, stats_i)`` applied
-        to each leaf ``i`` of ``forget`` (the params' structure) as the backward produces ``r_i``."""
+        to each leaf ``i`` of ``forget`` (the params' structure): with ``taps``, as the backward
+        produces ``r_i``; without, after it.
+
+        With ``chunk_head`` and a ``chunking(i) -> (sums, apply)`` for the output projection's and
+        the embedding's leaves (`jax_unlearn.combiners.make_combiner`), those leaves are left out
+        of the backward and combined a vocabulary chunk at a time after it
+        (`jax_unlearn.head_grad`), their whole retain gradient never held; where that does not
+        apply (`head_grad.trace_plan`) they are treated like every leaf."""
         p_leaves, treedef = jax.tree_util.tree_flatten(self.params)
         f_leaves = treedef.flatten_up_to(forget)
+        plan = head_grad.trace_plan(self.loss_fn, self.params, self.batch, _head_names(self.params)) \
+            if chunking is not None and self.chunk_head else None
+        if plan is not None and any(chunking(i) is None for i in plan.parts):
+            plan = None
+        deferred = {} if plan is None else plan.parts
         probes = [jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                               jax.eval_shape(lambda f, i=i: rule(i, f, f)[1], f)) for i, f in enumerate(f_leaves)]
+                               jax.eval_shape(lambda f, i=i: rule(i, f, f)[1], f)) if self.taps else ()
+                  for i, f in enumerate(f_leaves)]
+        head_probes = {} if plan is None else {k: jnp.zeros(s.shape, s.dtype) for k, s in plan.probes.items()}
 
-        def tapped_loss(p_leaves, probes):
-            taps = [_tap(functools.partial(rule, i))(p, f, q)
+        def tapped_loss(p_leaves, probes, head_probes):
+            taps = [p if i in deferred or not self.taps else _tap(functools.partial(rule, i))(p, f, q)
                     for i, (p, f, q) in enumerate(zip(p_leaves, f_leaves, probes))]
-            return self.loss_fn(jax.tree_util.tree_unflatten(treedef, taps), self.batch)
+            params = jax.tree_util.tree_unflatten(treedef, taps)
+            if plan is None:
+                return self.loss_fn(params, self.batch)
+            with head_grad.recording(head_grad.Tape(head_probes)) as tape:
+                loss, aux = self.loss_fn(params, self.batch)
+            return loss, (aux, tape.saved())
 
-        (loss, aux), (u, stats) = jax.value_and_grad(tapped_loss, argnums=(0, 1), has_aux=True)(p_leaves, probes)
+        (loss, aux), (u, stats, d_head) = jax.value_and_grad(tapped_loss, argnums=(0, 1, 2), has_aux=True)(
+            p_leaves, probes, head_probes)
+        u, stats = list(u), list(stats)
+        if not self.taps:  # u holds g_r: combine each leaf now (the deferred ones below)
+            for i, (f, r) in enumerate(zip(f_leaves, u)):
+                if i not in deferred:
+                    u[i], stats[i] = rule(i, f, r)
+        if plan is not None:
+            aux, saved = aux
+            for i, parts in deferred.items():
+                grad = functools.partial(head_grad.chunk_gradient, p_leaves[i], saved, d_head["logp"],
+                                         d_head.get("x0"), parts)
+                tokens = (saved["h"] if "h" in saved else saved["ids"]).shape
+                u[i], stats[i] = head_grad.combine_leaf(p_leaves[i], f_leaves[i], *chunking(i), grad,
+                                                        tokens[0] * tokens[1])
         self.result = (loss, aux)
         return u, stats
+
+
+def _head_names(params: Any) -> list[str | None]:
+    """Per leaf of ``params``: ``"embed_tokens"``/``"lm_head"`` for the model's top-level leaves of
+    those names (what `jax_unlearn.head_grad` may rebuild), else None."""
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = getattr(path[0], "key", None) if path else None
+        names.append(key if key in ("embed_tokens", "lm_head") and len(path) <= 2 else None)
+    return names
 
 
 def _tap(leaf_rule: Callable) -> Callable:
@@ -668,7 +725,7 @@ def _update_fused(tx: optax.GradientTransformation, gf: Any, retain: RetainPass,
 
         out = tx.update(TwoTaskGrads(gf, retain), state.opt_state, state.params, task_weights=Weights())
     if retain.result is None:
-        raise ValueError("fuse_combine=True: the optax chain never took the retain gradient; its head must be "
+        raise ValueError("fuse_combine/chunk_head=True: the optax chain never took the retain gradient; its head must be "
                          "a combiner (jax_unlearn.sago(), ...)")
     return out
 

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jax_unlearn import head_grad
+
 IGNORE = -100  # label of a position without loss
 ALT = "alt_"  # prefix of a forget set's alternate-answer columns (DPO): alt_input_ids, alt_labels, ...
 
@@ -70,15 +72,18 @@ def chunked_label_logprobs(h: jax.Array, w: jax.Array, labels: jax.Array, chunk:
     hs = hs.reshape(b, -1, chunk, d).swapaxes(0, 1)  # [chunks, b, chunk, D]
     ts = target.reshape(b, -1, chunk).swapaxes(0, 1)  # [chunks, b, chunk]
 
+    w = head_grad.weight(w)  # under a head_grad tape: W's gradient is rebuilt after the backward
+
     @jax.checkpoint
     def one(h_c, t_c):
         logits = jnp.einsum("btd,vd->btv", h_c, w.astype(h_c.dtype),
                             preferred_element_type=jnp.promote_types(h_c.dtype, jnp.float32))
-        return _pick(logits, t_c) - jax.nn.logsumexp(logits, axis=-1)  # [b, chunk]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return _pick(logits, t_c) - lse, lse  # [b, chunk] each
 
-    logp = jax.lax.map(lambda xs: one(*xs), (hs, ts)).swapaxes(0, 1).reshape(b, -1)[:, :n]
+    logp, lse = (x.swapaxes(0, 1).reshape(b, -1)[:, :n] for x in jax.lax.map(lambda xs: one(*xs), (hs, ts)))
     mask = (labels[:, 1:] != IGNORE).astype(jnp.float32)
-    return logp * mask, mask
+    return head_grad.label_logprobs(h[:, :-1], lse, labels[:, 1:], logp * mask), mask
 
 
 def model_label_logprobs(model: Any, batch: Mapping[str, jax.Array], chunk: int | None = None

@@ -40,6 +40,7 @@ RATIO_ROWS = [
     ("h100", "1b", ["objective.name=grad_diff"], 8),
     ("h200", "8b", ["objective.name=npo", "objective.reference=precompute"], 8),
     ("v5p-8", "8b", ["objective.name=npo", "objective.reference=resident"], 8),
+    ("v5p-64", "8b", ["objective.name=npo", "objective.reference=resident"], 64),  # issue 22's pod ratio
 ]
 COMBINERS = [("naive", ["mode=naive", "combiner.name=weighted_sum"]), ("sago", ["combiner.name=sago"]),
              ("weighted_sum", ["combiner.name=weighted_sum"]), ("pcgrad", ["combiner.name=pcgrad"])]
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--setups", nargs="+", default=list(SETUPS))
     p.add_argument("--out")
     p = sub.add_parser("ratios")
-    p.add_argument("--targets", nargs="+", help="only these rows' targets (h100, h200, v5p-8)")
+    p.add_argument("--targets", nargs="+", help="only these rows' targets (h100, h200, v5p-8, v5p-64)")
     p.add_argument("--out")
     p = sub.add_parser("table")
     p.add_argument("paths", nargs="+")

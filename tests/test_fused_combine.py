@@ -3,6 +3,8 @@ two-tree step's, for every per-tensor combiner, scanned and unscanned, sharded; 
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,11 +12,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from step_fixtures import OBJECTIVES, make_batch, tiny_model
+from step_fixtures import CFG, OBJECTIVES, make_batch, tiny_model
 
 import jax_unlearn as ju
+from jax_unlearn import head_grad
+from jax_unlearn import objectives as obj
 from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
+from jax_unlearn.models import CausalLM, ModelOptions
+from jax_unlearn.models.lora import add_lora
 
 FORGET, RETAIN = make_batch(1), make_batch(2)
 DIAGNOSTICS = ("conflict_fraction", "cos_forget_retain", "cos_update_retain", "forget_norm", "retain_norm",
@@ -28,12 +34,19 @@ PER_TENSOR = {
 GLOBAL = {"pcgrad_global": lambda: ju.pcgrad(scope="global"), "blur": lambda: ju.blur(), "mgda": lambda: ju.mgda()}
 
 
-def one_step(combiner, fuse: bool, scan: bool, mesh_shape=None, objective="grad_diff"):
+def one_step(combiner, fuse: bool, scan: bool, mesh_shape=None, objective="grad_diff", tied: bool = False, lora=None,
+             chunk_head: bool = False):
     """``(update, metrics, jaxpr text)`` of one step; ``sgd(1)`` after the combiner, so the update is
-    the parameters' move and ``u`` itself, the combiner's output, is compared."""
-    o, tx = OBJECTIVES[objective](), optax.chain(combiner, optax.sgd(1.0))
-    model = tiny_model(scan_layers=scan)
-    defs, state = st.init_state(model, tx, o)
+    the parameters' move and ``u`` itself, the combiner's output, is compared. ``objective``: a
+    name of `OBJECTIVES` or an `Objective` factory; ``tied``: the tiny model with a tied head;
+    ``lora``: ``(rank, alpha)`` of adapters on q/v (the base, head included, frozen)."""
+    o = (OBJECTIVES[objective] if isinstance(objective, str) else objective)()
+    tx = optax.chain(combiner, optax.sgd(1.0))
+    model = CausalLM(dataclasses.replace(CFG, tie_word_embeddings=tied), ModelOptions(scan_layers=scan),
+                     rngs=nnx.Rngs(0))
+    if lora is not None:
+        model = add_lora(model, *lora)
+    defs, state = st.init_state(model, tx, o, train=nnx.LoRAParam if lora is not None else None)
     start = jax.device_get(state.params)
     shardings = bs = None
     fb, rb = FORGET, RETAIN
@@ -42,7 +55,8 @@ def one_step(combiner, fuse: bool, scan: bool, mesh_shape=None, objective="grad_
         shardings = sh.train_state_shardings(state, mesh, tx)
         state, bs = jax.device_put(state, shardings), sh.batch_sharding(mesh)
         fb, rb = jax.device_put(FORGET, bs), jax.device_put(RETAIN, bs)
-    step = st.make_two_grad_step(defs, o, tx, st.StepConfig(fuse_combine=fuse), shardings, bs, donate=False)
+    step = st.make_two_grad_step(defs, o, tx, st.StepConfig(fuse_combine=fuse, chunk_head=chunk_head), shardings, bs,
+                                 donate=False)
     calls.clear()
     new, metrics = step(state, fb, rb)
     # the move, and the float32 spacing of the parameter it is read off
@@ -61,9 +75,9 @@ def spy(monkeypatch):
     for name in ("combine", "gradient"):
         original = getattr(st.RetainPass, name)
 
-        def wrapped(self, *args, _original=original, _name=name):
+        def wrapped(self, *args, _original=original, _name=name, **kwargs):
             calls.append(_name)
-            return _original(self, *args)
+            return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(st.RetainPass, name, wrapped)
 
@@ -173,3 +187,71 @@ def test_fuse_combine_errors():
     step = st.make_two_grad_step(defs, o, tx, st.StepConfig(fuse_combine=True), donate=False)
     with pytest.raises((ValueError, TypeError)):
         step(state, FORGET, RETAIN)
+
+
+# ----------------------------------------------------------------------------- the head, a vocabulary chunk at a time
+
+
+def chunked_grad_diff():
+    return obj.grad_diff(logit_chunk=3)  # the retain NLL through chunked_label_logprobs
+
+
+@pytest.fixture
+def rebuilt(monkeypatch):
+    """Small chunks (vocab 64 = 6 x 10 + 4: the loop and the rest both run); the shapes of the
+    leaves `head_grad.combine_leaf` rebuilt."""
+    monkeypatch.setattr(head_grad, "CHUNK", 10)
+    shapes: list[tuple] = []
+    original = head_grad.combine_leaf
+
+    def spy(w, *args, **kwargs):
+        shapes.append(tuple(w.shape))
+        return original(w, *args, **kwargs)
+
+    monkeypatch.setattr(head_grad, "combine_leaf", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("name, fuse, tied, scan, mesh_shape", [
+    ("sago", False, True, True, None), ("sago", True, False, False, None), ("sago", False, True, False, (1, 8, 1)),
+    ("sago", False, False, True, (1, 4, 2)), ("weighted_sum", True, True, False, None),
+    ("pcgrad", False, True, True, None), ("pcgrad", True, False, False, (1, 8, 1))],
+    ids=["sago-tied-scanned", "sago-taps-untied-unscanned", "sago-tied-fsdp", "sago-untied-scanned-fsdp_x_tensor",
+         "weighted_sum-taps-tied-unscanned", "pcgrad-tied-scanned", "pcgrad-taps-untied-unscanned-fsdp"])
+def test_head_rebuilt_by_vocabulary_chunks_equals_the_two_tree_step(name, fuse, tied, scan, mesh_shape, rebuilt):
+    """``chunk_head=True`` (with or without ``fuse_combine``'s taps on the other leaves): the
+    embedding's and the output projection's retain gradient is rebuilt after the backward, 10
+    vocabulary rows at a time, and combined chunk by chunk (PCGrad: a first pass for the
+    tensor's dot products, then the update); the update and the diagnostics are the two-tree
+    step's."""
+    want, m_want, _ = one_step(PER_TENSOR[name](), False, scan, objective=chunked_grad_diff, tied=tied)
+    assert rebuilt == []
+    got, m_got, fused = one_step(PER_TENSOR[name](), fuse, scan, mesh_shape, objective=chunked_grad_diff, tied=tied,
+                                 chunk_head=True)
+    assert_same_update(got, want, m_got, m_want)
+    vocab_rows = (CFG.vocab_size, CFG.hidden_size)
+    assert rebuilt == ([vocab_rows] if tied else [vocab_rows, vocab_rows])  # tied: one leaf, head + lookup
+    assert fused == ["combine"] and m_got["conflict_fraction"] > 0.05
+
+
+@pytest.mark.parametrize("case", ["unchunked_logits", "kl_retain", "pcgrad_global", "lora"])
+def test_head_is_left_in_the_backward_where_it_cannot_be_rebuilt(case, rebuilt):
+    """Full logits (no logit_chunk), a retain loss reading a second model (KL to the reference),
+    a combiner that needs sums over every tensor first (global PCGrad: it takes the plain retain
+    gradient) and a frozen head (LoRA) keep the head in the backward under ``chunk_head=True``,
+    with the two-tree step's update."""
+    objective = {"unchunked_logits": "grad_diff", "kl_retain": lambda: obj.grad_diff(retain="kl", logit_chunk=3)
+                 }.get(case, chunked_grad_diff)
+    combiner = (lambda: ju.pcgrad(scope="global")) if case == "pcgrad_global" else ju.sago
+    lora = (4, 8.0) if case == "lora" else None
+    want, m_want, _ = one_step(combiner(), False, True, objective=objective, tied=True, lora=lora)
+    got, m_got, fused = one_step(combiner(), False, True, objective=objective, tied=True, lora=lora, chunk_head=True)
+    assert_same_update(got, want, m_got, m_want)
+    assert rebuilt == [] and fused == (["gradient"] if case == "pcgrad_global" else ["combine"])
+
+
+def test_chunk_head_errors():
+    with pytest.raises(ValueError, match="chunk_head=True .* micro_batches=1 only"):
+        st.StepConfig(chunk_head=True, micro_batches=2)
+    with pytest.raises(TypeError, match="chunk_head must be True or False"):
+        st.StepConfig(chunk_head="yes")

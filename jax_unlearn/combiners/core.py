@@ -83,8 +83,11 @@ class RetainBackward(abc.ABC):
         """The retain gradient ``g_r`` (a tree shaped like the parameters)."""
 
     @abc.abstractmethod
-    def combine(self, forget: Any, rule: Callable) -> tuple[list, list]:
-        """``(update leaves, per-leaf stats)``: ``rule`` applied to each leaf in the retain backward."""
+    def combine(self, forget: Any, rule: Callable, chunking: Callable | None = None) -> tuple[list, list]:
+        """``(update leaves, per-leaf stats)``: ``rule`` applied to each leaf in the retain backward.
+        ``chunking(i) -> (sums, apply) | None`` says how leaf ``i``'s update may be formed from
+        slices along its first axis (see `make_combiner`), so the slices of its retain gradient
+        may be made one at a time."""
 
 
 def materialize(grads: Any) -> Any:
@@ -306,7 +309,8 @@ def _diagnostics(s: LeafStats | None) -> CombinerState:
 
 
 def make_combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool, stack_axis: str | None = None,
-              init_memory: Callable[[Any], Any] | None = None, per_tensor: bool = False):
+              init_memory: Callable[[Any], Any] | None = None, per_tensor: bool = False,
+              elementwise: bool = False, chunk_sums: Callable | None = None, chunk_apply: Callable | None = None):
     """Wraps ``combine(forget_leaves, retain_leaves, alpha, gamma, stacks) -> (update_leaves, stats)``
     into an ``optax.GradientTransformation`` whose update takes a ``TwoTaskGrads``; ``stacks``
     holds each leaf's number of stacked leading axes (`stacked_axes` over ``stack_axis``).
@@ -314,7 +318,13 @@ def make_combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool,
     ``per_tensor=True`` declares that ``combine`` treats each leaf on its own (``combine`` of a
     list is the list of ``combine`` of each leaf): given a `RetainBackward`, the update is then
     formed leaf by leaf inside the retain backward pass; otherwise the retain gradient is taken
-    first (`materialize`) and combined as usual.
+    first (`materialize`) and combined as usual. A per-tensor combiner may also say how an
+    unstacked leaf's update is formed from slices along its first axis, so that the output
+    projection's and the embedding's leaves can be combined a vocabulary chunk at a time
+    (`jax_unlearn.head_grad`): ``elementwise=True`` (each coordinate on its own, stats that are
+    sums: ``combine`` of a slice is the slice of ``combine``), or ``chunk_sums(f, r)`` (partial
+    sums over a slice, added up over all slices first) and ``chunk_apply(f, r, sums, alpha,
+    gamma) -> (u, stats)`` (a slice's update and stats given the whole leaf's sums).
 
     With ``init_memory(params) -> memory`` the combiner keeps memory between updates: its state is
     a `StatefulCombinerState` and ``combine`` takes the memory as a sixth argument and returns
@@ -336,7 +346,14 @@ def make_combiner(name: str, combine: Callable, alpha, gamma, diagnostics: bool,
             u, stats = combine([fi], [ri], alpha, gamma, [stacks[i]])
             return u[0], stats[0]
 
-        u, stats = updates.retain.combine(updates.forget, rule)
+        def chunking(i):
+            if elementwise:
+                return None, lambda fi, ri, _: rule(i, fi, ri)
+            if chunk_apply is not None and stacks[i] == 0:
+                return chunk_sums, lambda fi, ri, sums: chunk_apply(fi, ri, sums, alpha, gamma)
+            return None
+
+        u, stats = updates.retain.combine(updates.forget, rule, chunking)
         return jax.tree.unflatten(treedef, u), stats
 
     def update_fn(updates, state, params=None):
@@ -437,7 +454,7 @@ def weighted_sum(alpha: float = 1.0, gamma: float = 1.0, diagnostics: bool = Tru
             stats.append(with_update(pair_stats(f, r), us[-1], r))
         return us, stats
 
-    return make_combiner("weighted_sum", combine, alpha, gamma, diagnostics, per_tensor=True)
+    return make_combiner("weighted_sum", combine, alpha, gamma, diagnostics, per_tensor=True, elementwise=True)
 
 
 def pcgrad(
@@ -495,8 +512,16 @@ def pcgrad(
               for f, r, b in zip(fs, rs, betas)]
         return us, [with_update(p, u, r, k) for p, u, r, k in zip(pairs, us, rs, stacks)]
 
+    def chunk_apply(f, r, pair, a, g):
+        """A slice of an unstacked leaf's update, given the whole leaf's pair sums (as ``combine``)."""
+        beta = as_weight(a, f) - as_weight(g, f) * jnp.minimum(pair[2], 0.0) / (pair[4] + PCGRAD_EPS)
+        u = (as_weight(g, f) * widen(f) + beta * widen(r)).astype(f.dtype)
+        return u, leaf_stats(f, r, u)
+
+    module = scope == "module"
     return make_combiner(f"pcgrad(scope={scope!r})", combine, alpha, gamma, diagnostics,
-                     stack_axis if scope == "module" else None, per_tensor=scope == "module")
+                         stack_axis if module else None, per_tensor=module,
+                         chunk_sums=pair_stats if module else None, chunk_apply=chunk_apply if module else None)
 
 
 def sago(
@@ -538,7 +563,8 @@ def sago(
             us.append(jnp.where(_conflict(fw, rw), aw * rw, keep).astype(f.dtype))
         return us, [leaf_stats(f, r, u) for f, r, u in zip(fs, rs, us)]
 
-    return make_combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics, per_tensor=True)
+    return make_combiner(f"sago(agree={agree!r})", combine, alpha, gamma, diagnostics, per_tensor=True,
+                         elementwise=True)
 
 
 for _fn in (weighted_sum, pcgrad, sago):

@@ -181,4 +181,5 @@ def build_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation
 def step_config(cfg: TrainConfig) -> StepConfig:
     """The `jax_unlearn.step.StepConfig` of a run (naive mode weighs the losses like the combiner)."""
     return StepConfig(micro_batches=cfg.micro_batches, mode=cfg.mode, alpha=cfg.combiner.alpha,
-                      gamma=cfg.combiner.gamma, weighting=cfg.micro_batch_weighting, forget_every=cfg.forget_every)
+                      gamma=cfg.combiner.gamma, weighting=cfg.micro_batch_weighting, forget_every=cfg.forget_every,
+                      chunk_head=cfg.chunk_head and cfg.mode == "combined")

@@ -188,6 +188,7 @@ class TrainConfig:
     micro_batches: int = 1
     micro_batch_weighting: Literal["tokens", "uniform"] = "tokens"
     forget_every: int = 1  # take the forget gradient every k steps and reuse it in between (StepConfig)
+    chunk_head: bool = False  # the head's retain gradient rebuilt by vocabulary chunks (StepConfig, head_grad)
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs when set
     seed: int = 0

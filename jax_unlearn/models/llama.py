@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import head_grad
 from . import partitioning as part
 from .config import ModelConfig, ModelOptions
 
@@ -270,17 +271,18 @@ class CausalLM(nnx.Module):
         rows then move to their devices (`partitioning.split_vocab`: fewer tokens than
         vocabulary entries; the table's gradient stays split), or the table is gathered."""
         if part.split_vocab(input_ids.size, self.config.vocab_size):
-            table = self.embed_tokens[...].astype(self.options.dtype)
+            table = head_grad.weight(self.embed_tokens[...].astype(self.options.dtype))
             x = table[part.constrain(input_ids, (None, None))]
         else:
-            x = _weight(self.embed_tokens, self.options.dtype)[input_ids]
-        return part.constrain(x, part.HIDDEN)
+            x = head_grad.weight(_weight(self.embed_tokens, self.options.dtype))[input_ids]
+        return head_grad.looked_up(input_ids, part.constrain(x, part.HIDDEN))
 
     def head_weight(self, dtype=None, tokens: int | None = None) -> Array:
         """Output projection ``[vocab, D]`` (the input embedding when tied), in ``dtype`` (default:
         the parameter's). On a mesh it is gathered over the batch axes, or, for a batch of
         ``tokens`` where `partitioning.split_vocab` holds, split by vocabulary rows over all devices."""
         var = self.embed_tokens if self.lm_head is None else self.lm_head
+        head_grad.head_used("embed_tokens" if self.lm_head is None else "lm_head")
         if tokens is not None and part.split_vocab(tokens, self.config.vocab_size):
             w = var[...] if dtype is None else var[...].astype(dtype)
             return part.constrain(w, part.SPLIT_HEAD)
