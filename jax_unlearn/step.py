@@ -96,6 +96,15 @@ class StepConfig:
         ``weighted_sum`` and per-tensor ``pcgrad`` when the retain loss reads the head once through
         chunked log-probs (``logit_chunk``) and the head is trainable; otherwise the step is the
         plain one. Same updates up to float rounding; needs ``micro_batches == 1``.
+      sequence_tasks: the retain pass (its forward and backward, the combine and the optimizer
+        update) runs as the branch of a ``lax.cond`` whose predicate is always true, taken after
+        ``g_f``. XLA allocates the zero-initialised buffers of every layer scan (stacked
+        residuals, stacked gradients) at the start of the program, so without this the retain
+        pass's buffers are live during the forget pass; inside a conditional they exist only
+        while it runs. Same updates. It pays without remat (1B on the H100 compiler: 22.2 ->
+        17.3 GiB); with remat the residuals are small and the conditional's outputs cannot be
+        written in place (``chunk_head``'s saving is lost): docs/benchmarks.md. The run config's
+        ``sequence_tasks`` turns it on by default when ``model.remat_policy`` is null.
     """
 
     micro_batches: int = 1
@@ -106,6 +115,7 @@ class StepConfig:
     fuse_combine: bool = False
     chunk_head: bool = False
     forget_every: int = 1
+    sequence_tasks: bool = False
 
     def __post_init__(self):
         if self.mode not in ("combined", "naive"):
@@ -116,7 +126,7 @@ class StepConfig:
             raise ValueError("mode='naive' takes one backward pass per step and supports micro_batches=1 only; "
                              "use the weighted_sum combiner for loss summation with accumulation")
         acc.check_weighting(self.weighting)
-        for name in ("fuse_combine", "chunk_head"):
+        for name in ("fuse_combine", "chunk_head", "sequence_tasks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.forget_every, bool) or not isinstance(self.forget_every, int) or self.forget_every < 1:
@@ -555,13 +565,16 @@ def make_two_grad_step(
     def combined(state: TrainState, fb: Batch, rb: Batch):
         shardings = None if state_shardings is None else state_shardings.params
         lf, mf, gf = forget_grads(state, fb)
+        when = (state.step >= 0) if config.sequence_tasks else None  # always true, not foldable
         if config.fuse_combine or config.chunk_head:
             retain = RetainPass(_bind(defs, objective.retain, state, 1), state.params, rb,
-                                taps=config.fuse_combine, chunk_head=config.chunk_head)
+                                taps=config.fuse_combine, chunk_head=config.chunk_head, when=when)
             updates, opt_state = _update_fused(tx, gf, retain, mf, state)
             (lr, mr) = retain.result
         else:
-            lr, mr, gr = _mean_grads(_bind(defs, objective.retain, state, 1), state.params, rb, config, shardings)
+            grads = functools.partial(_mean_grads, _bind(defs, objective.retain, state, 1), state.params, rb, config,
+                                      shardings)
+            lr, mr, gr = grads() if when is None else _branch(grads, when)
             extra = {"task_weights": (mf["weight"], mr["weight"])}  # for two_task_multi_steps(weighting="tokens")
             if not isinstance(tx, optax.GradientTransformationExtraArgs):
                 extra = {}
@@ -617,14 +630,18 @@ class RetainPass(RetainBackward):
     Not a pytree: it lives only inside one trace of the step.
     """
 
-    def __init__(self, loss_fn: Callable, params: Any, batch: Any, taps: bool = True, chunk_head: bool = False):
+    def __init__(self, loss_fn: Callable, params: Any, batch: Any, taps: bool = True, chunk_head: bool = False,
+                 when: jax.Array | None = None):
         self.loss_fn, self.params, self.batch = loss_fn, params, batch
-        self.taps, self.chunk_head = taps, chunk_head
+        self.taps, self.chunk_head, self.when = taps, chunk_head, when
         self.result: tuple | None = None
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        return fn() if self.when is None else _branch(fn, self.when)
 
     def gradient(self) -> Any:
         """``g_r``, shaped like the params."""
-        (loss, aux), g = jax.value_and_grad(self.loss_fn, has_aux=True)(self.params, self.batch)
+        (loss, aux), g = self._run(lambda: jax.value_and_grad(self.loss_fn, has_aux=True)(self.params, self.batch))
         self.result = (loss, aux)
         return g
 
@@ -638,6 +655,11 @@ class RetainPass(RetainBackward):
         of the backward and combined a vocabulary chunk at a time after it
         (`jax_unlearn.head_grad`), their whole retain gradient never held; where that does not
         apply (`head_grad.trace_plan`) they are treated like every leaf."""
+        loss, aux, u, stats = self._run(functools.partial(self._combine, forget, rule, chunking))
+        self.result = (loss, aux)
+        return u, stats
+
+    def _combine(self, forget: Any, rule: Callable, chunking: Callable | None) -> tuple:
         p_leaves, treedef = jax.tree_util.tree_flatten(self.params)
         f_leaves = treedef.flatten_up_to(forget)
         plan = head_grad.trace_plan(self.loss_fn, self.params, self.batch, _head_names(self.params)) \
@@ -675,8 +697,7 @@ class RetainPass(RetainBackward):
                 tokens = (saved["h"] if "h" in saved else saved["ids"]).shape
                 u[i], stats[i] = head_grad.combine_leaf(p_leaves[i], f_leaves[i], *chunking(i), grad,
                                                         tokens[0] * tokens[1])
-        self.result = (loss, aux)
-        return u, stats
+        return loss, aux, u, stats
 
 
 def _head_names(params: Any) -> list[str | None]:
@@ -728,6 +749,15 @@ def _update_fused(tx: optax.GradientTransformation, gf: Any, retain: RetainPass,
         raise ValueError("fuse_combine/chunk_head=True: the optax chain never took the retain gradient; its head must be "
                          "a combiner (jax_unlearn.sago(), ...)")
     return out
+
+
+def _branch(fn: Callable[[], Any], true: jax.Array) -> Any:
+    """``fn()`` as the taken branch of ``lax.cond(true, fn, zeros)`` (``true`` is a traced scalar
+    that is always true, so XLA cannot fold the conditional away): the buffers ``fn`` allocates
+    exist only while the conditional runs, i.e. after its operands (what ``fn`` reads) exist.
+    The other branch returns zeros of ``fn``'s output shapes and never runs."""
+    shapes = jax.eval_shape(fn)
+    return jax.lax.cond(true, fn, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
 def _task_metrics(lf, mf, lr, mr) -> dict[str, jax.Array]:

@@ -105,7 +105,7 @@ def main() -> None:
         forget, retain = jax.tree.map(jnp.asarray, (dict(forget), rb))
         defs, state = st.init_state(model, tx, objective, copy=False)
         del model
-        step = st.make_two_grad_step(defs, objective, tx, C.step_config(run))
+        step = st.make_two_grad_step(defs, objective, tx, C.step_config(run, options))
         times = []
         for i in range(a.warmup + a.steps):
             t = time.perf_counter()

@@ -11,7 +11,8 @@ plugin (``pip install jax-cuda12-pjrt==$JAXLIB jax-cuda12-plugin==$JAXLIB``, no 
 needed); ``tpu:TOPOLOGY`` uses libtpu's compile-only devices. Each combiner's step is
 `scripts/plan_memory.plan` on those devices (FSDP over all of them); ``naive`` is
 ``StepConfig(mode="naive")``, one backward of ``gamma*L_f + alpha*L_r``. ``--fuse`` sets
-``StepConfig(fuse_combine=True)``, ``--chunk-head`` ``StepConfig(chunk_head=True)``.
+``StepConfig(fuse_combine=True)``, ``--chunk-head`` ``StepConfig(chunk_head=True)``,
+``--sequence-tasks`` ``StepConfig(sequence_tasks=True)``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--remat", default="full", help="'' for none")
     ap.add_argument("--moment-dtype", default=None)
+    ap.add_argument("--attention", default=None, choices=["xla", "cudnn"],
+                    help="model.attention_impl (cudnn: needs cuDNN on this machine, pip install nvidia-cudnn-cu12)")
     ap.add_argument("--fuse", action="store_true")
     ap.add_argument("--chunk-head", action="store_true")
+    ap.add_argument("--sequence-tasks", action="store_true", help="StepConfig(sequence_tasks=True)")
+    ap.add_argument("--unscanned", action="store_true", help="model.scan_layers=false")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices; no CUDA/TPU runtime is needed
@@ -62,10 +67,13 @@ def main(argv=None) -> None:
         r = pm.plan(pm.model_config(a.model), objective=a.objective, reference=a.reference,
                     combiner="weighted_sum" if name == "naive" else name, mesh=(1, len(devs), 1), devices=devs,
                     batch=a.batch, seq=a.seq, remat=a.remat or None, moment_dtype=a.moment_dtype, mode=mode,
+                    attention=a.attention,
                     step_options={"fuse_combine": a.fuse and mode == "combined",
-                                  "chunk_head": a.chunk_head and mode == "combined"})
-        r.update(model=a.model, target=a.target, step=name, fuse_combine=a.fuse and mode == "combined",
-                 chunk_head=a.chunk_head and mode == "combined")
+                                  "chunk_head": a.chunk_head and mode == "combined",
+                                  "sequence_tasks": a.sequence_tasks and mode == "combined"},
+                    scan=not a.unscanned)
+        r.update(model=a.model, target=a.target, step=name, attention=a.attention, fuse_combine=a.fuse and mode == "combined",
+                 chunk_head=a.chunk_head and mode == "combined", sequence_tasks=a.sequence_tasks and mode == "combined")
         rows.append(r)
         print(f"{name:14s} peak {r['bytes']['peak'] / 2**30:7.2f} GiB per device (compiled in {r['compile_s']} s)",
               flush=True)

@@ -82,14 +82,14 @@ def device_bytes(tree) -> int:
 
 
 def run_overrides(*, objective, retain, reference, combiner, mesh, batch, seq, micro_batches, dtype, compute_dtype,
-                  moment_dtype, scan, remat, logit_chunk, lora_rank, lora_targets, layer) -> list[str]:
+                  moment_dtype, scan, remat, logit_chunk, lora_rank, lora_targets, layer, attention=None) -> list[str]:
     """This script's options as the ``key=value`` overrides of a run config."""
     out = [f"objective.name={objective}", f"objective.retain={retain}", f"objective.reference={reference}",
            f"combiner.name={combiner}", f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}",
            f"batch_size={batch}", f"micro_batches={micro_batches}", f"data.max_length={seq}", f"model.dtype={dtype}",
            f"model.compute_dtype={compute_dtype or 'null'}", f"optim.moment_dtype={moment_dtype or 'null'}",
            f"model.scan_layers={str(scan).lower()}", f"model.remat_policy={remat or 'null'}",
-           f"objective.logit_chunk={logit_chunk or 'null'}"]
+           f"objective.logit_chunk={logit_chunk or 'null'}", f"model.attention_impl={attention or 'null'}"]
     if objective == "rmu":
         out.append(f"objective.layer={layer}")
     if lora_rank is not None:
@@ -103,7 +103,7 @@ def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: s
          moment_dtype: str | None = None, scan: bool = True, remat: str | None = "full",
          logit_chunk: int | None = 128, lora_rank: int | None = None, lora_targets: str = "q_proj,v_proj",
          cpu_licm: bool = False, devices: list | None = None, mode: str = "combined",
-         step_options: dict | None = None) -> dict:
+         step_options: dict | None = None, attention: str | None = None) -> dict:
     """Compiles the run's step (`jax_unlearn.plan`: as `jax_unlearn.train.build_run` builds it) on
     abstract arrays and returns its per-device bytes (see the module doc). ``devices``: the mesh's
     devices (default this process's CPU devices; compile-only TPU/GPU devices of
@@ -118,7 +118,7 @@ def plan(model_cfg, *, objective: str = "npo", retain: str = "nll", reference: s
                               batch=batch, seq=seq, micro_batches=micro_batches, dtype=dtype,
                               compute_dtype=compute_dtype, moment_dtype=moment_dtype, scan=scan, remat=remat,
                               logit_chunk=logit_chunk, lora_rank=lora_rank, lora_targets=lora_targets,
-                              layer=min(7, model_cfg.num_hidden_layers - 1)) + [f"mode={mode}"]
+                              layer=min(7, model_cfg.num_hidden_layers - 1), attention=attention) + [f"mode={mode}"]
     cfg = pl.load_plan_config(None, overrides, shape="given")
     devices = list(devices) if devices is not None else jax.devices()[:math.prod(mesh)]
     run = pl.abstract_run(cfg, model_cfg, devices, step_options)

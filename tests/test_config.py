@@ -101,3 +101,24 @@ def test_set_hyperparams_keeps_the_state_types_and_reaches_the_update():
     assert [x.dtype for x in jax.tree.leaves(new)] == [x.dtype for x in jax.tree.leaves(state)]
     u, _ = tx.update({"w": jnp.ones(3)}, new, params)
     np.testing.assert_allclose(u["w"], -0.5, rtol=1e-6)  # Adam's first step: -lr * sign(g)
+
+
+@pytest.mark.parametrize("overrides, remat, want", [
+    ([], None, True), ([], "full", False), (["sequence_tasks=false"], None, False),
+    (["sequence_tasks=true"], "full", True), (["mode=naive"], None, False)])
+def test_sequence_tasks_follows_the_model_remat_unless_set(overrides, remat, want):
+    """``sequence_tasks: null`` (the default) is on exactly when the model has no remat policy;
+    a bool overrides it; the one-backward (naive) step has no retain pass to sequence."""
+    from jax_unlearn.models import ModelOptions
+
+    cfg = load_config(None, [*REQUIRED, *overrides]).train_config()
+    assert config.step_config(cfg, ModelOptions(remat_policy=remat)).sequence_tasks is want
+    # without the model's options only an explicit true turns it on
+    assert config.step_config(cfg).sequence_tasks is (cfg.sequence_tasks is True and cfg.mode == "combined")
+
+
+def test_step_keys_that_need_one_micro_batch_are_config_errors():
+    with pytest.raises(ConfigError, match="'chunk_head'"):
+        load_config(None, [*REQUIRED, "chunk_head=true", "micro_batches=2", "batch_size=8"])
+    with pytest.raises(ConfigError, match="sequence_tasks"):
+        load_config(None, [*REQUIRED, "sequence_tasks=maybe"])

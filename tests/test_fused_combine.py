@@ -35,11 +35,12 @@ GLOBAL = {"pcgrad_global": lambda: ju.pcgrad(scope="global"), "blur": lambda: ju
 
 
 def one_step(combiner, fuse: bool, scan: bool, mesh_shape=None, objective="grad_diff", tied: bool = False, lora=None,
-             chunk_head: bool = False):
+             chunk_head: bool = False, sequence: bool = False, hlo: list | None = None):
     """``(update, metrics, jaxpr text)`` of one step; ``sgd(1)`` after the combiner, so the update is
     the parameters' move and ``u`` itself, the combiner's output, is compared. ``objective``: a
     name of `OBJECTIVES` or an `Objective` factory; ``tied``: the tiny model with a tied head;
-    ``lora``: ``(rank, alpha)`` of adapters on q/v (the base, head included, frozen)."""
+    ``lora``: ``(rank, alpha)`` of adapters on q/v (the base, head included, frozen);
+    ``sequence``: ``StepConfig(sequence_tasks=...)``; ``hlo``: a list the lowered step's text is appended to."""
     o = (OBJECTIVES[objective] if isinstance(objective, str) else objective)()
     tx = optax.chain(combiner, optax.sgd(1.0))
     model = CausalLM(dataclasses.replace(CFG, tie_word_embeddings=tied), ModelOptions(scan_layers=scan),
@@ -55,9 +56,11 @@ def one_step(combiner, fuse: bool, scan: bool, mesh_shape=None, objective="grad_
         shardings = sh.train_state_shardings(state, mesh, tx)
         state, bs = jax.device_put(state, shardings), sh.batch_sharding(mesh)
         fb, rb = jax.device_put(FORGET, bs), jax.device_put(RETAIN, bs)
-    step = st.make_two_grad_step(defs, o, tx, st.StepConfig(fuse_combine=fuse, chunk_head=chunk_head), shardings, bs,
-                                 donate=False)
+    config = st.StepConfig(fuse_combine=fuse, chunk_head=chunk_head, sequence_tasks=sequence)
+    step = st.make_two_grad_step(defs, o, tx, config, shardings, bs, donate=False)
     calls.clear()
+    if hlo is not None:
+        hlo.append(step.lower(state, fb, rb).as_text())
     new, metrics = step(state, fb, rb)
     # the move, and the float32 spacing of the parameter it is read off
     move = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) - np.asarray(b, np.float64),
@@ -234,6 +237,23 @@ def test_head_rebuilt_by_vocabulary_chunks_equals_the_two_tree_step(name, fuse, 
     assert fused == ["combine"] and m_got["conflict_fraction"] > 0.05
 
 
+@pytest.mark.parametrize("fuse, chunk_head, mesh_shape", [(False, False, None), (True, True, (1, 4, 2))],
+                         ids=["two-tree", "taps-chunk_head-fsdp_x_tensor"])
+def test_sequence_tasks_runs_the_retain_pass_in_a_conditional_with_the_same_update(fuse, chunk_head, mesh_shape,
+                                                                                   rebuilt):
+    """``sequence_tasks=True``: the retain pass (and, with ``fuse_combine``/``chunk_head``, the
+    combine) is the taken branch of a conditional; the update and diagnostics are those of the
+    flat step."""
+    flat_hlo, seq_hlo = [], []
+    want, m_want, _ = one_step(ju.sago(), False, True, objective=chunked_grad_diff, hlo=flat_hlo)
+    got, m_got, way = one_step(ju.sago(), fuse, True, mesh_shape, objective=chunked_grad_diff, chunk_head=chunk_head,
+                               sequence=True, hlo=seq_hlo)
+    assert_same_update(got, want, m_got, m_want)
+    assert "stablehlo.case" in seq_hlo[0] and "stablehlo.case" not in flat_hlo[0]  # control: the flat one has none
+    assert way == (["combine"] if chunk_head else []) and len(rebuilt) == (2 if chunk_head else 0)
+    assert m_got["conflict_fraction"] > 0.05
+
+
 @pytest.mark.parametrize("case", ["unchunked_logits", "kl_retain", "pcgrad_global", "lora"])
 def test_head_is_left_in_the_backward_where_it_cannot_be_rebuilt(case, rebuilt):
     """Full logits (no logit_chunk), a retain loss reading a second model (KL to the reference),
@@ -255,3 +275,5 @@ def test_chunk_head_errors():
         st.StepConfig(chunk_head=True, micro_batches=2)
     with pytest.raises(TypeError, match="chunk_head must be True or False"):
         st.StepConfig(chunk_head="yes")
+    with pytest.raises(TypeError, match="sequence_tasks must be True or False"):
+        st.StepConfig(sequence_tasks=None)

@@ -121,6 +121,34 @@ def test_scan_and_remat_equal_plain_model(options):
         np.testing.assert_allclose(a, g_plain["layers"][i]["mlp"]["down_proj"][...], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_without_remat_the_backward_keeps_two_mlp_activations_per_layer_and_no_norm_statistics(scan, monkeypatch):
+    """Without a remat policy the MLP's element-wise part (silu, product) and the RMS norm's
+    float32 statistics are recomputed in the backward (`llama._recomputed`): per layer the
+    backward keeps the two projections ``g, u [b, t, F]`` and no ``[b, t, 1]`` norm statistics.
+    Control: without the recomputation autodiff keeps more of both."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from jax_unlearn.models import ModelConfig, ModelOptions, llama
+
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+    ids = jnp.zeros((2, 5), jnp.int32)
+
+    def kept():
+        graphdef, state = nnx.split(CausalLM(cfg, ModelOptions(scan_layers=scan), rngs=nnx.Rngs(0)))
+        res = [aval.shape for aval, _ in saved_residuals(lambda s: nnx.merge(graphdef, s)(ids).sum(), state)
+               if jnp.issubdtype(aval.dtype, jnp.floating)]
+        per_layer = [shape[1:] if scan else shape for shape in res if len(shape) == (4 if scan else 3)]
+        return per_layer.count((2, 5, cfg.intermediate_size)), per_layer.count((2, 5, 1))
+
+    layers = 1 if scan else cfg.num_hidden_layers  # a scan keeps one stacked residual for all layers
+    assert kept() == (2 * layers, 0)
+    monkeypatch.setattr(llama, "_recomputed", lambda f, on, **kwargs: f)
+    mlp, stats = kept()
+    assert mlp >= 4 * layers and stats >= 2 * layers
+
+
 def test_scan_compiles_one_layer_body():
     """With scan_layers the jaxpr holds one layer body whatever the depth."""
     path2, _ = checkpoint("llama_gqa", num_hidden_layers=2)

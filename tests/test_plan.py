@@ -18,6 +18,7 @@ from jax_unlearn import sharding as sh
 from jax_unlearn import step as st
 from jax_unlearn.cli import main
 from jax_unlearn.combiners import CombinerState
+from jax_unlearn.config import ConfigError
 from jax_unlearn.models import ModelConfig
 
 # minor dimensions of 128 and 256: a TPU lays an array out in (8, 128) tiles (bfloat16 (16, 128)),
@@ -160,6 +161,23 @@ def test_batch_search_finds_the_boundary():
     # control: a chip just under the found batch's peak flips the verdict, and the search goes lower
     assert not dataclasses.replace(searched, target=target.with_memory(peak(found) - 1)).fits
     assert plan.largest_fitting(lambda r: peak(r) <= peak(found) - 1) < found
+
+
+def test_h100_cudnn_attention_compiles_where_cudnn_is_installed_and_says_how_otherwise():
+    """``model.attention_impl=cudnn`` on the H100 target: the GPU compiler needs the cuDNN library
+    (not a GPU). With it (``pip install nvidia-cudnn-cu12``) the fused attention keeps no
+    ``[batch, heads, seq, seq]`` scores for the backward, so the step without remat peaks lower
+    than XLA's attention; without it the plan is a `ConfigError` that says what to install."""
+    target = plan.parse_target("gpu:h100")
+    run = ("mesh.fsdp=1", "model.remat_policy=null", "chunk_head=true")
+    xla = plan.plan_run(tiny_cfg(*run, "model.attention_impl=xla"), target, TINY)
+    try:
+        cudnn = plan.plan_run(tiny_cfg(*run, "model.attention_impl=cudnn"), target, TINY)
+    except ConfigError as err:
+        assert "pip install nvidia-cudnn-cu12" in str(err) and "cuDNN not found" in str(err), err
+        return
+    scores = 8 * TINY.num_attention_heads * 128 * 128 * 4  # float32 scores of one layer, one task's rows
+    assert cudnn.memory.peak <= xla.memory.peak - TINY.num_hidden_layers * scores, (cudnn.memory, xla.memory)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -79,7 +79,7 @@ class Runner:
         self.obj = build_objective(cfg.objective, model.config.hidden_size)
         self.tx = build_tx(cfg, total_steps=total_steps)
         self.defs, _ = st.init_state(self.model, self.tx, self.obj, train=self.train)
-        self.step = st.make_two_grad_step(self.defs, self.obj, self.tx, step_config(cfg))
+        self.step = st.make_two_grad_step(self.defs, self.obj, self.tx, step_config(cfg, model.options))
         self.compiled = False  # whether a trajectory has run (and so compiled) the step
 
     def run(self, forget: dict, retain: dict, probes: ProbeRows, *, lr: float, steps: int, eval_every: int,

@@ -178,8 +178,14 @@ def build_tx(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation
     return reuse_forget(tx) if cfg.forget_every > 1 else tx
 
 
-def step_config(cfg: TrainConfig) -> StepConfig:
-    """The `jax_unlearn.step.StepConfig` of a run (naive mode weighs the losses like the combiner)."""
+def step_config(cfg: TrainConfig, model_options: Any = None) -> StepConfig:
+    """The `jax_unlearn.step.StepConfig` of a run (naive mode weighs the losses like the combiner).
+    ``sequence_tasks: null`` is on when ``model_options`` (the model's `ModelOptions`) has no
+    remat policy."""
+    sequence = cfg.sequence_tasks
+    if sequence is None:
+        sequence = model_options is not None and model_options.remat_policy is None
     return StepConfig(micro_batches=cfg.micro_batches, mode=cfg.mode, alpha=cfg.combiner.alpha,
                       gamma=cfg.combiner.gamma, weighting=cfg.micro_batch_weighting, forget_every=cfg.forget_every,
-                      chunk_head=cfg.chunk_head and cfg.mode == "combined")
+                      chunk_head=cfg.chunk_head and cfg.mode == "combined",
+                      sequence_tasks=sequence and cfg.mode == "combined")

@@ -189,6 +189,8 @@ class TrainConfig:
     micro_batch_weighting: Literal["tokens", "uniform"] = "tokens"
     forget_every: int = 1  # take the forget gradient every k steps and reuse it in between (StepConfig)
     chunk_head: bool = False  # the head's retain gradient rebuilt by vocabulary chunks (StepConfig, head_grad)
+    # the retain pass in a conditional after the forget gradient (StepConfig); null: on without remat
+    sequence_tasks: bool | None = None
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs when set
     seed: int = 0

@@ -24,6 +24,7 @@ the projection's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -70,12 +71,25 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 
 class RMSNorm(nnx.Module):
+    """`rms_norm`; without a remat policy its backward recomputes the float32 statistics from
+    ``x`` instead of keeping them (`_recomputed`)."""
+
     def __init__(self, dim: int, eps: float, opts: ModelOptions):
         self.eps = eps
         self.weight = _param(None, (dim,), ("norm",), opts.param_dtype, "ones")  # [dim]
+        self.recompute = opts.remat_policy is None
 
     def __call__(self, x: Array) -> Array:
-        return rms_norm(x, self.weight[...], self.eps)
+        return _recomputed(rms_norm, self.recompute, static_argnums=2)(x, self.weight[...], self.eps)
+
+
+def _recomputed(f: Callable, on: bool, **kwargs) -> Callable:
+    """``jax.checkpoint(f)`` when ``on``: ``f``'s backward recomputes its element-wise
+    intermediates from its inputs (no matmul is recomputed: ``f`` has none whose output the
+    backward reads), so only the inputs are kept. Used without a layer remat policy, where autodiff
+    would keep every intermediate of every layer (the 1B step on the H100 compiler: 33 -> 22 GiB,
+    docs/benchmarks.md); under a policy the layer's checkpoint decides."""
+    return jax.checkpoint(f, **kwargs) if on else f
 
 
 def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
@@ -154,6 +168,7 @@ class MLP(nnx.Module):
         self.up_bias = _param(rngs, (F,), ("mlp",), dt, "zeros") if b else None
         self.down_bias = _param(rngs, (D,), ("embed",), dt, "zeros") if b else None
         self.gate_proj_lora = self.up_proj_lora = self.down_proj_lora = nnx.data(None)
+        self.recompute = opts.remat_policy is None
 
     @staticmethod
     def _lin(x, w, b, lora):
@@ -164,9 +179,19 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """``down(silu(gate(x)) * up(x))``: ``[b, t, D] -> [b, t, D]``."""
-        h = part.constrain(jax.nn.silu(self._lin(x, self.gate_proj, self.gate_bias, self.gate_proj_lora))
-                           * self._lin(x, self.up_proj, self.up_bias, self.up_proj_lora), part.MLP)  # [b, t, F]
-        return self._lin(h, self.down_proj, self.down_bias, self.down_proj_lora)
+        g = self._lin(x, self.gate_proj, self.gate_bias, self.gate_proj_lora)  # [b, t, F]
+        u = self._lin(x, self.up_proj, self.up_bias, self.up_proj_lora)  # [b, t, F]
+
+        def gated(g, u):
+            return part.constrain(jax.nn.silu(g) * u, part.MLP)  # [b, t, F]
+
+        def down(g, u):  # its backward needs g, u and down's weight, not its output
+            return self._lin(gated(g, u), self.down_proj, self.down_bias, self.down_proj_lora)
+
+        lora = self.down_proj_lora
+        if lora is not None and lora.dropout is not None:  # draws randomness: only the product is recomputed
+            return self._lin(_recomputed(gated, self.recompute)(g, u), self.down_proj, self.down_bias, lora)
+        return _recomputed(down, self.recompute)(g, u)
 
 
 class DecoderLayer(nnx.Module):

@@ -33,6 +33,9 @@ from jax_unlearn.run import model_options
 from jax_unlearn.train import with_adapters
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
+CUDNN_HINT = ("model.attention_impl=cudnn: cuDNN attention does not lower here ({err}); it compiles only for "
+              "an NVIDIA target (--target gpu:...; this one is {platform}), and the GPU compiler needs the cuDNN "
+              "library on this machine, no GPU: pip install nvidia-cudnn-cu12 (or set model.attention_impl=xla)")
 # XLA:CPU's loop-invariant code motion hoists float32 copies of every layer's bfloat16 weights out
 # of the layer scan, a cost of the CPU backend alone (docs/benchmarks.md): off for cpu targets
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
@@ -98,7 +101,7 @@ def abstract_run(cfg: RunConfig, model_cfg: ModelConfig, devices: list, step_opt
     shardings = sh.train_state_shardings(state, mesh, tx)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     rows = sh.batch_sharding(mesh)
-    step_cfg = dataclasses.replace(step_config(tcfg), **(step_options or {}))
+    step_cfg = dataclasses.replace(step_config(tcfg, options), **(step_options or {}))
     step = st.make_two_grad_step(defs, objective, tx, step_cfg, shardings, rows)
     tokens = {k: jax.ShapeDtypeStruct((tcfg.batch_size, sequence_length(cfg)), jnp.int32, sharding=rows)
               for k in TOKEN_COLUMNS}
@@ -127,9 +130,17 @@ def compile_lowered(lowered: Any, platform: str, cpu_licm: bool = False) -> tupl
 
 
 def compile_step(run: AbstractRun, platform: str, cpu_licm: bool = False) -> tuple[Any, float, str | None]:
-    """``(compiled executable, seconds to lower and compile, a note or None)`` (`compile_lowered`)."""
+    """``(compiled executable, seconds to lower and compile, a note or None)`` (`compile_lowered`).
+    Raises `ConfigError` when ``model.attention_impl=cudnn`` cannot be lowered (no cuDNN library
+    here, or a target other than an NVIDIA GPU)."""
     t0 = time.perf_counter()
-    compiled, note = compile_lowered(run.step.lower(run.state, run.forget, run.retain), platform, cpu_licm)
+    try:
+        lowered = run.step.lower(run.state, run.forget, run.retain)
+    except RuntimeError as err:
+        if "cudnn" not in str(err).lower():
+            raise
+        raise ConfigError(CUDNN_HINT.format(platform=platform, err=str(err).splitlines()[0][:200])) from None
+    compiled, note = compile_lowered(lowered, platform, cpu_licm)
     return compiled, time.perf_counter() - t0, note
 
 

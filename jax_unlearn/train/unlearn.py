@@ -226,7 +226,8 @@ def build_run(model: nnx.Module, forget: Dataset, retain: Dataset, cfg: TrainCon
     defs, state = st.init_state(trained_model, tx, objective, copy=not donate_model, train=train_filter,
                                 shardings=functools.partial(sh.train_state_shardings, mesh=mesh, tx=tx))
     shardings = sh.train_state_shardings(state, mesh, tx)
-    step = st.make_two_grad_step(defs, objective, tx, step_config(cfg), shardings, batch_sharding)
+    step = st.make_two_grad_step(defs, objective, tx, step_config(cfg, model.options), shardings,
+                                 batch_sharding)
     return Run(cfg, mesh, build_schedule(cfg.optim, total), PairedBatches(forget, retain, cfg.batch_size, cfg.seed),
                defs, state, shardings, step, batch_sharding)
 
