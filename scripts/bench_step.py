@@ -20,7 +20,7 @@ script prints the median step time, tokens/s (forget + retain tokens), model TFL
     python scripts/bench_step.py --size 8b --kinds sago --objective npo --reference precompute \\
         --dtype bfloat16 --moment-dtype bfloat16 --scan --remat full --logit-chunk 128    # one-GPU 8B
 
-Named shapes: 20m, and plan_memory.py's 1b, 3b, 8b, 70b.
+Named shapes: tiny, 20m, and `jax_unlearn.plan.SHAPES` (1b, 3b, 8b, 70b, mistral-7b).
 """
 
 from __future__ import annotations
@@ -35,16 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from plan_memory import SHAPES  # scripts/ is on sys.path when this script runs
 
 from jax_unlearn import config as C
 from jax_unlearn import step as st
 from jax_unlearn.models import CausalLM, ModelConfig, ModelOptions
+from jax_unlearn.plan.shapes import SHAPES
 
-SIZES = {
+SIZES = {  # ModelConfig fields besides model_type and max_position_embeddings (set from --seq)
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, tie_word_embeddings=True),
     "20m": dict(vocab_size=8192, hidden_size=384, intermediate_size=1536, num_hidden_layers=8,
                 num_attention_heads=6, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
-    **SHAPES,
+    **{name: {k: v for k, v in shape.items() if k not in ("model_type", "max_position_embeddings")}
+       for name, shape in SHAPES.items()},
 }
 
 
@@ -56,7 +59,7 @@ def peak_memory_gib() -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (host RSS)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="20m", choices=sorted(SIZES))
     ap.add_argument("--batch", type=int, default=4)
@@ -74,7 +77,8 @@ def main() -> None:
     ap.add_argument("--reference", default="resident", choices=["resident", "precompute"], help="NPO's reference")
     ap.add_argument("--no-diagnostics", action="store_true", help="combiners without their cosine/norm metrics")
     ap.add_argument("--kinds", default="naive,pcgrad,sago")
-    a = ap.parse_args()
+    ap.add_argument("--chunk-head", action="store_true", help="chunk_head: the head's retain gradient by vocab chunks")
+    a = ap.parse_args(argv)
 
     dtype = jnp.dtype(a.dtype)
     cfg = ModelConfig(model_type="llama", max_position_embeddings=max(a.seq, 128), **SIZES[a.size])
@@ -88,6 +92,7 @@ def main() -> None:
     results = {}
     for kind in a.kinds.split(","):
         run = C.TrainConfig(output_dir="-", batch_size=a.batch, mode="naive" if kind == "naive" else "combined",
+                            chunk_head=a.chunk_head and kind != "naive",
                             optim=C.OptimConfig(lr=1e-5, moment_dtype=a.moment_dtype),
                             combiner=C.CombinerConfig(name="weighted_sum" if kind == "naive" else kind,
                                                       diagnostics=not a.no_diagnostics),

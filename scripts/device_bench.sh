@@ -6,7 +6,9 @@
 #   2. the PyTorch peer at the same shape (peer_step_torch.py in the repository root);
 #   3. the 8B-shape SAGO + NPO step with the precomputed reference and bf16 moments on one device
 #      (compare with docs/benchmarks.md's plan_memory estimate);
-#   4. jax-unlearn unlearn (30 steps) -> eval -> export on a random 1B Hugging Face folder;
+#   4. the 1B SAGO step without remat (chunk_head; sequence_tasks is on without remat): the H100
+#      compiler planned 16.84 GiB with cuDNN attention (docs/benchmarks.md, "Without remat");
+#      jax-unlearn unlearn (30 steps) -> eval -> export on a random 1B Hugging Face folder;
 #   5. cuDNN attention against XLA's: logits (bf16 tolerance) and speed;
 #   6. the plain-JAX step (plain_jax_step.py in the repository root) at the 1B shape.
 # The peer scripts come from shared/bench/: copy them into the work tree, list them in
@@ -54,6 +56,9 @@ fi
 section "step $BIG sago npo precompute" 130 python scripts/bench_step.py --size "$BIG" --batch "$BATCH" --seq "$SEQ" \
   --dtype bfloat16 --moment-dtype bfloat16 --attention "$ATTENTION" --scan --remat full --logit-chunk 128 \
   --steps 4 --warmup 2 --kinds sago --objective npo --reference precompute
+section "step $SIZE sago, no remat" 100 python scripts/bench_step.py --size "$SIZE" --batch "$BATCH" --seq "$SEQ" \
+  --dtype bfloat16 --attention "$ATTENTION" --scan --logit-chunk 128 --chunk-head --steps "$STEPS" --warmup 3 \
+  --kinds sago
 section "unlearn/eval/export $SIZE" 150 python scripts/e2e_random_model.py --size "$SIZE" --steps 30 --batch "$BATCH" \
   --seq "$E2E_SEQ" --work "${TMPDIR:-/tmp}/jax_unlearn_e2e"
 section "attention $SIZE" 60 python scripts/bench_attention.py --size "$SIZE" --batch "$BATCH" --seq "$SEQ" \
