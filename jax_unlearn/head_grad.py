@@ -161,7 +161,7 @@ def chunk_gradient(w: jax.Array, saved: dict, d_logp: jax.Array, d_x0: jax.Array
     if "head" in parts:
         h = saved["h"]  # [b, s-1, D]
         target = saved["target"]  # [b, s-1]
-        c = jnp.where(target != -100, d_logp, 0.0)  # dL/dlogp, 0 off the labels
+        c = jnp.where(target != -100, d_logp, 0.0)  # dL/dlogp, 0 off the labels (-100: token_math.IGNORE)
         wc = jax.lax.dynamic_slice_in_dim(w, start, size, 0).astype(h.dtype)  # [size, D]
         logits = jnp.einsum("btd,vd->btv", h, wc, preferred_element_type=jnp.float32)  # [b, s-1, size]
         p = jnp.exp(logits - saved["lse"][..., None])

@@ -96,9 +96,9 @@ class StepConfig:
         ``weighted_sum`` and per-tensor ``pcgrad`` when the retain loss reads the head once through
         chunked log-probs (``logit_chunk``) and the head is trainable; otherwise the step is the
         plain one. Same updates up to float rounding; needs ``micro_batches == 1``.
-      sequence_tasks: the retain pass (its forward and backward, the combine and the optimizer
-        update) runs as the branch of a ``lax.cond`` whose predicate is always true, taken after
-        ``g_f``. XLA allocates the zero-initialised buffers of every layer scan (stacked
+      sequence_tasks: the retain pass (its forward and backward, and with ``fuse_combine`` or
+        ``chunk_head`` the combine) runs as the branch of a ``lax.cond`` whose predicate is always
+        true, taken after ``g_f``; the optimizer update stays outside. XLA allocates the zero-initialised buffers of every layer scan (stacked
         residuals, stacked gradients) at the start of the program, so without this the retain
         pass's buffers are live during the forget pass; inside a conditional they exist only
         while it runs. Same updates. It pays without remat (1B on the H100 compiler: 22.2 ->

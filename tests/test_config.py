@@ -118,7 +118,7 @@ def test_sequence_tasks_follows_the_model_remat_unless_set(overrides, remat, wan
 
 
 def test_step_keys_that_need_one_micro_batch_are_config_errors():
-    with pytest.raises(ConfigError, match="'chunk_head'"):
+    with pytest.raises(ConfigError, match=r"chunk_head=True .* micro_batches=1 only \(got 2\)"):
         load_config(None, [*REQUIRED, "chunk_head=true", "micro_batches=2", "batch_size=8"])
     with pytest.raises(ConfigError, match="sequence_tasks"):
         load_config(None, [*REQUIRED, "sequence_tasks=maybe"])

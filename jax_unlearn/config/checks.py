@@ -132,9 +132,6 @@ def check_ranges(cfg: TrainConfig) -> None:
     if c.adapt != "none" and not c.diagnostics:
         raise ConfigError("'combiner.adapt: conflict' reads the combiner's conflict fraction: "
                           "'combiner.diagnostics' must be true")
-    if cfg.chunk_head and cfg.micro_batches > 1:
-        raise ConfigError(f"'chunk_head' combines the output projection chunk by chunk after one retain backward "
-                          f"and needs 'micro_batches'=1 (got {cfg.micro_batches})")
     if cfg.forget_every > 1 and cfg.mode == "naive":
         raise ConfigError(f"'forget_every'={cfg.forget_every} reuses the forget gradient of the two-gradient step; "
                           "'mode: naive' takes one gradient of the summed loss (use mode: combined)")
